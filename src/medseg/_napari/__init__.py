@@ -1,0 +1,1 @@
+"""napari contributions (reader, writer, sample data, widgets). Only this package imports napari/Qt."""

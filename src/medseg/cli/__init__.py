@@ -1,0 +1,62 @@
+"""The ``medseg`` command line. Each sub-command lives in its own module exposing
+``register(subparsers)``; modules import heavy libraries only inside their run functions."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from medseg import __version__
+from medseg.errors import MedsegError
+
+#: sub-command name -> module (in help order)
+COMMANDS = {
+    "info": "medseg.cli.info",
+    "convert": "medseg.cli.convert",
+    "evaluate": "medseg.cli.evaluate",
+    "phantom": "medseg.cli.phantom",
+    "segment": "medseg.cli.segment",
+    "train-unet": "medseg.cli.train_unet",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full argument parser (imports every command module; they are light)."""
+    parser = argparse.ArgumentParser(
+        prog="medseg", description="3D medical image segmentation (SAM-Med and MONAI U-Net)."
+    )
+    parser.add_argument("--version", action="version", version=f"medseg {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, module in COMMANDS.items():
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name == module:  # command not built yet
+                continue
+            raise
+        mod.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point: returns the process exit code (0 ok, 2 bad input, 130 interrupted)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        rc = args.func(args)
+    except MedsegError as exc:
+        print(f"medseg {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"medseg {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return int(rc or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,61 @@
+"""Helpers shared by the sub-commands: parsing and atomic JSON output."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from medseg.errors import InputError
+
+
+def parse_label_table(text: str | None) -> dict[int, str]:
+    """``"1=liver,2=tumor"`` -> ``{1: "liver", 2: "tumor"}``.
+
+    Raises:
+        InputError: malformed entries.
+    """
+    if not text:
+        return {}
+    table: dict[int, str] = {}
+    for part in text.split(","):
+        if not part.strip():
+            continue
+        key, sep, name = part.partition("=")
+        try:
+            value = int(key)
+        except ValueError:
+            value = -1
+        if not sep or value <= 0 or not name.strip():
+            raise InputError(f"bad label entry {part!r}; expected VALUE=NAME like 1=liver")
+        table[value] = name.strip()
+    return table
+
+
+def write_json(
+    data: Any,
+    out: str | os.PathLike[str],
+    inputs: Iterable[str | os.PathLike[str]] = (),
+    overwrite: bool = True,
+) -> Path:
+    """Write ``data`` as indented JSON atomically (temp file + rename)."""
+    from medseg.io.files import atomic_path, check_output_path
+
+    o = check_output_path(out, inputs, overwrite=overwrite)
+    with atomic_path(o) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, default=_default) + "\n")
+    return o
+
+
+def _default(obj: Any) -> Any:
+    import numpy as np
+
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
