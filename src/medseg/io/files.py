@@ -51,7 +51,7 @@ def read_volume(path: str | os.PathLike[str], series: str | None = None) -> Volu
         if is_dicom_file(p):
             from medseg.io.dicom import read_dicom_series
 
-            return read_dicom_series(p.parent, series=series)
+            return read_dicom_series(p, series=series)  # the file's series, from its folder
         raise InputError(
             f"{p}: unknown file type; expected a DICOM folder or one of {', '.join(IMAGE_SUFFIXES)}"
         )

