@@ -163,10 +163,12 @@ def test_is_dicom_file(tmp_path: Path, dicomdir_tests: Path) -> None:
 
 def test_scan_groups_series_and_lists_skipped(dicomdir_tests: Path) -> None:
     calls: list[tuple[int, int]] = []
-    scan = scan_dicom_folder(dicomdir_tests / "98892001", progress=lambda d, t: calls.append((d, t)))
+    scan = scan_dicom_folder(
+        dicomdir_tests / "98892001", progress=lambda d, t: calls.append((d, t))
+    )
     assert [s.n_files for s in scan.series.values()] == [5, 2]
     ct5n = scan.series[CT5N_UID]
-    assert (ct5n.modality, ct5n.size, ct5n.description) == ("CT", (16, 16), ct5n.description)
+    assert (ct5n.modality, ct5n.size) == ("CT", (16, 16))
     assert ct5n.description == "SmartScore - Gated 0.5 sec"
     assert scan.largest().uid == CT5N_UID
     assert calls == [(i, 7) for i in range(1, 8)]
@@ -275,7 +277,7 @@ def test_shuffled_renamed_nested_files_read_identically(tmp_path: Path) -> None:
 
 
 def test_non_dicom_files_are_skipped_and_listed(tmp_path: Path) -> None:
-    raw, _, _ = make_series(tmp_path, n=3, iop=np.array([1, 0, 0, 0, 1, 0.0]))
+    _raw, _, _ = make_series(tmp_path, n=3, iop=np.array([1, 0, 0, 0, 1, 0.0]))
     (tmp_path / "notes.txt").write_text("hello\n")
     (tmp_path / "thumbs.db").write_bytes(b"\x00" * 300)
     vol = read_dicom_series(tmp_path)
@@ -322,7 +324,7 @@ def test_uneven_spacing_warns(tmp_path: Path) -> None:
 
 
 def test_mixed_sizes_use_majority_and_warn(tmp_path: Path) -> None:
-    raw, iop, pos = make_series(tmp_path, n=5)
+    _raw, iop, pos = make_series(tmp_path, n=5)
     write_slice(tmp_path / "odd.dcm", np.zeros((6, 6)), pos[-1] + 50, iop, instance=50)
     vol = read_dicom_series(tmp_path)
     assert vol.shape == (5, 12, 10)
@@ -337,7 +339,7 @@ def test_mixed_orientation_tie_errors(tmp_path: Path) -> None:
 
 
 def test_some_files_without_pixels_warn_all_without_error(tmp_path: Path) -> None:
-    raw, iop, pos = make_series(tmp_path / "a", n=3)
+    _raw, iop, pos = make_series(tmp_path / "a", n=3)
     write_slice(tmp_path / "a" / "hdr_only.dcm", None, pos[-1] + 9, iop, rows_cols=(12, 10))
     vol = read_dicom_series(tmp_path / "a")
     assert vol.shape == (3, 12, 10)
@@ -353,7 +355,7 @@ def test_truncated_pixel_data_errors(tmp_path: Path) -> None:
     make_series(tmp_path, n=3)
     f = tmp_path / "slice001.dcm"
     f.write_bytes(f.read_bytes()[:-60])
-    with pytest.raises(DicomError, match="slice001.dcm"):
+    with pytest.raises(DicomError, match=r"slice001\.dcm: .*truncated"):
         read_dicom_series(tmp_path)
 
 
@@ -385,7 +387,7 @@ def test_progress_is_called_per_file_and_monotonic(tmp_path: Path) -> None:
 
 
 def test_single_file_path_reads_its_series(tmp_path: Path) -> None:
-    raw_a, _, _ = make_series(tmp_path, n=4, series_uid="1.2.3.4")
+    _raw_a, _, _ = make_series(tmp_path, n=4, series_uid="1.2.3.4")
     raw_b, _, _ = make_series(tmp_path / "b", n=2, series_uid="1.2.3.5", seed=1)
     vol = read_volume(tmp_path / "b" / "slice000.dcm")  # the smaller series, chosen by file
     assert vol.meta["series_chosen"] == "1.2.3.5"
@@ -459,7 +461,8 @@ def test_dcm2niix_agrees_on_physical_geometry(tmp_path: Path) -> None:
     out.mkdir()
     subprocess.run(
         ["dcm2niix", "-z", "y", "-f", "vol", "-o", str(out), str(tmp_path / "s")],
-        check=True, capture_output=True,
+        check=True,
+        capture_output=True,
     )
     theirs = read_volume(out / "vol.nii.gz")
     assert sorted(theirs.shape) == sorted(ours.shape)

@@ -121,18 +121,27 @@ def test_empty_rule():
 
 
 def test_monai_differs_on_empty():
-    """Documented difference: MONAI gives nan/inf where we give the defined values."""
+    """The documented differences from MONAI's empty handling, and where it agrees."""
     import torch
-    from monai.metrics import compute_hausdorff_distance
+    from monai.metrics import compute_dice, compute_hausdorff_distance, compute_surface_dice
 
     a, _ = _cubes()
     z = np.zeros_like(a)
     t = lambda m: torch.from_numpy(m[None, None].astype(np.float32))  # noqa: E731
+    kw = {"include_background": True}
     with pytest.warns(UserWarning):
-        both = compute_hausdorff_distance(t(z), t(z), include_background=True).item()
-        one = compute_hausdorff_distance(t(a), t(z), include_background=True).item()
-    assert math.isnan(both) and M.hausdorff(z, z) == 0.0
-    assert (math.isinf(one) or math.isnan(one)) and math.isinf(M.hausdorff(a, z))
+        hd_both = compute_hausdorff_distance(t(z), t(z), **kw).item()
+        hd_one = compute_hausdorff_distance(t(a), t(z), **kw).item()
+        nsd_both = compute_surface_dice(t(z), t(z), [1.0], **kw).item()
+        nsd_one = compute_surface_dice(t(z), t(a), [1.0], **kw).item()
+    assert math.isnan(hd_both) and M.hausdorff(z, z) == 0.0  # differs
+    assert math.isnan(nsd_both) and M.surface_dice(z, z) == 1.0  # differs
+    assert math.isinf(hd_one) and math.isinf(M.hausdorff(a, z))  # agrees
+    assert nsd_one == 0.0 == M.surface_dice(z, a)  # agrees
+    assert math.isnan(compute_dice(t(z), t(z), **kw).item())  # default ignore_empty=True
+    assert math.isnan(compute_dice(t(a), t(z), **kw).item())
+    for p, g in ((z, z), (a, z), (z, a)):  # ignore_empty=False is our rule
+        assert compute_dice(t(p), t(g), ignore_empty=False, **kw).item() == M.dice(p, g)
 
 
 def test_mask_touching_array_edge():

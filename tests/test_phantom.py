@@ -129,11 +129,13 @@ def test_anatomy_sides_and_lung_bases(p0):
     y_liv = img.index_to_world(np.argwhere(L == LIVER).mean(axis=0))[1]
     assert y_kid > y_liv
     # lung bases (about -850 HU) in the top (superior, high z) slices only, inside the body
-    body_rows = slice(40, 120)
-    top = img.array[-3:, body_rows, 20:140]
-    bottom = img.array[:10, body_rows, 20:140]
-    assert np.sum(top < -700) > 200
-    assert np.sum(bottom < -700) == 0
+    a = img.array
+    inside = np.stack([ndimage.binary_fill_holes(s > -500) for s in a])  # body incl. lungs
+    lung = (a < -700) & inside
+    assert lung[-3:].sum() > 200
+    assert lung[:10].sum() == 0
+    core = ndimage.binary_erosion(lung, structure=np.ones((1, 5, 5), bool))
+    assert a[core].mean() == pytest.approx(-850, abs=40)
 
 
 def test_partial_volume_across_thick_slices():
@@ -144,14 +146,16 @@ def test_partial_volume_across_thick_slices():
     """
     img, lab = make_phantom(2, noise_sigma=0.0)
     a, spl = img.array.astype(float), lab.array == SPLEEN
-    inplane_core = ndimage.binary_erosion(spl, structure=np.ones((1, 5, 5), bool))
+    inplane_core = ndimage.binary_erosion(spl, structure=np.ones((1, 3, 3), bool))
     z_inner = np.zeros_like(spl)
     z_inner[1:-1] = spl[:-2] & spl[2:]
     core = inplane_core & z_inner
     surface = inplane_core & ~z_inner
     assert core.sum() > 100 and surface.sum() > 100
-    assert np.mean(np.abs(a[core] - 50) <= 1) > 0.98
-    assert np.mean(np.abs(a[surface] - 50) > 3) > 0.3
+    assert np.mean(np.abs(a[core] - 50) > 1) < 0.005
+    # a third of a slab crossing the surface moves a voxel by >= 5 HU (soft tissue 35 HU, fat
+    # -90 HU); only a fraction of surface voxels have the surface inside their slab
+    assert np.mean(np.abs(a[surface] - 50) > 3) > 0.03
 
 
 def test_label_volumes_plausible(p0, p1):

@@ -168,7 +168,7 @@ def test_mask_prompt_round_trip():
     low = f.mask_to_lowres(disc)
     assert low.shape == (256, 256) and low.dtype == np.float32
     assert low.max() == pytest.approx(MASK_PROMPT_LOGIT, rel=1e-4)
-    nh, nw = f.resized_shape
+    _, nw = f.resized_shape
     assert (low[:, nw + 1 :] == pytest.approx(-MASK_PROMPT_LOGIT, rel=1e-4))
     back = f.logits_to_slice(low)[0] > 0
     dice = 2 * np.count_nonzero(back & disc) / (back.sum() + disc.sum())

@@ -39,10 +39,16 @@ The empty rule (per label, per case)
 * Exactly one empty: ``dice = iou = surface_dice = 0`` and all distances ``inf``. In JSON ``inf``
   is written as ``null`` with a ``note`` (see :func:`rows_to_json`).
 
-MONAI returns ``nan`` for distances in both cases and for Dice when both are empty (or ``1`` with
-``ignore_empty=False``), and its reductions skip ``nan``; here the values are defined so that an
-accumulator can count them, and :class:`MetricAccumulator` reports distances over finite values
-with the number of infinite ones beside them.
+How MONAI 1.6 differs (checked in the tests): with both masks empty its Hausdorff, average
+surface distance and surface Dice are ``nan`` (here 0, 0 and 1); its Dice is ``nan`` whenever the
+truth is empty with the default ``ignore_empty=True`` (here 1 if the prediction is empty too, else
+0; MONAI's ``ignore_empty=False`` gives the same as here). With exactly one mask empty MONAI's
+distances are ``inf`` and its surface Dice 0, as here. MONAI's reductions then skip ``nan``; here
+every case has a value that the :class:`MetricAccumulator` can count: it summarises distances
+over the finite values and reports the number of infinite ones beside them.
+
+The distances assume an orthonormal direction matrix (rotations/flips, as in DICOM/NIfTI), so
+physical distances depend on ``spacing`` only.
 """
 
 from __future__ import annotations
@@ -283,6 +289,20 @@ def _label_names(
     return {v: gt.labels.get(v) or pred.name(v) for v in values if v != 0}
 
 
+def _box_of(boxes: list[tuple[slice, ...] | None], value: int) -> tuple[slice, ...] | None:
+    return boxes[value - 1] if 0 < value <= len(boxes) else None
+
+
+def _union_box(
+    a: tuple[slice, ...] | None, b: tuple[slice, ...] | None
+) -> tuple[slice, ...] | None:
+    if a is None or b is None:
+        return a if b is None else b
+    return tuple(
+        slice(min(x.start, y.start), max(x.stop, y.stop)) for x, y in zip(a, b, strict=True)
+    )
+
+
 def evaluate(
     pred: LabelMap,
     gt: LabelMap,
@@ -310,10 +330,17 @@ def evaluate(
 
     check_same_grid(pred, gt, what="prediction", against="ground truth")
     voxel_mm3 = float(np.prod(gt.spacing))
+    # per-label bounding boxes in one pass each: every metric below is computed on the union box
+    boxes_p = ndimage.find_objects(pred.array)
+    boxes_g = ndimage.find_objects(gt.array)
     rows = []
     for value, name in _label_names(pred, gt, labels).items():
-        p = pred.array == value
-        g = gt.array == value
+        box = _union_box(_box_of(boxes_p, value), _box_of(boxes_g, value))
+        if box is None:  # absent from both
+            p = g = np.zeros((1, 1, 1), bool)
+        else:
+            p = pred.array[box] == value
+            g = gt.array[box] == value
         sd = surface_distances(p, g, gt.spacing)
         vp, vg = int(np.count_nonzero(p)), int(np.count_nonzero(g))
         rows.append(

@@ -80,13 +80,13 @@ class _Field:
             self.freqs, self.phases, self.weights, strict=True
         ):
             term = (
-                (w * np.sin(fz * z + pz)).astype(np.float32)
-                * np.sin(fy * y + py).astype(np.float32)
-                * np.sin(fx * x + px).astype(np.float32)
+                (w * np.sin(fz * z + pz))
+                * np.sin(fy * y + py)
+                * np.sin(fx * x + px)
             )
             out = term if out is None else out + term
         # a product of three sines has std ~0.35; rescale so the field spans about [-1, 1]
-        return out * np.float32(2.0)
+        return out * 2.0
 
 
 @dataclass
@@ -108,11 +108,11 @@ class _Ellipsoid:
 
     def q(self, x: np.ndarray, y: np.ndarray, z: np.ndarray) -> np.ndarray:
         """Normalised radius squared divided by the deformed boundary squared (<1 inside)."""
-        dx = (x - self.center[0]).astype(np.float32)
-        dy = (y - self.center[1]).astype(np.float32)
-        dz = (z - self.center[2]).astype(np.float32)
+        dx = (x - self.center[0])
+        dy = (y - self.center[1])
+        dz = (z - self.center[2])
         if self.angle:
-            c, s = np.float32(np.cos(self.angle)), np.float32(np.sin(self.angle))
+            c, s = float(np.cos(self.angle)), float(np.sin(self.angle))
             dx, dy = c * dx + s * dy, -s * dx + c * dy
         q = (dz / self.semi[2]) ** 2 + (dy / self.semi[1]) ** 2 + (dx / self.semi[0]) ** 2
         if self.field is not None and self.amp:
@@ -201,8 +201,8 @@ def _random_anatomy(
         "spleen": e(0.52, 0.22, 0.68, 0.2, 0.3, 0.2, angle=-0.5),
         "kidney_right": e(-0.42, 0.45, 0.3, 0.15, 0.22, 0.19, angle=0.45, amp=0.06),
         "kidney_left": e(0.42, 0.45, 0.36, 0.15, 0.22, 0.19, angle=-0.45, amp=0.06),
-        "lung_right": e(-0.45, 0.15, 1.22, 0.42, 0.6, 0.3, amp=0.08),
-        "lung_left": e(0.45, 0.15, 1.22, 0.42, 0.6, 0.3, amp=0.08),
+        "lung_right": e(-0.45, 0.3, 1.22, 0.42, 0.5, 0.3, amp=0.08),
+        "lung_left": e(0.45, 0.3, 1.22, 0.42, 0.5, 0.3, amp=0.08),
     }
     # vessels and spine: cylinders (ellipsoids much longer than the volume)
     long = 10.0
@@ -245,7 +245,7 @@ def _paint(
         m &= within[sl]
     if not m.any():
         return None
-    v = value(x, y, z) if callable(value) else np.float32(value)
+    v = value(x, y, z) if callable(value) else float(value)
     sub = hu[sl]
     sub[m] = np.broadcast_to(v, m.shape)[m] if np.ndim(v) else v
     if lab is not None and label is not None:
@@ -255,17 +255,20 @@ def _paint(
     return full
 
 
-def _render(anat: _Anatomy, grid: _Grid, with_labels: bool) -> tuple[np.ndarray, np.ndarray | None]:
-    """Noise-free HU (float32) and labels (uint8, if asked) for one set of sub-slices."""
+def _render(
+    anat: _Anatomy, grid: _Grid, with_labels: bool, tumours: bool = True
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """Noise-free HU (float64), labels (uint8, if asked) and the liver mask (without tumours)
+    for one set of sub-slices; tumours are painted when ``tumours``."""
     shape = grid.shape
-    hu = np.full(shape, TISSUE_HU["air"], dtype=np.float32)
+    hu = np.full(shape, TISSUE_HU["air"], dtype=np.float64)
     lab = np.zeros(shape, dtype=np.uint8) if with_labels else None
     b = anat.body
     x2 = grid.x[None, None, :]
     y2 = grid.y[None, :, None]
     z2 = grid.z[:, None, None]
-    dx = (x2 - b["center"][0]).astype(np.float32)
-    dy = (y2 - b["center"][1]).astype(np.float32)
+    dx = (x2 - b["center"][0])
+    dy = (y2 - b["center"][1])
     ax, ay = b["semi"]
     deform = 1 + b["amp"] * b["field"](x2, y2, z2)
 
@@ -318,30 +321,40 @@ def _render(anat: _Anatomy, grid: _Grid, with_labels: bool) -> tuple[np.ndarray,
     spin = later(_paint(hu, lab, grid, o["spinous"], TISSUE_HU["bone"], 0, within=body))
     if spin is not None:
         hu[spin & disc_z] = TISSUE_HU["muscle"]
-    # tumours last, clipped to what is still liver
+    if tumours:
+        _paint_tumours(anat, grid, hu, lab, liver)
+    return hu, lab, liver
+
+
+def _paint_tumours(
+    anat: _Anatomy, grid: _Grid, hu: np.ndarray, lab: np.ndarray | None, liver: np.ndarray
+) -> None:
+    """Tumours last, clipped to what is still liver."""
     for tum, thu in anat.tumours:
         _paint(hu, lab, grid, tum, thu, 2, within=liver)
-    return hu, lab
 
 
 def _place_tumours(
-    anat: _Anatomy, rng: np.random.Generator, shape, spacing, origin, n_tumours
+    anat: _Anatomy, rng: np.random.Generator, liver: np.ndarray, spacing, origin,
+    n_tumours: tuple[int, int],
 ) -> None:
-    """Choose tumour ellipsoids inside the liver, the first one >= 15 mm across."""
+    """Choose tumour ellipsoids inside ``liver`` (the slice-centre liver mask), the first one
+    >= 15 mm across when the liver is thick enough."""
     from scipy import ndimage
 
-    grid = _Grid(shape, spacing, origin, 0.0)
-    _, lab = _render(anat, grid, with_labels=True)
-    liver = lab == 1
+    shape = liver.shape
     if not liver.any():
         raise InputError(
             f"phantom shape {shape} with spacing {spacing} is too small to hold a liver; "
             "use a larger shape or spacing"
         )
-    dist = ndimage.distance_transform_edt(liver, sampling=spacing)
-    lo, hi = int(n_tumours[0]), int(n_tumours[1])
-    if lo < 0 or hi < lo:
-        raise InputError(f"n_tumours must be (min, max) with 0 <= min <= max, got {n_tumours}")
+    # distance to the liver's border, computed on its bounding box (+1 voxel of background)
+    nz = np.nonzero(liver)
+    box = tuple(slice(max(int(i.min()) - 1, 0), int(i.max()) + 2) for i in nz)
+    dist = np.zeros(shape, dtype=np.float64)
+    crop = np.pad(liver[box], 1)
+    dist[box] = ndimage.distance_transform_edt(crop, sampling=spacing)[1:-1, 1:-1, 1:-1]
+    lo, hi = n_tumours
     count = int(rng.integers(lo, hi + 1))
     centres: list[tuple[np.ndarray, float]] = []
     for i in range(count):
@@ -407,25 +420,31 @@ def make_phantom(
         raise InputError(f"phantom spacing must be three positive numbers (z, y, x), got {spacing}")
     nz, ny, nx = shp
     origin = (-(nx - 1) * sp[2] / 2, -(ny - 1) * sp[1] / 2, -(nz - 1) * sp[0] / 2)
+    try:
+        lo, hi = (int(v) for v in n_tumours)
+    except (TypeError, ValueError):
+        lo, hi = -1, -1
+    if lo < 0 or hi < lo:
+        raise InputError(f"n_tumours must be (min, max) with 0 <= min <= max, got {n_tumours}")
     rng = np.random.default_rng(seed)
     anat = _random_anatomy(rng, sp, shp, origin)
-    _place_tumours(anat, rng, shp, sp, origin, n_tumours)
-
-    acc = np.zeros(shp, dtype=np.float32)
-    labels = None
+    # slice centres first (they give the labels), tumours placed in that liver, then the
+    # sub-slices above and below for partial volume
+    centre = _Grid(shp, sp, origin, 0.0)
+    acc, labels, liver = _render(anat, centre, with_labels=True, tumours=False)
+    assert labels is not None
+    _place_tumours(anat, rng, labels == 1, sp, origin, (lo, hi))
+    _paint_tumours(anat, centre, acc, labels, liver)
     for dz in _SUBSLICES:
-        hu, lab = _render(anat, _Grid(shp, sp, origin, dz), with_labels=dz == 0.0)
-        acc += hu
-        if lab is not None:
-            labels = lab
+        if dz != 0.0:
+            acc += _render(anat, _Grid(shp, sp, origin, dz), with_labels=False)[0]
     acc /= len(_SUBSLICES)
     # in-plane reconstruction blur (~0.5 voxel), then quantum noise
     acc = ndimage.gaussian_filter(acc, sigma=(0.0, 0.5, 0.5), mode="nearest")
-    noise = rng.normal(0.0, 1.0, size=shp).astype(np.float32)
+    noise = rng.normal(0.0, 1.0, size=shp)
     if noise_sigma:
-        acc += np.float32(noise_sigma) * noise
+        acc += float(noise_sigma) * noise
     arr = np.clip(np.rint(acc), -1024, 3071).astype(np.int16)
-    assert labels is not None
     tumours = [
         {"center_lps": list(t.center), "semi_axes_mm": list(t.semi), "hu": h}
         for t, h in anat.tumours

@@ -80,6 +80,8 @@ class Dataset:
 
         img_path, lab_path = self.training[index]
         img = read_volume(img_path)
+        if self.modality and not img.meta.get("modality"):
+            img.meta["modality"] = self.modality
         lab = read_labels(lab_path, reference=img, labels=self.labels)
         return img, lab
 

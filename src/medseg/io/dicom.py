@@ -51,10 +51,24 @@ def _dcmread(path: Path, stop_before_pixels: bool = False) -> Dataset:
     """``pydicom.dcmread(force=True)`` without pydicom's per-value warnings (non-conformant
     values are common in the wild; problems that matter are reported by this module)."""
     import pydicom
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
     with _warnings.catch_warnings():
         _warnings.simplefilter("ignore")
-        return pydicom.dcmread(path, stop_before_pixels=stop_before_pixels, force=True)
+        ds = pydicom.dcmread(path, stop_before_pixels=stop_before_pixels, force=True)
+    meta = getattr(ds, "file_meta", None)
+    if meta is None or "TransferSyntaxUID" not in meta:
+        # a raw dataset without file meta (no preamble): record the encoding it was read with
+        implicit, little = ds.original_encoding
+        if meta is None:
+            meta = ds.file_meta = FileMetaDataset()
+        meta.TransferSyntaxUID = (
+            ImplicitVRLittleEndian
+            if implicit
+            else (ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
+        )
+    return ds
 
 
 def is_dicom_file(path: str | os.PathLike[str]) -> bool:
@@ -96,7 +110,8 @@ class SeriesInfo:
         description: SeriesDescription ('' when absent).
         study_uid: StudyInstanceUID.
         files: the series' files (unsorted).
-        size: most common ``(rows, columns)`` or ``None`` when the files carry no image size.
+        sizes: count of files per ``(rows, columns)`` (``None`` for files without Rows/Columns);
+            :attr:`size` is the most common one.
     """
 
     uid: str
@@ -599,6 +614,10 @@ def _stack(
 
     planes = [_pixels(s) for s in slices]
     array = _rescale_stack(slices, planes)
+    if str(slices[0].ds.get("PhotometricInterpretation", "")) == "MONOCHROME1":
+        warnings.append(
+            "MONOCHROME1 images: low values display bright; values kept as stored (not inverted)"
+        )
     direction = np.column_stack([row, col, n])
     origin = slices[0].position.copy()
     return array, (sz, sy, sx), origin, direction
@@ -695,24 +714,33 @@ def _rescale(ds: Any) -> tuple[float, float]:
 
 
 def _rescale_stack(slices: list[_Slice], planes: list[np.ndarray]) -> np.ndarray:
-    """Apply each slice's slope/intercept; int16 when all results are whole and fit, else float32
-    (raw integer data without rescale keeps an integer type wide enough)."""
+    """Apply each slice's slope/intercept into a ``(z, y, x)`` array: ``int16`` when all results
+    are whole numbers that fit (``int32``/``int64`` when wider), else ``float32``."""
     params = [_rescale(s.ds) for s in slices]
-    raw = np.stack(planes, axis=0)
+    shape = (len(planes), *planes[0].shape)
     whole = all(float(a).is_integer() and float(b).is_integer() for a, b in params)
-    if raw.dtype.kind in "iu" and whole:
-        out = raw.astype(np.int64)
-        for k, (a, b) in enumerate(params):
-            if (a, b) != (1.0, 0.0):
-                out[k] = out[k] * int(a) + int(b)
-        lo, hi = (int(out.min()), int(out.max())) if out.size else (0, 0)
-        for dt in (np.int16, np.int32):
-            if np.iinfo(dt).min <= lo and hi <= np.iinfo(dt).max:
-                return out.astype(dt)
+    if whole and all(p.dtype.kind in "iu" for p in planes):
+        # output range from each plane's raw range (a linear map), without a wide temporary
+        lo = hi = 0
+        for k, (p, (a, b)) in enumerate(zip(planes, params, strict=True)):
+            ends = (int(p.min()) * int(a) + int(b), int(p.max()) * int(a) + int(b))
+            lo, hi = (min(ends), max(ends)) if k == 0 else (min(lo, *ends), max(hi, *ends))
+        dt: type = np.int64
+        for cand in (np.int16, np.int32):
+            if np.iinfo(cand).min <= lo and hi <= np.iinfo(cand).max:
+                dt = cand
+                break
+        out = np.empty(shape, dtype=dt)
+        for k, (p, (a, b)) in enumerate(zip(planes, params, strict=True)):
+            if (a, b) == (1.0, 0.0):
+                out[k] = p
+            else:
+                out[k] = p.astype(np.int64) * int(a) + int(b)
         return out
-    out_f = raw.astype(np.float32)
-    for k, (a, b) in enumerate(params):
-        out_f[k] = out_f[k] * np.float32(a) + np.float32(b)
+    out_f = np.empty(shape, dtype=np.float32)
+    for k, (p, (a, b)) in enumerate(zip(planes, params, strict=True)):
+        np.multiply(p, np.float32(a), out=out_f[k], casting="unsafe")
+        out_f[k] += np.float32(b)
     return out_f
 
 

@@ -113,6 +113,7 @@ def write_dicom_series(
     study_uid: str | None = None,
     patient_id: str = "PHANTOM",
     series_description: str = "",
+    patient_name: str | None = None,
     overwrite: bool = False,
     frame_of_reference_uid: str | None = None,
     uid_seed: str | None = None,
@@ -130,7 +131,8 @@ def write_dicom_series(
         modality: ``"CT"`` (CT Image Storage) or ``"MR"`` (MR Image Storage).
         series_uid: SeriesInstanceUID; default a new UID.
         study_uid: StudyInstanceUID; default ``vol.meta['study_uid']`` or a new UID.
-        patient_id: PatientID (and PatientName).
+        patient_id: PatientID.
+        patient_name: PatientName (DICOM ``Family^Given``); default ``"<patient_id>^"``.
         series_description: SeriesDescription.
         overwrite: replace an existing non-empty ``folder``.
         frame_of_reference_uid: FrameOfReferenceUID; default ``vol.meta`` or a new UID.
@@ -195,7 +197,7 @@ def write_dicom_series(
             ds.InstanceCreationDate = date
             ds.InstanceCreationTime = time
             # patient / study / series / equipment
-            ds.PatientName = patient_id
+            ds.PatientName = patient_name if patient_name is not None else f"{patient_id}^"
             ds.PatientID = patient_id
             ds.PatientBirthDate = ""
             ds.PatientSex = ""

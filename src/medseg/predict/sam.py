@@ -11,6 +11,7 @@ Importing this module is cheap (no torch); the model loads when a predictor is c
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,11 @@ if TYPE_CHECKING:
     from medseg.models.sam import SamModel
     from medseg.progress import ProgressCallback
     from medseg.volume import Volume
+
+
+#: Prompts may lie up to half a pixel outside the slice (pixel edges, as napari draws them);
+#: they are clipped onto the border pixels. Further out is an error.
+_EDGE = 0.5
 
 
 @dataclass
@@ -132,6 +138,7 @@ class VolumePredictor:
         self.cache = EmbeddingCache(memory_slices, cache_dir, base_key)
         self.encoder_calls = 0  # number of slices run through the image encoder
         self.decoder_calls = 0
+        self._lock = threading.RLock()  # one encoder run at a time (GUI worker threads)
 
     # ------------------------------------------------------------------ embeddings
     def _check(self, index: int) -> int:
@@ -159,19 +166,23 @@ class VolumePredictor:
         idx = self._check(index)
         hit = self.cache.get(idx)
         if hit is None:
-            self._encode_batch([idx])
-            hit = self.cache.get(idx)
-            assert hit is not None
+            with self._lock:
+                hit = self.cache.get(idx) if self.cache.in_memory(idx) else None
+                if hit is None:
+                    hit = self._encode_batch([idx])[0]
         return torch.from_numpy(hit)
 
-    def _encode_batch(self, indices: list[int]) -> None:
+    def _encode_batch(self, indices: list[int]) -> list[np.ndarray]:
         import torch
 
-        batch = torch.from_numpy(np.stack([self.model_input(i) for i in indices]))
-        emb = self.model.encode(batch).detach().cpu().numpy().astype(np.float32, copy=False)
-        self.encoder_calls += len(indices)
-        for j, i in enumerate(indices):
-            self.cache.put(i, emb[j : j + 1].copy())
+        with self._lock:
+            batch = torch.from_numpy(np.stack([self.model_input(i) for i in indices]))
+            emb = self.model.encode(batch).detach().cpu().numpy().astype(np.float32, copy=False)
+            self.encoder_calls += len(indices)
+            out = [emb[j : j + 1].copy() for j in range(len(indices))]
+            for i, e in zip(indices, out, strict=True):
+                self.cache.put(i, e)
+        return out
 
     def precompute(
         self,
@@ -218,13 +229,15 @@ class VolumePredictor:
                     raise PromptError(
                         f"points must be (N, 2) (row, col) numbers, got {points_rc!r}"
                     )
-                bad = (pts[:, 0] < 0) | (pts[:, 0] > h - 1) | (pts[:, 1] < 0) | (pts[:, 1] > w - 1)
+                bad = ((pts[:, 0] < -_EDGE) | (pts[:, 0] > h - 1 + _EDGE) | (pts[:, 1] < -_EDGE)
+                       | (pts[:, 1] > w - 1 + _EDGE))
                 if np.any(bad):
                     r, c = pts[int(np.argmax(bad))]
                     raise PromptError(
                         f"point (row {r:g}, col {c:g}) is outside the {h}x{w} slice; "
                         f"rows 0..{h - 1}, cols 0..{w - 1}"
                     )
+                pts = np.stack([np.clip(pts[:, 0], 0, h - 1), np.clip(pts[:, 1], 0, w - 1)], 1)
                 if point_labels is None:
                     lab = np.ones(len(pts), dtype=np.int64)
                 else:
@@ -245,12 +258,13 @@ class VolumePredictor:
                     f"degenerate box (r0 {r0:g}, c0 {c0:g}, r1 {r1:g}, c1 {c1:g}): need r0 <= r1, "
                     "c0 <= c1 and a non-zero extent"
                 )
-            if r0 < 0 or c0 < 0 or r1 > h - 1 or c1 > w - 1:
+            if r0 < -_EDGE or c0 < -_EDGE or r1 > h - 1 + _EDGE or c1 > w - 1 + _EDGE:
                 raise PromptError(
                     f"box (r0 {r0:g}, c0 {c0:g}, r1 {r1:g}, c1 {c1:g}) is outside the {h}x{w} "
                     f"slice; rows 0..{h - 1}, cols 0..{w - 1}"
                 )
-            box = b
+            box = np.array([np.clip(r0, 0, h - 1), np.clip(c0, 0, w - 1), np.clip(r1, 0, h - 1),
+                            np.clip(c1, 0, w - 1)])
         if mask_logits is not None:
             m = _as_numpy(mask_logits).astype(np.float32)
             m = m.reshape(m.shape[-2:]) if m.ndim > 2 and m.size == m.shape[-1] ** 2 else m

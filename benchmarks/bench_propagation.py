@@ -1,0 +1,322 @@
+"""Propagation quality: key-slice box → 3D mask, against the per-slice oracle box.
+
+For each case (the three real pyradiomics studies, and objects of seeded synthetic phantoms) and
+each prompt carry-over configuration, one unstopped walk is recorded from the standard key-slice
+box (``box_from_gt``) up and down (stopped only when the mask vanishes, or a few slices past the
+truth's ends). Every stop rule of a grid is then applied to the recorded walk: a stop rule only
+truncates a walk, so truncating the recorded one gives exactly what the online rule would
+produce. Named configurations (the naive baseline and the chosen default) are also run online
+through :func:`medseg.predict.propagate.propagate` to check the equivalence and time them.
+
+Prints JSON; with ``--out`` also writes it (``benchmarks/results/propagation.json``).
+
+    python benchmarks/bench_propagation.py --cache-dir /tmp/prop_cache --out \
+        benchmarks/results/propagation.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data" / "pyradiomics"
+
+#: Carry-over configurations tried (name -> PropagationConfig keywords).
+CARRIES: dict[str, dict[str, Any]] = {
+    "box": {"carry": "box"},
+    "box_tight": {"carry": "box", "box_margin": 0.0, "box_margin_px": 1.0},
+    "box_wide": {"carry": "box", "box_margin": 0.2, "box_margin_px": 3.0},
+    "mask": {"carry": "mask"},
+    "box+mask": {"carry": "box+mask"},
+    "points": {"carry": "points", "multimask": True},
+    "points+neg": {"carry": "points", "negative_points": True},
+    "box+points": {"carry": "box+points"},
+    "box+points+mask": {"carry": "box+points+mask"},
+}
+
+#: Stop-rule grid (every combination is evaluated offline).
+GRID: dict[str, list[Any]] = {
+    "min_iou": [None, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9],
+    "min_stability": [None, 0.8, 0.9, 0.95],
+    "min_similarity": [None, 0.6, 0.7, 0.8, 0.85, 0.9],
+    "max_intensity_shift": [None, 0.05, 0.1, 0.2],
+    "area": [None, (0.5, 1.5), (0.33, 2.0), (0.25, 3.0)],
+    "max_extent": [None, 0.75, 1.0, 1.5, 2.0],
+    "min_overlap": [None, 0.2, 0.4],
+}
+
+#: Named stop rules reported explicitly (PropagationConfig keywords).
+NAMED: dict[str, dict[str, Any]] = {
+    "naive_iou0.5": {"min_iou": 0.5},
+    "iou0.8": {"min_iou": 0.8},
+    "intensity0.1": {"max_intensity_shift": 0.1},
+    "similarity0.8": {"min_similarity": 0.8},
+    "iou0.8+intensity0.1": {"min_iou": 0.8, "max_intensity_shift": 0.1},
+    "iou0.8+similarity0.8": {"min_iou": 0.8, "min_similarity": 0.8},
+}
+
+
+def _log(*a: Any) -> None:
+    print(*a, file=sys.stderr, flush=True)
+
+
+def real_cases(names: list[str]) -> list[dict[str, Any]]:
+    from medseg.io.files import read_labels, read_volume
+
+    out = []
+    for c in names:
+        vol = read_volume(DATA / f"{c}_image.nrrd")
+        gt = read_labels(DATA / f"{c}_label.nrrd", reference=vol)
+        out.append({"name": c, "kind": "real", "volume": vol, "gt": gt.array > 0})
+    return out
+
+
+def phantom_cases(seeds: list[int], labels: dict[int, str]) -> list[dict[str, Any]]:
+    from scipy import ndimage
+
+    from medseg.phantom import make_phantom
+
+    out = []
+    for seed in seeds:
+        vol, lm = make_phantom(seed)
+        for value, name in labels.items():
+            cc, n = ndimage.label(lm.array == value)
+            for i in range(1, n + 1):
+                obj = cc == i
+                if np.count_nonzero(obj.any(axis=(1, 2))) < 2:
+                    continue
+                out.append({"name": f"phantom{seed}_{name}{i}", "kind": "phantom", "volume": vol,
+                            "gt": obj})
+    return out
+
+
+def record_walk(pred: Any, gt: np.ndarray, key: Any, carry: dict[str, Any]) -> dict[str, Any]:
+    """One unstopped walk: per-slice signals + the intersection/area sums needed for Dice."""
+    from medseg.predict.propagate import NO_STOP, PropagationConfig, propagate
+
+    zs = np.flatnonzero(gt.any(axis=(1, 2)))
+    horizon = int(max(key.index - zs.min(), zs.max() - key.index)) + 4
+    cfg = PropagationConfig(**{**carry, **NO_STOP, "max_slices": horizon})
+    t0 = time.perf_counter()
+    res = propagate(pred, [key], cfg)
+    secs = time.perf_counter() - t0
+    steps = []
+    for r in res.records:
+        m = res.mask[r.index] if r.accepted else None
+        inter = int(np.count_nonzero(m & gt[r.index])) if m is not None else 0
+        steps.append({**r.to_json(), "inter": inter,
+                      "pred_px": int(np.count_nonzero(m)) if m is not None else 0})
+    return {"steps": steps, "gt_voxels": int(gt.sum()), "seconds": secs,
+            "visited": len(res.records)}
+
+
+def truncated(walk: dict[str, Any], rule: dict[str, Any]) -> tuple[float, int]:
+    """Dice and accepted-slice count when ``rule`` (PropagationConfig keywords) stops the walk."""
+    from medseg.predict.propagate import PropagationConfig, SliceRecord, stop_reason
+
+    cfg = PropagationConfig(**{**NO_STOP_KW, **rule})
+    cut: dict[int, int] = {}
+    for s in walk["steps"]:
+        if s["distance"] == 0:
+            continue
+        d = 1 if s["index"] > s["source"] else -1
+        if d in cut and s["distance"] >= cut[d]:
+            continue
+        rec = SliceRecord(**{k: (v if v is not None or k == "stopped" else float("inf"))
+                             for k, v in s.items() if k in _REC_FIELDS})
+        if not s["accepted"] or stop_reason(rec, cfg) is not None:
+            cut[d] = min(cut.get(d, 10**9), s["distance"])
+    inter = pred = n = 0
+    for s in walk["steps"]:
+        d = 1 if s["index"] > s["source"] else -1
+        if s["distance"] == 0 or s["distance"] < cut.get(d, 10**9):
+            if s["accepted"]:
+                inter += s["inter"]
+                pred += s["pred_px"]
+                n += 1
+    den = pred + walk["gt_voxels"]
+    return (2.0 * inter / den if den else 1.0), n
+
+
+NO_STOP_KW: dict[str, Any] = {}
+_REC_FIELDS: set[str] = set()
+
+
+def grid_rules() -> list[dict[str, Any]]:
+    keys = list(GRID)
+    out = []
+    for combo in itertools.product(*(GRID[k] for k in keys)):
+        rule: dict[str, Any] = {}
+        for k, v in zip(keys, combo, strict=True):
+            if k == "area":
+                rule["min_area_ratio"], rule["max_area_ratio"] = v if v else (None, None)
+            else:
+                rule[k] = v
+        out.append(rule)
+    return out
+
+
+def rule_name(rule: dict[str, Any]) -> str:
+    parts = [f"{k}={v:g}" for k, v in rule.items() if v is not None and k != "max_slices"]
+    return ",".join(parts) or "vanish_only"
+
+
+def main(argv: list[str] | None = None) -> int:
+    global NO_STOP_KW, _REC_FIELDS
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cases", default="lung1,brain1,breast1")
+    ap.add_argument("--phantoms", default="0,1,2", help="phantom seeds ('' for none)")
+    ap.add_argument("--phantom-labels", default="2=tumour,3=kidney,4=spleen")
+    ap.add_argument("--carries", default=",".join(CARRIES))
+    ap.add_argument("--margin", type=float, default=3.0, help="box margin px (key and oracle)")
+    ap.add_argument("--precision", default="auto")
+    ap.add_argument("--cache-dir", default=None)
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--top", type=int, default=25, help="grid rules listed in the output")
+    args = ap.parse_args(argv)
+
+    from dataclasses import fields
+
+    from medseg.predict.propagate import (
+        NO_STOP,
+        DEFAULT_CONFIG,
+        PropagationConfig,
+        SliceRecord,
+        box_from_gt,
+        dice3d,
+        oracle_dice,
+        propagate,
+    )
+    from medseg.predict.sam import VolumePredictor
+
+    NO_STOP_KW = dict(NO_STOP)
+    _REC_FIELDS = {f.name for f in fields(SliceRecord)}
+    labels = {int(k): v for k, v in (p.split("=") for p in args.phantom_labels.split(","))}
+    cases = real_cases([c for c in args.cases.split(",") if c])
+    seeds = [int(s) for s in args.phantoms.split(",") if s.strip()]
+    cases += phantom_cases(seeds, labels)
+    carries = [c for c in args.carries.split(",") if c]
+
+    report: dict[str, Any] = {"margin_px": args.margin, "precision": args.precision,
+                              "cases": {}, "grid_size": 0}
+    walks: dict[str, dict[str, Any]] = {}
+    predictors: dict[int, Any] = {}
+    for case in cases:
+        vol, gt = case["volume"], case["gt"]
+        vid = id(vol)
+        if vid not in predictors:
+            predictors = {vid: VolumePredictor(vol, cache_dir=args.cache_dir,
+                                               precision=args.precision)}
+        pred = predictors[vid]
+        t0 = time.perf_counter()
+        orc = oracle_dice(pred, gt, margin_px=args.margin)
+        key = box_from_gt(gt, "z", args.margin)
+        entry: dict[str, Any] = {
+            "kind": case["kind"], "gt_slices": [int(i) for i in np.flatnonzero(gt.any((1, 2)))],
+            "key_slice": key.index, "oracle_dice": round(orc.dice, 4),
+            "oracle_per_slice": orc.per_slice, "walks": {}, "online": {},
+        }
+        for cname in carries:
+            w = record_walk(pred, gt, key, CARRIES[cname])
+            walks[f"{case['name']}|{cname}"] = w
+            entry["walks"][cname] = {
+                "seconds": round(w["seconds"], 3), "visited": w["visited"],
+                "steps": [{k: s[k] for k in ("index", "distance", "accepted", "iou_pred",
+                                              "stability", "area_px", "area_ratio",
+                                              "similarity", "intensity_shift", "overlap",
+                                              "extent", "inter", "pred_px", "stopped")}
+                          for s in w["steps"]],
+            }
+        # online runs: the default config and the naive baseline, end to end
+        for oname, cfg in (("default", DEFAULT_CONFIG),
+                           ("naive", PropagationConfig(carry="box", min_iou=0.5))):
+            t1 = time.perf_counter()
+            res = propagate(pred, [key], cfg)
+            d = dice3d(res.mask, gt)
+            entry["online"][oname] = {
+                "dice": round(d, 4), "ratio": round(d / orc.dice, 4) if orc.dice else None,
+                "slices": res.slices, "visited": len(res.records),
+                "seconds": round(time.perf_counter() - t1, 3),
+                "stopped": [r.stopped for r in res.records if r.stopped],
+            }
+        entry["seconds"] = round(time.perf_counter() - t0, 2)
+        report["cases"][case["name"]] = entry
+        _log(case["name"], "oracle", round(orc.dice, 3), {k: v["dice"] for k, v in
+                                                          entry["online"].items()})
+
+    # ---------------------------------------------------------------- offline stop-rule grid
+    rules = grid_rules()
+    report["grid_size"] = len(rules) * len(carries)
+    names = [c["name"] for c in cases]
+    real = [c["name"] for c in cases if c["kind"] == "real"]
+    phan = [c["name"] for c in cases if c["kind"] == "phantom"]
+    table = []
+    for cname in carries:
+        for rule in rules:
+            ratios = {}
+            for n in names:
+                d, _ = truncated(walks[f"{n}|{cname}"], rule)
+                o = report["cases"][n]["oracle_dice"]
+                ratios[n] = d / o if o else 0.0
+            table.append({
+                "carry": cname, "rule": rule_name(rule),
+                "real_min": min(ratios[n] for n in real) if real else None,
+                "real_mean": float(np.mean([ratios[n] for n in real])) if real else None,
+                "phantom_mean": float(np.mean([ratios[n] for n in phan])) if phan else None,
+                "phantom_min": min(ratios[n] for n in phan) if phan else None,
+                "ratios": {n: round(v, 4) for n, v in ratios.items()},
+            })
+
+    def score(row: dict[str, Any]) -> tuple[float, float]:
+        rm = row["real_min"] if row["real_min"] is not None else 1.0
+        pm = row["phantom_mean"] if row["phantom_mean"] is not None else 1.0
+        return (min(rm, 0.8) + min(pm, 0.8), (rm + pm))
+
+    table.sort(key=score, reverse=True)
+    report["grid_top"] = [{**r, "real_min": _r(r["real_min"]), "real_mean": _r(r["real_mean"]),
+                           "phantom_mean": _r(r["phantom_mean"]),
+                           "phantom_min": _r(r["phantom_min"])} for r in table[: args.top]]
+    # named rules × carries
+    named = {}
+    for cname in carries:
+        for rname, rule in NAMED.items():
+            row = {}
+            for n in names:
+                d, k = truncated(walks[f"{n}|{cname}"], rule)
+                o = report["cases"][n]["oracle_dice"]
+                row[n] = {"dice": round(d, 4), "ratio": round(d / o, 4) if o else None,
+                          "slices": k}
+            named[f"{cname}|{rname}"] = row
+    report["named"] = named
+    # best rule per carry (same scoring)
+    best: dict[str, Any] = {}
+    for row in table:
+        if row["carry"] not in best:
+            best[row["carry"]] = {k: row[k] for k in ("rule", "ratios")} | {
+                "real_min": _r(row["real_min"]), "phantom_mean": _r(row["phantom_mean"])}
+    report["best_per_carry"] = best
+    report["default_config"] = DEFAULT_CONFIG.to_json()
+    text = json.dumps(report, indent=1)
+    print(text)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text + "\n")
+    _ = replace
+    return 0
+
+
+def _r(v: float | None) -> float | None:
+    return None if v is None else round(v, 4)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

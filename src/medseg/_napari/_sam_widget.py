@@ -1,0 +1,387 @@
+"""Interactive SAM dock widget: box/points on a slice → slice mask → 3D propagation → accept.
+
+The body of each action is: validate the layers, convert them to medseg types
+(:mod:`medseg._napari._layers`, :mod:`medseg._napari._prompts`), call the core
+(:class:`medseg.predict.sam.VolumePredictor`, :func:`medseg.predict.propagate.propagate`) in a
+thread worker, and write the result into a layer. State (the predictor, the proposal, the undo
+stack) lives on the widget object. torch is imported only when a model is first loaded.
+
+The predictor keeps embeddings in memory and in the disk cache
+(:func:`medseg.predict.cache.default_cache_dir`), which the Embeddings widget fills ahead of time,
+so a new prompt on an already embedded slice only runs the mask decoder.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from magicgui.widgets import (
+    ComboBox,
+    Container,
+    Label,
+    LineEdit,
+    PushButton,
+    Select,
+    SpinBox,
+)
+
+from medseg._napari._common import (
+    Job,
+    goto_slice,
+    keep_choices_fresh,
+    layer_choices,
+    show_error,
+    slice_index,
+)
+from medseg.errors import InputError, MedsegError, PromptError
+from medseg.intensity import WINDOWS
+
+if TYPE_CHECKING:
+    import napari
+
+PREVIEW_NAME = "medseg proposal"
+TARGET_NAME = "segmentation"
+#: Window choices: "auto" = the core default (CT wide window, MR percentiles).
+WINDOW_CHOICES = ("auto", "percentile", *WINDOWS)
+
+
+def available_models() -> list[str]:
+    """SAM-family models whose weights resolve here without a download; LiteMedSAM first."""
+    from medseg.models.registry import MODELS
+    from medseg.models.weights import resolve_weights
+
+    out = []
+    for name in sorted(MODELS, key=lambda n: (n != "litemedsam", n)):
+        try:
+            resolve_weights(name, download=False)
+        except MedsegError:
+            continue
+        out.append(name)
+    return out
+
+
+@dataclass
+class Proposal:
+    """A segmentation not yet accepted.
+
+    Attributes:
+        mask: ``(z, y, x)`` bool on the image grid.
+        slices: the z indices it covers.
+        review: slices worth a look (propagation only), most doubtful first.
+        notes: ``{slice: text}`` for the review list.
+    """
+
+    mask: np.ndarray
+    slices: list[int]
+    review: list[int] = field(default_factory=list)
+    notes: dict[int, str] = field(default_factory=dict)
+
+
+@dataclass
+class _UndoStep:
+    layer: Any
+    z0: int
+    z1: int
+    before: np.ndarray
+    table_before: dict[int, str]
+
+
+class SamWidget(Container):
+    """Dock panel for promptable SAM segmentation.
+
+    Args:
+        viewer: the napari viewer (injected by napari).
+    """
+
+    def __init__(self, viewer: napari.viewer.Viewer) -> None:
+        self._viewer = viewer
+        self._image = ComboBox(label="image", choices=layer_choices(viewer, "image"))
+        models = available_models()
+        self._model = ComboBox(
+            label="model", choices=models or ["litemedsam"], value=(models or ["litemedsam"])[0]
+        )
+        self._window = ComboBox(label="intensity", choices=list(WINDOW_CHOICES), value="auto")
+        self._points = ComboBox(
+            label="points (+)", choices=layer_choices(viewer, "points"), nullable=True
+        )
+        self._neg_points = ComboBox(
+            label="points (−)", choices=layer_choices(viewer, "points"), nullable=True
+        )
+        self._shapes = ComboBox(
+            label="box (shapes)", choices=layer_choices(viewer, "shapes"), nullable=True
+        )
+        self._add_prompt_layers = PushButton(text="Add prompt layers")
+        self._segment_btn = PushButton(text="Segment slice")
+        self._propagate_btn = PushButton(text="Propagate in 3D")
+        self._cancel_btn = PushButton(text="Cancel")
+        self._target = ComboBox(
+            label="target labels", choices=layer_choices(viewer, "labels"), nullable=True
+        )
+        self._label_value = SpinBox(label="label value", value=1, min=1, max=65535)
+        self._label_name = LineEdit(label="label name", value="tumour")
+        self._accept_btn = PushButton(text="Accept")
+        self._undo_btn = PushButton(text="Undo")
+        self._review = Select(label="review slices", choices=[])
+        self._status = Label(value="draw a box (Shapes) or points, then Segment slice")
+        super().__init__(
+            widgets=[
+                self._image, self._model, self._window, self._points, self._neg_points,
+                self._shapes, self._add_prompt_layers, self._segment_btn, self._propagate_btn,
+                self._cancel_btn, self._target, self._label_value, self._label_name,
+                self._accept_btn, self._undo_btn, self._review, self._status,
+            ],
+            labels=True,
+        )
+        self.job = Job(status=self._set_status)
+        self.predictor: Any = None
+        self._predictor_key: tuple | None = None
+        self._models: dict[str, Any] = {}
+        self.proposal: Proposal | None = None
+        self.last_result: Any = None
+        self._undo: list[_UndoStep] = []
+        self._preview: Any = None
+
+        self._add_prompt_layers.changed.connect(self.add_prompt_layers)
+        self._segment_btn.changed.connect(self.segment_slice)
+        self._propagate_btn.changed.connect(self.propagate)
+        self._cancel_btn.changed.connect(self.job.cancel)
+        self._accept_btn.changed.connect(self.accept)
+        self._undo_btn.changed.connect(self.undo)
+        self._review.changed.connect(self._jump_to_review)
+        keep_choices_fresh(viewer, self)
+
+    # ------------------------------------------------------------------ helpers
+    def _set_status(self, text: str) -> None:
+        self._status.value = text
+
+    def _image_layer(self) -> Any:
+        layer = self._image.value
+        if layer is None:
+            raise InputError("open an image first (File > Open or a medseg sample)")
+        if layer.ndim != 3 or getattr(layer, "rgb", False):
+            raise InputError(f"layer {layer.name!r} is not a 3D grey-level volume")
+        return layer
+
+    def _window_arg(self) -> str | None:
+        w = self._window.value
+        return None if w == "auto" else w
+
+    def _get_predictor(self, image_layer: Any) -> Any:
+        """The predictor for the current image/model/window (built in the worker thread)."""
+        from medseg._napari._layers import volume_from_layer
+        from medseg.predict.cache import default_cache_dir
+        from medseg.predict.sam import VolumePredictor
+
+        key = (id(image_layer), id(image_layer.data), self._model.value, self._window.value)
+        if self.predictor is not None and self._predictor_key == key:
+            return self.predictor
+        vol = volume_from_layer(image_layer)
+        model = self._models.get(self._model.value, self._model.value)
+        pred = VolumePredictor(
+            vol, model=model, axis="z", window=self._window_arg(), cache_dir=default_cache_dir()
+        )
+        self._models[self._model.value] = pred.model
+        self.predictor, self._predictor_key = pred, key
+        return pred
+
+    def _prompts(self, image_layer: Any) -> Any:
+        from medseg._napari._prompts import slice_prompts
+
+        idx = slice_index(self._viewer, image_layer)
+        pr = slice_prompts(
+            image_layer, idx, self._points.value, self._neg_points.value, self._shapes.value
+        )
+        if pr.empty():
+            raise PromptError(
+                f"no prompt on slice {idx}: draw a rectangle in the box layer or add points on "
+                "this slice (Add prompt layers creates them)"
+            )
+        return pr
+
+    def _show_proposal(self, image_layer: Any) -> None:
+        from medseg._napari._layers import labels_kwargs_like
+
+        assert self.proposal is not None
+        data = self.proposal.mask.astype(np.uint8)
+        if self._preview is None or self._preview not in self._viewer.layers:
+            kw = labels_kwargs_like(image_layer, PREVIEW_NAME, {1: "proposal"})
+            self._preview = self._viewer.add_labels(data, opacity=0.6, **kw)
+        else:
+            self._preview.data = data
+            self._preview.scale = image_layer.scale
+            self._preview.translate = image_layer.translate
+
+    # ------------------------------------------------------------------ actions
+    def add_prompt_layers(self) -> None:
+        """Add a positive and a negative Points layer and a Shapes layer on the image's grid."""
+        try:
+            img = self._image_layer()
+        except MedsegError as exc:
+            show_error(str(exc))
+            return
+        geo = {"scale": tuple(img.scale), "translate": tuple(img.translate), "ndim": 3}
+        pos = self._viewer.add_points(name="prompts +", face_color="lime", size=4, **geo)
+        neg = self._viewer.add_points(name="prompts −", face_color="red", size=4, **geo)
+        box = self._viewer.add_shapes(
+            name="box", edge_color="yellow", face_color="transparent", edge_width=1, **geo
+        )
+        self.reset_choices()
+        self._points.value, self._neg_points.value, self._shapes.value = pos, neg, box
+        box.mode = "add_rectangle"
+        self._viewer.layers.selection.active = box
+
+    def segment_slice(self) -> None:
+        """Segment the current slice from its prompts (instant when the slice is embedded)."""
+        try:
+            img = self._image_layer()
+            pr = self._prompts(img)
+        except MedsegError as exc:
+            show_error(str(exc))
+            return
+        shape = img.data.shape
+
+        def work(progress: Any) -> Any:
+            progress(0, 2)
+            pred = self._get_predictor(img)
+            progress(1, 2)
+            single_point = pr.box_rc is None and pr.points_rc is not None and len(pr.points_rc) == 1
+            out = pred.predict(
+                pr.index, points_rc=pr.points_rc, point_labels=pr.point_labels,
+                box_rc=pr.box_rc, multimask=single_point,
+            )
+            progress(2, 2)
+            return out
+
+        def done(out: Any) -> None:
+            k = out.best()
+            mask = np.zeros(shape, dtype=bool)
+            mask[pr.index] = out.masks[k]
+            self.proposal = Proposal(mask=mask, slices=[pr.index])
+            self.last_result = out
+            self._show_proposal(img)
+            self._set_status(
+                f"slice {pr.index}: {int(out.masks[k].sum())} px, predicted IoU "
+                f"{float(out.iou_pred[k]):.2f}; Accept or Propagate in 3D"
+            )
+
+        self.job.start(work, f"SAM: slice {pr.index}", done)
+
+    def propagate(self) -> None:
+        """Propagate from the current slice's prompts through the volume (cancellable)."""
+        try:
+            img = self._image_layer()
+            pr = self._prompts(img)
+        except MedsegError as exc:
+            show_error(str(exc))
+            return
+
+        def work(progress: Any) -> Any:
+            from medseg.predict.propagate import KeyPrompt, PropagationConfig
+            from medseg.predict.propagate import propagate as core_propagate
+
+            pred = self._get_predictor(img)
+            key = KeyPrompt(
+                pr.index, box_rc=pr.box_rc, points_rc=pr.points_rc, point_labels=pr.point_labels
+            )
+            return core_propagate(pred, [key], PropagationConfig(), progress=progress)
+
+        def done(res: Any) -> None:
+            notes = {}
+            for rec in res.records:
+                text = f"IoU {rec.iou_pred:.2f}"
+                if rec.stopped:
+                    text += f", stop: {rec.stopped}"
+                notes[rec.index] = text
+            slices = [int(i) for i in np.flatnonzero(res.mask.reshape(res.mask.shape[0], -1)
+                                                     .any(axis=1))]
+            self.proposal = Proposal(
+                mask=np.asarray(res.mask, dtype=bool), slices=slices,
+                review=[int(i) for i in res.review], notes=notes,
+            )
+            self.last_result = res
+            self._show_proposal(img)
+            self._review.choices = [
+                (f"slice {i}: {notes.get(i, '')}", i) for i in self.proposal.review
+            ]
+            span = f"{slices[0]}–{slices[-1]}" if slices else "none"
+            self._set_status(
+                f"propagated: {len(slices)} slices ({span}), "
+                f"{int(self.proposal.mask.sum())} voxels; check the review slices, then Accept"
+            )
+
+        self.job.start(work, f"SAM: propagate from slice {pr.index}", done)
+
+    def _target_layer(self, image_layer: Any) -> Any:
+        from medseg._napari._layers import labels_kwargs_like
+
+        target = self._target.value
+        if target is not None and target is not self._preview:
+            if tuple(target.data.shape) != tuple(image_layer.data.shape):
+                raise InputError(
+                    f"labels layer {target.name!r} has shape {target.data.shape}, the image "
+                    f"{image_layer.data.shape}; choose a labels layer on the image's grid"
+                )
+            return target
+        kw = labels_kwargs_like(image_layer, TARGET_NAME)
+        layer = self._viewer.add_labels(np.zeros(image_layer.data.shape, dtype=np.uint16), **kw)
+        self.reset_choices()
+        self._target.value = layer
+        return layer
+
+    def accept(self) -> None:
+        """Paint the proposal into the target Labels layer with the chosen label value."""
+        from medseg._napari._layers import label_features, label_table_from_layer
+
+        if self.proposal is None or not self.proposal.mask.any():
+            show_error("nothing to accept: Segment slice or Propagate in 3D first")
+            return
+        try:
+            img = self._image_layer()
+            layer = self._target_layer(img)
+        except MedsegError as exc:
+            show_error(str(exc))
+            return
+        value = int(self._label_value.value)
+        data = layer.data
+        if data.dtype.kind in "iu" and np.iinfo(data.dtype).max < value:
+            show_error(f"label value {value} does not fit the layer's {data.dtype} data")
+            return
+        zs = np.flatnonzero(self.proposal.mask.reshape(self.proposal.mask.shape[0], -1).any(1))
+        z0, z1 = int(zs[0]), int(zs[-1]) + 1
+        table = label_table_from_layer(layer)
+        self._undo.append(_UndoStep(layer, z0, z1, np.array(data[z0:z1]), dict(table)))
+        data[z0:z1][self.proposal.mask[z0:z1]] = value
+        table[value] = self._label_name.value.strip() or f"label_{value}"
+        layer.metadata["labels"] = table
+        layer.features = label_features(table)
+        layer.refresh()
+        self.proposal = None
+        if self._preview is not None and self._preview in self._viewer.layers:
+            self._preview.data = np.zeros_like(self._preview.data)
+        self._set_status(f"accepted into {layer.name!r} as {value} ({table[value]}); Undo reverts")
+
+    def undo(self) -> None:
+        """Revert the last Accept."""
+        from medseg._napari._layers import label_features
+
+        if not self._undo:
+            show_error("nothing to undo")
+            return
+        step = self._undo.pop()
+        step.layer.data[step.z0 : step.z1] = step.before
+        step.layer.metadata["labels"] = step.table_before
+        step.layer.features = label_features(step.table_before)
+        step.layer.refresh()
+        self._set_status(f"undone: slices {step.z0}–{step.z1 - 1} of {step.layer.name!r} restored")
+
+    def _jump_to_review(self, value: Any) -> None:
+        if not value:
+            return
+        try:
+            img = self._image_layer()
+        except MedsegError:
+            return
+        index = int(value[0] if isinstance(value, (list, tuple)) else value)
+        goto_slice(self._viewer, img, index)
