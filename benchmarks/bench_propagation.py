@@ -119,36 +119,50 @@ def record_walk(pred: Any, gt: np.ndarray, key: Any, carry: dict[str, Any]) -> d
             "visited": len(res.records)}
 
 
-def truncated(walk: dict[str, Any], rule: dict[str, Any]) -> tuple[float, int]:
-    """Dice and accepted-slice count when ``rule`` (PropagationConfig keywords) stops the walk."""
-    from medseg.predict.propagate import PropagationConfig, SliceRecord, stop_reason
+_MIN_DIMS = {"min_iou": "iou_pred", "min_stability": "stability", "min_area_ratio": "area_ratio",
+             "min_similarity": "similarity", "min_overlap": "overlap"}
+_MAX_DIMS = {"max_area_ratio": "area_ratio", "max_intensity_shift": "intensity_shift",
+             "max_extent": "extent"}
 
-    cfg = PropagationConfig(**{**NO_STOP_KW, **rule})
-    cut: dict[int, int] = {}
-    for s in walk["steps"]:
-        if s["distance"] == 0:
-            continue
-        d = 1 if s["index"] > s["source"] else -1
-        if d in cut and s["distance"] >= cut[d]:
-            continue
-        rec = SliceRecord(**{k: (v if v is not None or k == "stopped" else float("inf"))
-                             for k, v in s.items() if k in _REC_FIELDS})
-        if not s["accepted"] or stop_reason(rec, cfg) is not None:
-            cut[d] = min(cut.get(d, 10**9), s["distance"])
-    inter = pred = n = 0
-    for s in walk["steps"]:
-        d = 1 if s["index"] > s["source"] else -1
-        if s["distance"] == 0 or s["distance"] < cut.get(d, 10**9):
-            if s["accepted"]:
-                inter += s["inter"]
-                pred += s["pred_px"]
-                n += 1
+
+def dice_for_rules(walk: dict[str, Any], rules: list[dict[str, Any]]) -> tuple[np.ndarray,
+                                                                               np.ndarray]:
+    """Dice and accepted-slice count of a recorded walk truncated by each rule (vectorised).
+
+    A rule (PropagationConfig stop keywords) cuts each direction at the first step that fails
+    one of its checks, as :func:`medseg.predict.propagate.stop_reason` does.
+    """
+    n = len(rules)
+    thr = {k: np.array([np.nan if r.get(k) is None else r[k] for r in rules], float)
+           for k in (*_MIN_DIMS, *_MAX_DIMS)}
+    inter = np.zeros(n)
+    pred = np.zeros(n)
+    count = np.zeros(n)
+    for st in walk["steps"]:
+        if st["distance"] == 0 and st["accepted"]:
+            inter += st["inter"]
+            pred += st["pred_px"]
+            count += 1
+    for d in (-1, 1):
+        steps = sorted((s for s in walk["steps"] if s["distance"] > 0
+                        and (s["index"] > s["source"]) == (d > 0)), key=lambda s: s["distance"])
+        alive = np.ones(n, bool)
+        for st in steps:
+            fail = np.zeros(n, bool) if st["accepted"] else np.ones(n, bool)
+            for k, sig in _MIN_DIMS.items():
+                v = st[sig]
+                if v is not None:
+                    fail |= ~np.isnan(thr[k]) & (v < np.nan_to_num(thr[k], nan=-np.inf))
+            for k, sig in _MAX_DIMS.items():
+                v = st[sig] if st[sig] is not None else np.inf
+                fail |= ~np.isnan(thr[k]) & (v > np.nan_to_num(thr[k], nan=np.inf))
+            alive &= ~fail
+            inter += alive * st["inter"]
+            pred += alive * st["pred_px"]
+            count += alive
     den = pred + walk["gt_voxels"]
-    return (2.0 * inter / den if den else 1.0), n
-
-
-NO_STOP_KW: dict[str, Any] = {}
-_REC_FIELDS: set[str] = set()
+    dice = np.where(den > 0, 2 * inter / np.maximum(den, 1), 1.0)
+    return dice, count
 
 
 def grid_rules() -> list[dict[str, Any]]:
@@ -171,7 +185,6 @@ def rule_name(rule: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    global NO_STOP_KW, _REC_FIELDS
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cases", default="lung1,brain1,breast1")
     ap.add_argument("--phantoms", default="0,1,2", help="phantom seeds ('' for none)")
@@ -184,13 +197,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--top", type=int, default=25, help="grid rules listed in the output")
     args = ap.parse_args(argv)
 
-    from dataclasses import fields
-
     from medseg.predict.propagate import (
-        NO_STOP,
         DEFAULT_CONFIG,
         PropagationConfig,
-        SliceRecord,
         box_from_gt,
         dice3d,
         oracle_dice,
@@ -198,8 +207,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     from medseg.predict.sam import VolumePredictor
 
-    NO_STOP_KW = dict(NO_STOP)
-    _REC_FIELDS = {f.name for f in fields(SliceRecord)}
     labels = {int(k): v for k, v in (p.split("=") for p in args.phantom_labels.split(","))}
     cases = real_cases([c for c in args.cases.split(",") if c])
     seeds = [int(s) for s in args.phantoms.split(",") if s.strip()]
@@ -261,19 +268,22 @@ def main(argv: list[str] | None = None) -> int:
     phan = [c["name"] for c in cases if c["kind"] == "phantom"]
     table = []
     for cname in carries:
-        for rule in rules:
-            ratios = {}
-            for n in names:
-                d, _ = truncated(walks[f"{n}|{cname}"], rule)
-                o = report["cases"][n]["oracle_dice"]
-                ratios[n] = d / o if o else 0.0
+        ratios_all = {}
+        for n in names:
+            d, _ = dice_for_rules(walks[f"{n}|{cname}"], rules)
+            o = report["cases"][n]["oracle_dice"]
+            ratios_all[n] = d / o if o else np.zeros_like(d)
+        mat = np.stack([ratios_all[n] for n in names])  # (cases, rules)
+        ri = [names.index(n) for n in real]
+        pi = [names.index(n) for n in phan]
+        for j, rule in enumerate(rules):
             table.append({
                 "carry": cname, "rule": rule_name(rule),
-                "real_min": min(ratios[n] for n in real) if real else None,
-                "real_mean": float(np.mean([ratios[n] for n in real])) if real else None,
-                "phantom_mean": float(np.mean([ratios[n] for n in phan])) if phan else None,
-                "phantom_min": min(ratios[n] for n in phan) if phan else None,
-                "ratios": {n: round(v, 4) for n, v in ratios.items()},
+                "real_min": float(mat[ri, j].min()) if ri else None,
+                "real_mean": float(mat[ri, j].mean()) if ri else None,
+                "phantom_mean": float(mat[pi, j].mean()) if pi else None,
+                "phantom_min": float(mat[pi, j].min()) if pi else None,
+                "ratios": {n: round(float(mat[i, j]), 4) for i, n in enumerate(names)},
             })
 
     def score(row: dict[str, Any]) -> tuple[float, float]:
@@ -287,14 +297,16 @@ def main(argv: list[str] | None = None) -> int:
                            "phantom_min": _r(r["phantom_min"])} for r in table[: args.top]]
     # named rules × carries
     named = {}
+    named_rules = list(NAMED.values())
     for cname in carries:
-        for rname, rule in NAMED.items():
+        per = {n: dice_for_rules(walks[f"{n}|{cname}"], named_rules) for n in names}
+        for j, rname in enumerate(NAMED):
             row = {}
             for n in names:
-                d, k = truncated(walks[f"{n}|{cname}"], rule)
+                d, k = per[n][0][j], per[n][1][j]
                 o = report["cases"][n]["oracle_dice"]
-                row[n] = {"dice": round(d, 4), "ratio": round(d / o, 4) if o else None,
-                          "slices": k}
+                row[n] = {"dice": round(float(d), 4),
+                          "ratio": round(float(d / o), 4) if o else None, "slices": int(k)}
             named[f"{cname}|{rname}"] = row
     report["named"] = named
     # best rule per carry (same scoring)

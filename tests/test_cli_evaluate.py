@@ -101,8 +101,9 @@ def test_names_from_dataset_json_and_lesions(tmp_path, capsys):
 def test_mismatched_grid_and_resample(tmp_path, capsys):
     _, gt = _cubes()
     g = _write(tmp_path / "gt.nrrd", gt)
-    # the same array with the origin moved one voxel (+1 mm) along LPS x
-    p = _write(tmp_path / "pred.nrrd", gt, origin=(1.0, 0.0, 0.0))
+    # the same array with the origin moved one voxel (+1 mm) along LPS x; its label table in the
+    # file's metadata (read into LabelMap.meta) must survive the resampling
+    p = _write(tmp_path / "pred.nrrd", gt, origin=(1.0, 0.0, 0.0), labels={1: "liver", 2: "tumor"})
     assert main(["evaluate", "--pred", p, "--gt", g]) == 2
     line = _err_line(capsys)
     assert "not on the ground truth's grid" in line and "origin" in line and "--resample" in line
@@ -111,6 +112,7 @@ def test_mismatched_grid_and_resample(tmp_path, capsys):
     assert "resampled" in capsys.readouterr().err
     rep = json.loads(out.read_text())
     assert rep["resampled"] is True
+    assert [r["name"] for r in rep["labels"]] == ["liver", "tumor"]
     # on the gt grid the prediction is the gt shifted by one voxel along x
     shifted = np.zeros_like(gt)
     shifted[:, :, 1:] = gt[:, :, :-1]

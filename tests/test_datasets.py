@@ -241,9 +241,9 @@ def test_cli_phantom_dataset(tmp_path, capsys):
     shape = ",".join(map(str, SMALL))
     spacing = ",".join(map(str, SMALL_SPACING))
     rc = main(["phantom", str(out), "--seed", "5", "--cases", "2", "--dicom",
-               "--shape", shape, "--spacing", spacing, "--quiet"])
+               "--shape", shape, "--spacing", spacing])
     assert rc == 0
-    assert "wrote 2 phantom case(s)" in capsys.readouterr().out
+    assert "wrote 2 phantom case(s)" in capsys.readouterr().out  # (with a progress bar)
     data = json.loads((out / "dataset.json").read_text())
     assert data["description"] == "synthetic abdominal CT phantom"
     assert data["modality"] == {"0": "CT"} and data["numTraining"] == 2
@@ -267,3 +267,34 @@ def test_cli_phantom_dataset(tmp_path, capsys):
     rc = main(["phantom", str(tmp_path / "bad"), "--shape", "10,20", "--quiet"])
     assert rc == 2 and "--shape must be three positive numbers" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+
+
+# --------------------------------------------------------------------------- sample_data
+SAMPLE = Path(__file__).resolve().parents[1] / "sample_data"
+
+
+def test_sample_phantom_is_reproducible_from_the_generator():
+    ds = load_dataset(SAMPLE / "phantom")
+    assert ds.layout == "msd" and ds.case_ids == ["phantom_000"] and ds.labels == PHANTOM_LABELS
+    gen = ds.meta["generator"]
+    assert gen["seed"] == 0 and gen["shape"] == [40, 128, 128]
+    img, lab = ds.load_case(0)
+    ref_img, ref_lab = make_phantom(
+        gen["seed"], tuple(gen["shape"]), tuple(gen["spacing"]), tuple(gen["tumours"])
+    )
+    hint = "sample_data/phantom differs from make_phantom(); regenerate it (sample_data/README.md)"
+    assert np.array_equal(img.array, ref_img.array), hint
+    assert np.array_equal(lab.array, ref_lab.array), hint
+    assert img.same_grid(ref_img) and img.meta["modality"] == "CT"
+
+
+def test_sample_brain1_matches_source_and_names_its_label(pyradiomics_dir):
+    folder = SAMPLE / "brain1"
+    for name in ("brain1_image.nrrd", "brain1_label.nrrd", "LICENSE.txt"):
+        assert (folder / name).read_bytes() == (pyradiomics_dir / name).read_bytes()
+    assert "BSD-3-Clause" in (folder / "README.md").read_text()
+    lab = read_labels(folder / "brain1_label.nrrd")
+    assert lab.labels == {1: "tumour"} and lab.present() == [1]
+    ds = load_dataset(folder)
+    img, lab2 = ds.load_case(0)
+    assert img.shape == (25, 256, 256) and img.same_grid(lab2) and ds.modality == "MR"

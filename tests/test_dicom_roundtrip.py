@@ -88,6 +88,26 @@ def test_written_tags(phantom, series):
     assert len(uids) == 3  # one SOP instance per slice
 
 
+def test_values_pass_pydicom_strict_validation(monkeypatch, tmp_path):
+    """Every element's value is valid for its VR (pydicom raises in RAISE mode), also for awkward
+    geometry numbers that need DS rounding and a maximum-length description."""
+    from pydicom import config
+
+    monkeypatch.setattr(config.settings, "writing_validation_mode", config.RAISE)
+    monkeypatch.setattr(config.settings, "reading_validation_mode", config.RAISE)
+    vol = Volume(np.arange(32, dtype=np.int16).reshape(2, 4, 4), (1 / 3, 0.7777777777, 1e-5),
+                 origin=(1 / 3, -123456.123456789, 1e-9))
+    files = write_dicom_series(vol, tmp_path / "s", series_description="x" * 64)
+    for f in files:
+        ds = pydicom.dcmread(f)
+        for elem in ds.iterall():
+            assert elem.value is not None or elem.VR in ("DS", "IS", "DA", "TM", "PN", "CS")
+    back = read_volume(tmp_path / "s")
+    np.testing.assert_array_equal(back.array, vol.array)
+    np.testing.assert_allclose(back.spacing, vol.spacing, rtol=1e-9)
+    np.testing.assert_allclose(back.origin, vol.origin, rtol=1e-9, atol=1e-8)
+
+
 def test_highdicom_accepts_and_maps_the_series(phantom, series):
     """highdicom builds a Legacy Converted Enhanced CT from the files (it checks the shared
     attributes) and its own volume geometry puts every voxel where ours does."""

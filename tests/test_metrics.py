@@ -263,8 +263,17 @@ def test_evaluate_per_label(random_pairs):
     text = json.dumps(js, allow_nan=False)
     back = json.loads(text)
     assert back[1]["hd"] is None and "note" in back[1] and "note" not in back[0]
-    only = M.evaluate(_lm(pred), _lm(gt), labels={1: "organ"})
+    extra = pred.copy()
+    extra[-1, 0, 0] = 4  # a label only the prediction has
+    assert gt[-1, 0, 0] == 0
+    rows4 = M.evaluate(_lm(extra), _lm(gt, {1: "liver", 2: "tumor"}))
+    assert [(r["label"], r["empty"]) for r in rows4] == [(1, None), (2, "pred"), (4, "gt")]
+    assert rows4[2]["name"] == "label_4" and rows4[2]["voxels_pred"] == 1
+    calls: list[tuple[int, int]] = []
+    only = M.evaluate(_lm(pred), _lm(gt), labels={1: "organ"},
+                      progress=lambda d, t: calls.append((d, t)))
     assert [(r["label"], r["name"]) for r in only] == [(1, "organ")]
+    assert calls == [(0, 1), (1, 1)]
 
 
 def test_evaluate_refuses_other_grid():
@@ -316,6 +325,16 @@ def test_lesion_detection_one_to_one_and_empty():
     pred[1:4, 2:12, 8:12] = True
     res = M.lesion_detection(pred, gt, (1, 1, 1))
     assert (res["tp"], res["fp"], res["fn"]) == (1, 1, 0)  # one half matches, the other is FP
+    # one predicted component bridging two GT lesions: matched to the one with the higher IoU
+    gt2 = np.zeros((5, 20, 20), bool)
+    gt2[1:4, 2:12, 2:8] = True  # 180 voxels
+    gt2[1:4, 2:12, 9:11] = True  # 60 voxels, one column apart
+    bridge = np.zeros_like(gt2)
+    bridge[1:4, 2:12, 2:11] = True  # 270 voxels
+    res = M.lesion_detection(bridge, gt2)
+    assert (res["tp"], res["fp"], res["fn"]) == (1, 0, 1)
+    (a, b) = [r for r in res["lesions"] if r["kind"] == "gt"]
+    assert a["detected"] and a["iou"] == pytest.approx(180 / 270) and not b["detected"]
     z = np.zeros_like(gt)
     e = M.lesion_detection(z, z)
     assert (e["precision"], e["recall"], e["f1"]) == (1.0, 1.0, 1.0)

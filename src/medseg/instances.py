@@ -187,7 +187,7 @@ def semantic_to_panoptic(
             names[pid] = f"{semantic.name(cls)}_{k}"
             table.append({"id": pid, "class": cls, "class_name": semantic.name(cls),
                           "instance": k, "kind": "thing", "voxels": int(sizes[k])})
-    pan = LabelMap.like(semantic, out, names, **semantic.meta)
+    pan = LabelMap(array=out, labels=names, meta=dict(semantic.meta), **semantic.copy_geometry())
     table.sort(key=lambda r: r["id"])
     return pan, table
 

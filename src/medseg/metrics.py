@@ -27,11 +27,13 @@ Conventions
   ``(#{d(pred→gt) ≤ τ} + #{d(gt→pred) ≤ τ}) / (|∂pred| + |∂gt|)``. Each surface **voxel** counts
   one; Nikolov's reference implementation weights surface elements by their area instead. This is
   MONAI ``compute_surface_dice(use_subvoxels=False)``.
-* Max Hausdorff against SimpleITK's ``HausdorffDistanceImageFilter``: ITK uses *all* object voxels,
-  not only surfaces. For a point outside the other object the nearest object voxel is a surface
-  voxel, so both agree whenever the maximum is attained outside the other object (the usual case,
-  tested); they differ when a mask has an internal cavity, whose walls are surface here but
-  interior to ITK (tested too).
+* Max Hausdorff against SimpleITK's ``HausdorffDistanceImageFilter``: ITK measures from *all*
+  object voxels to the nearest voxel of the other object, so a voxel inside the other object counts
+  0 there, while here a surface voxel inside the other object counts its distance to the other's
+  surface. For a voxel outside the other object both give the same number (its nearest object
+  voxel is a surface voxel). The maxima agree when the largest distance comes from the parts
+  outside the other object, the usual case (tested on random blobs and on lung1); an internal
+  cavity makes them differ (tested).
 
 The empty rule (per label, per case)
 ------------------------------------
@@ -62,6 +64,7 @@ import numpy as np
 from scipy import ndimage
 
 if TYPE_CHECKING:
+    from medseg.progress import ProgressCallback
     from medseg.volume import LabelMap
 
 Spacing = Sequence[float]
@@ -72,7 +75,6 @@ DISTANCE_KEYS = ("hd95", "hd", "msd")
 SCORE_KEYS = ("dice", "iou", "surface_dice")
 
 _FACE = ndimage.generate_binary_structure(3, 1)
-_FULL = np.ones((3, 3, 3), dtype=bool)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -277,15 +279,19 @@ def surface_dice(
 
 # --------------------------------------------------------------------------- per label
 def _label_names(
-    pred: LabelMap, gt: LabelMap, labels: Mapping[int, str] | Iterable[int] | None
+    pred: LabelMap,
+    gt: LabelMap,
+    labels: Mapping[int, str] | Iterable[int] | None,
+    present: Iterable[int],
 ) -> dict[int, str]:
     if isinstance(labels, Mapping):
         table = {int(k): str(v) for k, v in labels.items()}
-        return {v: table.get(v) or gt.labels.get(v) or pred.name(v) for v in sorted(table)}
-    if labels is not None:
-        values = sorted({int(v) for v in labels})
-    else:
-        values = sorted(set(gt.present()) | set(pred.present()) | set(gt.labels))
+        return {
+            v: table.get(v) or gt.labels.get(v) or pred.name(v) for v in sorted(table) if v != 0
+        }
+    values = sorted({int(v) for v in labels}) if labels is not None else sorted(
+        set(present) | set(gt.labels)
+    )
     return {v: gt.labels.get(v) or pred.name(v) for v in values if v != 0}
 
 
@@ -308,6 +314,7 @@ def evaluate(
     gt: LabelMap,
     labels: Mapping[int, str] | Iterable[int] | None = None,
     tolerance_mm: float = 1.0,
+    progress: ProgressCallback | None = None,
 ) -> list[dict[str, Any]]:
     """Per-label metrics of a predicted label map against the reference.
 
@@ -317,6 +324,7 @@ def evaluate(
         labels: label values to score, or ``{value: name}``; default: every non-zero value present
             in either map or listed in ``gt``'s table.
         tolerance_mm: surface Dice tolerance in mm.
+        progress: optional ``progress(done, total)`` callback, called once per label.
 
     Returns:
         One dict per label: ``label``, ``name``, ``dice``, ``iou``, ``hd95``, ``hd``, ``msd`` (mm),
@@ -334,7 +342,13 @@ def evaluate(
     boxes_p = ndimage.find_objects(pred.array)
     boxes_g = ndimage.find_objects(gt.array)
     rows = []
-    for value, name in _label_names(pred, gt, labels).items():
+    present = {i + 1 for i, b in enumerate(boxes_p) if b is not None} | {
+        i + 1 for i, b in enumerate(boxes_g) if b is not None
+    }
+    names = _label_names(pred, gt, labels, present)
+    for i, (value, name) in enumerate(names.items()):
+        if progress is not None:
+            progress(i, len(names))
         box = _union_box(_box_of(boxes_p, value), _box_of(boxes_g, value))
         if box is None:  # absent from both
             p = g = np.zeros((1, 1, 1), bool)
@@ -361,6 +375,8 @@ def evaluate(
                 "empty": sd.empty,
             }
         )
+    if progress is not None:
+        progress(len(names), len(names))
     return rows
 
 
@@ -542,8 +558,9 @@ def panoptic_quality(
     """Panoptic quality (Kirillov et al. 2019): ``PQ = SQ × RQ`` per class and averaged.
 
     Segments: a *stuff* class (e.g. an organ) is one segment, the whole class mask; a *thing*
-    class (e.g. lesions) has one segment per instance id in ``*_inst`` restricted to the class, or,
-    when the instance map is ``None``, per 26-connected component of the class mask. A predicted
+    class (e.g. lesions) has one segment per instance id in ``*_inst`` restricted to the class
+    (class voxels with instance 0 belong to no segment), or, when the instance map is ``None``, one
+    per 26-connected component of the class mask. A predicted
     and a reference segment of the same class match when their IoU > 0.5 (then the match is
     unique). Per class: ``SQ = mean IoU of matches``, ``RQ = TP / (TP + FP/2 + FN/2)``,
     ``PQ = Σ IoU / (TP + FP/2 + FN/2)``. Background (0) is not a class; no void/crowd regions.

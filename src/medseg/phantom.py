@@ -11,8 +11,9 @@ so its shape, spacing and partial-volume behaviour follow the requested geometry
   wall (~50), abdominal soft tissue with visceral fat, lumbar spine (bone ~700 with a denser
   cortex, discs between vertebrae), paraspinal muscles, aorta and inferior vena cava, liver
   (~60 HU, patient's right), spleen (~50, patient's left), two kidneys (cortex ~180, medulla
-  ~120), hypodense liver tumours (10-30 HU, 8-30 mm, at least one >= 15 mm) and lung bases
-  (-850) in the top slices.
+  ~120), hypodense liver tumours (10-30 HU, 8-30 mm, at least one >= 15 mm), a gallbladder
+  (~10 HU, below the liver, not labelled: a tumour look-alike) and lung bases (-850) in the
+  top slices.
 * shapes: ellipsoids deformed by a smooth random field, randomised per seed.
 * partial volume: every slice is the mean of three sub-slices across its thickness, then a
   light in-plane blur; finally Gaussian noise (sigma 12 HU). Labels come from the slice centre.
@@ -48,6 +49,7 @@ TISSUE_HU: dict[str, float] = {
     "bone": 700.0,
     "bone_cortex": 1000.0,
     "disc": 80.0,
+    "gallbladder": 10.0,
     "aorta": 160.0,
     "ivc": 130.0,
 }
@@ -59,7 +61,7 @@ _SUBSLICES = (-1.0 / 3.0, 0.0, 1.0 / 3.0)
 # --------------------------------------------------------------------------- smooth noise
 @dataclass
 class _Field:
-    """A smooth random field: a sum of separable sinusoid products, values roughly in [-1, 1]."""
+    """A smooth random field: a sum of separable sinusoid products (std ~0.7, |value| <= 2)."""
 
     freqs: np.ndarray  # (n, 3) angular frequencies rad/mm for x, y, z
     phases: np.ndarray  # (n, 3)
@@ -85,7 +87,7 @@ class _Field:
                 * np.sin(fx * x + px)
             )
             out = term if out is None else out + term
-        # a product of three sines has std ~0.35; rescale so the field spans about [-1, 1]
+        # a product of three sines has std ~0.35; x2 makes the field's std ~0.7 (|field| <= 2)
         return out * 2.0
 
 
@@ -100,17 +102,18 @@ class _Ellipsoid:
     field: _Field | None = None
 
     def bbox(self) -> tuple[np.ndarray, np.ndarray]:
-        r = max(self.semi[0], self.semi[1]) * (1 + abs(self.amp) * 1.2) + 1.0
-        rz = self.semi[2] * (1 + abs(self.amp) * 1.2) + 1.0
+        grow = 1 + 2 * abs(self.amp) if self.field is not None else 1.0  # |field| <= 2
+        r = max(self.semi[0], self.semi[1]) * grow + 1.0
+        rz = self.semi[2] * grow + 1.0
         c = np.asarray(self.center)
         half = np.array([r, r, rz])
         return c - half, c + half
 
     def q(self, x: np.ndarray, y: np.ndarray, z: np.ndarray) -> np.ndarray:
         """Normalised radius squared divided by the deformed boundary squared (<1 inside)."""
-        dx = (x - self.center[0])
-        dy = (y - self.center[1])
-        dz = (z - self.center[2])
+        dx = x - self.center[0]
+        dy = y - self.center[1]
+        dz = z - self.center[2]
         if self.angle:
             c, s = float(np.cos(self.angle)), float(np.sin(self.angle))
             dx, dy = c * dx + s * dy, -s * dx + c * dy
@@ -201,6 +204,8 @@ def _random_anatomy(
         "spleen": e(0.52, 0.22, 0.68, 0.2, 0.3, 0.2, angle=-0.5),
         "kidney_right": e(-0.42, 0.45, 0.3, 0.15, 0.22, 0.19, angle=0.45, amp=0.06),
         "kidney_left": e(0.42, 0.45, 0.36, 0.15, 0.22, 0.19, angle=-0.45, amp=0.06),
+        # bile-filled, hypodense like a tumour but outside the liver label: a distractor
+        "gallbladder": e(-0.2, -0.3, 0.38, 0.1, 0.12, 0.12, angle=0.5, amp=0.08),
         "lung_right": e(-0.45, 0.3, 1.22, 0.42, 0.5, 0.3, amp=0.08),
         "lung_left": e(0.45, 0.3, 1.22, 0.42, 0.5, 0.3, amp=0.08),
     }
@@ -305,6 +310,7 @@ def _render(
             liver[m] = False  # organs painted after the liver take its voxels
         return m
 
+    later(_paint(hu, lab, grid, o["gallbladder"], TISSUE_HU["gallbladder"], 0, within=cavity))
     later(_paint(hu, lab, grid, o["spleen"], TISSUE_HU["spleen"], 4, within=cavity))
     for name in ("kidney_right", "kidney_left"):
         later(_paint(hu, lab, grid, o[name], TISSUE_HU["kidney_cortex"], 3, within=cavity))
@@ -337,7 +343,7 @@ def _paint_tumours(
 def _place_tumours(
     anat: _Anatomy, rng: np.random.Generator, liver: np.ndarray, spacing, origin,
     n_tumours: tuple[int, int],
-) -> None:
+) -> int:
     """Choose tumour ellipsoids inside ``liver`` (the slice-centre liver mask), the first one
     >= 15 mm across when the liver is thick enough."""
     from scipy import ndimage
@@ -356,6 +362,8 @@ def _place_tumours(
     dist[box] = ndimage.distance_transform_edt(crop, sampling=spacing)[1:-1, 1:-1, 1:-1]
     lo, hi = n_tumours
     count = int(rng.integers(lo, hi + 1))
+    if count == 0:
+        return 0
     centres: list[tuple[np.ndarray, float]] = []
     for i in range(count):
         want_d = rng.uniform(15.0, 30.0) if i == 0 else rng.uniform(8.0, 30.0)
@@ -382,6 +390,7 @@ def _place_tumours(
         )
         anat.tumours.append((ell, float(rng.uniform(10.0, 30.0))))
         centres.append((pick, r))
+    return count
 
 
 def make_phantom(
@@ -405,7 +414,10 @@ def make_phantom(
         ``(image, labels)``: ``image.array`` int16 HU ``(z, y, x)``, LPS, identity direction,
         origin at the grid centre in x/y, ``meta['modality'] == 'CT'`` and ``meta['tumours']``
         (centre LPS mm, semi-axes mm, HU of each tumour); ``labels`` uint8 on the same grid with
-        :data:`PHANTOM_LABELS`.
+        :data:`PHANTOM_LABELS`. The first tumour is 15-30 mm across when the liver is thick
+        enough; when fewer tumours fit than were drawn, ``meta['warnings']`` says so.
+
+    Organ sizes scale with the field of view (``shape * spacing``); tumour sizes are in mm.
 
     Raises:
         InputError: a shape/spacing that cannot hold the anatomy or bad ``n_tumours``.
@@ -433,7 +445,7 @@ def make_phantom(
     centre = _Grid(shp, sp, origin, 0.0)
     acc, labels, liver = _render(anat, centre, with_labels=True, tumours=False)
     assert labels is not None
-    _place_tumours(anat, rng, labels == 1, sp, origin, (lo, hi))
+    wanted = _place_tumours(anat, rng, labels == 1, sp, origin, (lo, hi))
     _paint_tumours(anat, centre, acc, labels, liver)
     for dz in _SUBSLICES:
         if dz != 0.0:
@@ -454,6 +466,9 @@ def make_phantom(
         "description": "synthetic abdominal CT phantom",
         "phantom_seed": int(seed),
         "tumours": tumours,
+        "warnings": [] if len(tumours) == wanted else [
+            f"only {len(tumours)} of {wanted} tumours fit in this liver; use a larger shape/spacing"
+        ],
     }
     vol = Volume(array=arr, spacing=sp, origin=origin, direction=np.eye(3), meta=meta)
     lm = LabelMap.like(vol, labels, PHANTOM_LABELS, modality="CT", phantom_seed=int(seed))

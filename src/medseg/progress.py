@@ -16,13 +16,13 @@ def null_progress(done: int, total: int) -> None:
 
 @contextmanager
 def tqdm_progress(desc: str, enabled: bool = True) -> Iterator[ProgressCallback]:
-    """A callback that drives a tqdm bar on stderr (for the CLI)."""
+    """A callback that drives a tqdm bar on stderr (for the CLI); silent when stderr is not a TTY."""
     if not enabled:
         yield null_progress
         return
     from tqdm import tqdm
 
-    bar = tqdm(desc=desc, unit="step", leave=False, dynamic_ncols=True)
+    bar = tqdm(desc=desc, unit="step", leave=False, dynamic_ncols=True, disable=None)
     try:
 
         def cb(done: int, total: int) -> None:

@@ -254,7 +254,10 @@ def resample_labels_to(labels: LabelMap, ref: Volume) -> LabelMap:
         labels.to_sitk(), ref.to_sitk(), sitk.Transform(), sitk.sitkNearestNeighbor, 0
     )
     arr = sitk.GetArrayFromImage(out)
-    return LabelMap.like(ref, arr, labels.labels, **labels.meta)
+    # meta passed whole (not as **kwargs): a file's meta may hold its own "labels" key
+    return LabelMap(
+        array=arr, labels=dict(labels.labels), meta=dict(labels.meta), **ref.copy_geometry()
+    )
 
 
 def _fmt(v: tuple[float, ...]) -> str:

@@ -18,6 +18,33 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+def guard_triton() -> bool:
+    """Keep torch from importing triton once an LLVM-based OpenGL driver is loaded.
+
+    Mesa's llvmpipe/radeonsi drivers map their own ``libLLVM`` into the process when napari opens
+    its canvas; triton bundles another LLVM and importing it afterwards crashes the process
+    (segmentation fault inside ``import triton``, reached from ``import torchvision``). medseg never
+    uses triton (no ``torch.compile``), so when such a library is mapped and triton is not yet
+    imported, ``sys.modules['triton']`` is set to ``None``: torch then treats triton as absent.
+
+    Returns:
+        True when triton was blocked.
+    """
+    import sys
+
+    if "triton" in sys.modules or not sys.platform.startswith("linux"):
+        return False
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as fh:
+            maps = fh.read()
+    except OSError:
+        return False
+    if "libLLVM" not in maps:
+        return False
+    sys.modules["triton"] = None  # type: ignore[assignment]
+    return True
+
+
 class Cancelled(Exception):
     """Raised inside a core progress callback when the user pressed Cancel."""
 
@@ -65,6 +92,7 @@ class Job:
         self._cancel_requested = False
         self._pbar: Any = None
         self._status = status or (lambda _msg: None)
+        guard_triton()
         from superqt.utils import ensure_main_thread
 
         self._set_progress = ensure_main_thread(self._set_progress_main)

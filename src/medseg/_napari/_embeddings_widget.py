@@ -45,6 +45,7 @@ class EmbeddingsWidget(Container):
         self.job = Job(status=self._set_state)
         self.predictor: Any = None
         self._key: tuple | None = None
+        self._models: dict[str, Any] = {}  # loaded SAM models by name, reused across images
         self.cached: list[int] = []
         self._run_btn.changed.connect(self.precompute)
         self._check_btn.changed.connect(self.check)
@@ -62,13 +63,12 @@ class EmbeddingsWidget(Container):
         key = (id(layer), id(layer.data), self._model.value, self._window.value)
         if self.predictor is None or self._key != key:
             window = None if self._window.value == "auto" else self._window.value
-            model = self._model.value
-            if self.predictor is not None and self.predictor.spec.name == model:
-                model = self.predictor.model  # reuse the loaded weights
+            name = self._model.value
             self.predictor = VolumePredictor(
-                volume_from_layer(layer), model=model, axis="z", window=window,
-                cache_dir=default_cache_dir(),
+                volume_from_layer(layer), model=self._models.get(name, name), axis="z",
+                window=window, cache_dir=default_cache_dir(),
             )
+            self._models[name] = self.predictor.model
             self._key = key
         return self.predictor
 

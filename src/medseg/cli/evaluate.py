@@ -43,9 +43,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--lesions", metavar="LABEL",
                    help="also score lesion-wise detection and panoptic quality for this label "
                         "(value or name)")
-    g.add_argument("--lesion-iou", type=float, default=0.1,
+    g.add_argument("--lesion-iou", type=float, default=0.1, metavar="IOU",
                    help="IoU a predicted component needs to detect a lesion (default 0.1)")
-    g.add_argument("--min-lesion-mm3", type=float, default=0.0,
+    g.add_argument("--min-lesion-mm3", type=float, default=0.0, metavar="MM3",
                    help="ignore connected components smaller than this (mm3)")
     p.set_defaults(func=run)
 

@@ -44,7 +44,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="U-Net channels per level (default 16,32,64,128)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--val-fraction", type=float, default=0.2)
-    p.add_argument("--window", default="abdomen", help="CT window preset or LO,HI (default abdomen)")
+    p.add_argument("--window", default="abdomen",
+                   help="CT window preset or LO,HI (default abdomen)")
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--flip", action="store_true", help="random flips (off: breaks left/right)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
@@ -60,7 +61,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         channels = tuple(int(c) for c in args.channels.split(","))
     except ValueError:
-        raise InputError(f"--channels must be integers like 16,32,64,128, got {args.channels!r}") from None
+        raise InputError(
+            f"--channels must be integers like 16,32,64,128, got {args.channels!r}"
+        ) from None
     with tqdm_progress("train", enabled=not args.quiet) as cb:
         summary = train_unet(
             args.data, args.out, epochs=args.epochs,
@@ -70,6 +73,6 @@ def run(args: argparse.Namespace) -> int:
             resume=args.resume, progress=cb, window=args.window, lr=args.lr, flip=args.flip,
             overwrite=args.overwrite, on_epoch=lambda r: print(json.dumps(r), flush=True),
         )
-    print(json.dumps({k: summary[k] for k in
-                      ("out", "last", "log", "best_epoch", "best_metric", "split", "config_sha256")}))
+    keys = ("out", "last", "log", "best_epoch", "best_metric", "split", "config_sha256")
+    print(json.dumps({k: summary[k] for k in keys}))
     return 0

@@ -395,6 +395,7 @@ def write_msd_dataset(
     if not os.access(out.parent, os.W_OK):
         raise OutputError(f"{out}: folder {out.parent} is not writable")
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".part", dir=out.parent))
+    _chmod_like_mkdir(tmp)
     ids: list[str] = []
     try:
         (tmp / "imagesTr").mkdir()
@@ -420,3 +421,10 @@ def write_msd_dataset(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return load_dataset(out)
+
+
+def _chmod_like_mkdir(path: Path) -> None:
+    """Give a ``mkdtemp`` folder (mode 0700) the permissions ``mkdir`` would (0777 & ~umask)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o777 & ~mask)

@@ -179,6 +179,7 @@ def write_dicom_series(
     sop_class = SOP_CLASSES[mod]
 
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".part", dir=out.parent))
+    _chmod_like_mkdir(tmp)
     written: list[Path] = []
     try:
         for k in range(nz):
@@ -211,6 +212,7 @@ def write_dicom_series(
             ds.SeriesInstanceUID = series_uid
             ds.SeriesNumber = int(series_number)
             ds.SeriesDescription = series_description
+            ds.PatientPosition = str(vol.meta.get("patient_position") or "HFS")
             ds.SeriesDate = date
             ds.SeriesTime = time
             ds.ContentDate = date
@@ -282,3 +284,10 @@ def _swap_into_place(tmp: Path, out: Path) -> None:
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _chmod_like_mkdir(path: Path) -> None:
+    """Give a ``mkdtemp`` folder (mode 0700) the permissions ``mkdir`` would (0777 & ~umask)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o777 & ~mask)

@@ -163,7 +163,8 @@ def build_network(config: dict[str, Any]) -> torch.nn.Module:
     arch = config.get("arch")
     if arch not in ARCHS:
         raise CheckpointConfigError(
-            f"unknown architecture {arch!r} in the checkpoint; this medseg builds {', '.join(ARCHS)}"
+            f"unknown architecture {arch!r} in the checkpoint; "
+            f"this medseg builds {', '.join(ARCHS)}"
         )
     from monai.networks.nets import UNet
 
@@ -179,7 +180,9 @@ def build_network(config: dict[str, Any]) -> torch.nn.Module:
             norm=a.get("norm", "instance"),
         )
     except (KeyError, TypeError, ValueError, AssertionError) as exc:
-        raise CheckpointConfigError(f"the checkpoint's arch_args cannot build a U-Net: {exc}") from None
+        raise CheckpointConfigError(
+            f"the checkpoint's arch_args cannot build a U-Net: {exc}"
+        ) from None
 
 
 def labels_of(config: dict[str, Any]) -> dict[int, str]:
@@ -256,7 +259,8 @@ def model_grid_shape(
 ) -> tuple[int, int, int]:
     """Model-grid shape covering an image of ``shape``/``spacing`` at ``target`` spacing."""
     return tuple(  # type: ignore[return-value]
-        int(np.floor((n - 1) * s / t + 1e-6)) + 1 for n, s, t in zip(shape, spacing, target)
+        int(np.floor((n - 1) * s / t + 1e-6)) + 1
+        for n, s, t in zip(shape, spacing, target, strict=True)
     )
 
 
@@ -304,7 +308,7 @@ def resample_image(
     import torch
 
     out_shape = model_grid_shape(array.shape, spacing, target)
-    rz, ry, rx = (t / s for t, s in zip(target, spacing))
+    rz, ry, rx = (t / s for t, s in zip(target, spacing, strict=True))
     out = torch.empty(out_shape, dtype=torch.float32)
     i0, i1, w = _axis_weights(out_shape[0], rz, array.shape[0])
     for k0 in range(0, out_shape[0], slab):
@@ -331,7 +335,7 @@ def resample_labels_nearest(
     out_shape = model_grid_shape(array.shape, spacing, target)
     idx = [
         np.clip(np.rint(np.arange(n) * t / s).astype(np.int64), 0, m - 1)
-        for n, t, s, m in zip(out_shape, target, spacing, array.shape)
+        for n, t, s, m in zip(out_shape, target, spacing, array.shape, strict=True)
     ]
     return np.asarray(array)[np.ix_(*idx)]
 
@@ -417,7 +421,9 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
             f"({CHECKPOINT_FORMAT}); upgrade medseg"
         )
     if cfg.get("orientation", ORIENTATION) != ORIENTATION:
-        raise CheckpointConfigError(f"{p}: unknown orientation convention {cfg.get('orientation')!r}")
+        raise CheckpointConfigError(
+            f"{p}: unknown orientation convention {cfg.get('orientation')!r}"
+        )
     return ckpt
 
 
@@ -466,7 +472,7 @@ class UNetSegmenter:
         """Load ``"unet-demo"`` or a checkpoint path.
 
         Args:
-            model: ``"unet-demo"`` or a ``.pt`` file written by :func:`medseg.train.unet.train_unet`.
+            model: ``"unet-demo"`` or a ``.pt`` file from :func:`medseg.train.unet.train_unet`.
             labels: the label table the caller expects; refused unless it equals the checkpoint's.
             precision: ``auto`` | ``bf16`` | ``fp32``.
             device: ``auto`` | ``cpu`` | ``cuda``.
@@ -594,7 +600,7 @@ class UNetSegmenter:
             )
             del x
             probs = probs[0].float().cpu()  # (C, Z, Y, X) on the model grid
-            ratios = [t / s for t, s in zip(target, can.spacing(volume.spacing))]
+            ratios = [t / s for t, s in zip(target, can.spacing(volume.spacing), strict=True)]
             # model index = image index * image spacing / target spacing
             inv = [1.0 / r for r in ratios]
             out = np.empty(can_shape, dtype=np.uint8)
@@ -627,7 +633,7 @@ class UNetSegmenter:
 def _count_windows(grid: tuple[int, ...], roi: tuple[int, ...], overlap: float) -> int:
     """Number of sliding windows MONAI visits (same scan rule: interval = roi * (1 - overlap))."""
     n = 1
-    for g, r in zip(grid, roi):
+    for g, r in zip(grid, roi, strict=True):
         g = max(g, r)
         if g == r:
             continue

@@ -88,7 +88,9 @@ def run(args: argparse.Namespace) -> int:
     if len({p.resolve() for p in outs}) != len(outs):
         raise InputError("two outputs name the same file; give each output its own path")
     if args.refine_with and args.refine_with.startswith("unet"):
-        raise InputError("--refine-with takes a SAM-Med model (litemedsam, sam_vit_b, medsam_vit_b)")
+        raise InputError(
+            "--refine-with takes a SAM-Med model (litemedsam, sam_vit_b, medsam_vit_b)"
+        )
     if args.window:
         print("medseg segment: note: --window is ignored for U-Net models (the checkpoint fixes "
               "the intensity preprocessing)", file=sys.stderr)
@@ -150,7 +152,12 @@ def run(args: argparse.Namespace) -> int:
 def _write_instances(
     labels: Any, args: argparse.Namespace, paths: tuple[Path, Path], inputs: list[Any], ow: bool
 ) -> dict[str, Any]:
-    from medseg.instances import label_lesions, lesion_table, semantic_to_panoptic, write_lesion_table
+    from medseg.instances import (
+        label_lesions,
+        lesion_table,
+        semantic_to_panoptic,
+        write_lesion_table,
+    )
     from medseg.io.files import write_labels
     from medseg.volume import LabelMap
 

