@@ -362,7 +362,7 @@ QUICKSTART = [
         scores = result.review_scores()
         print(f"{'z':>3} {'review_score':>12} {'Dice vs label':>14}")
         for z in result.review:
-            print(f"{z:>3} {scores[z]:12.3f} {dice_of(result.mask[z], gt[z]):14.3f}")
+            print(f"{z:>3} {scores[z]:12.3f} {dice_of(result.mask[z][None], gt[z][None]):14.3f}")
         missed = [z for z in gt_slices if z not in result.slices]
         print("tumour slices the propagation did not reach:", missed)
         """

@@ -14,7 +14,7 @@ SAMPLE_DATA = REPO / "sample_data"
 
 @pytest.fixture(scope="session")
 def pyradiomics_dir() -> Path:
-    """Folder with the real brain1/breast1/lung1 NRRD cases (``<case>_image.nrrd``, ``<case>_label.nrrd``)."""
+    """Folder with the real brain1/breast1/lung1 cases (``<case>_image.nrrd``, ``_label.nrrd``)."""
     assert PYRADIOMICS.is_dir(), f"real data missing: {PYRADIOMICS} (see ../shared/data/README.md)"
     return PYRADIOMICS
 

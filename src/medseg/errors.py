@@ -2,7 +2,7 @@
 
 
 class MedsegError(Exception):
-    """Base class: something about the input or the request was wrong; the message says what to do."""
+    """Base class: the input or request was wrong; the message says what to do."""
 
 
 class InputError(MedsegError):

@@ -37,7 +37,8 @@ class Intensity:
     Attributes:
         lo: raw value mapped to 0.
         hi: raw value mapped to 1.
-        name: how it was chosen (``"window:wide"``, ``"window:-100,300"``, ``"percentile:0.5-99.5"``);
+        name: how it was chosen (``"window:wide"``, ``"window:-100,300"``,
+            ``"percentile:0.5-99.5"``);
             part of the embedding-cache key.
     """
 

@@ -16,7 +16,7 @@ def null_progress(done: int, total: int) -> None:
 
 @contextmanager
 def tqdm_progress(desc: str, enabled: bool = True) -> Iterator[ProgressCallback]:
-    """A callback that drives a tqdm bar on stderr (for the CLI); silent when stderr is not a TTY."""
+    """A callback driving a tqdm bar on stderr (for the CLI); silent when not a TTY."""
     if not enabled:
         yield null_progress
         return

@@ -82,7 +82,7 @@ class Volume:
         return (self.spacing[2], self.spacing[1], self.spacing[0])
 
     def affine_lps(self) -> np.ndarray:
-        """4x4 matrix mapping homogeneous array index ``(z, y, x, 1)`` to LPS ``(x, y, z, 1)`` mm."""
+        """4x4 matrix: homogeneous array index ``(z, y, x, 1)`` -> LPS ``(x, y, z, 1)`` mm."""
         m = np.eye(4)
         scaled = self.direction * np.asarray(self.spacing_xyz)[None, :]  # columns for x, y, z
         m[:3, 0] = scaled[:, 2]  # array axis 0 is z -> ITK column 2
@@ -92,13 +92,13 @@ class Volume:
         return m
 
     def index_to_world(self, zyx: Any) -> np.ndarray:
-        """Array indices ``(..., 3)`` in ``(z, y, x)`` order → LPS world ``(..., 3)`` ``(x, y, z)`` mm."""
+        """Array indices ``(..., 3)`` ``(z, y, x)`` → LPS world ``(..., 3)`` ``(x, y, z)`` mm."""
         pts = np.asarray(zyx, dtype=float)
         a = self.affine_lps()
         return pts @ a[:3, :3].T + a[:3, 3]
 
     def world_to_index(self, xyz: Any) -> np.ndarray:
-        """LPS world points ``(..., 3)`` → continuous array indices ``(..., 3)`` in ``(z, y, x)``."""
+        """LPS world points ``(..., 3)`` → continuous array indices ``(..., 3)`` ``(z, y, x)``."""
         pts = np.asarray(xyz, dtype=float)
         a = self.affine_lps()
         return (pts - a[:3, 3]) @ np.linalg.inv(a[:3, :3]).T
@@ -118,14 +118,16 @@ class Volume:
     def same_grid(
         self, other: Volume, atol_mm: float = GRID_ATOL_MM, atol_dir: float = GRID_ATOL_DIR
     ) -> bool:
-        """True when ``other`` has the same shape, spacing, origin and direction (within tolerance)."""
+        """True when ``other`` has the same shape, spacing, origin and direction (tolerance)."""
         return not grid_differences(self, other, atol_mm, atol_dir)
 
     def with_array(self, array: np.ndarray, **meta: Any) -> Volume:
         """A volume on this grid holding ``array`` (shape must match)."""
         array = np.asarray(array)
         if array.shape != self.array.shape:
-            raise GeometryError(f"array shape {array.shape} does not match grid {self.array.shape}")
+            raise GeometryError(
+                f"array shape {array.shape} does not match grid {self.array.shape}"
+            )
         return replace(self, array=array, meta={**self.meta, **meta})
 
     def copy_geometry(self) -> dict[str, Any]:

@@ -41,12 +41,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--prompts", metavar="FILE.json", help="prompts from a JSON file")
     g.add_argument("--box-from-gt", metavar="GT",
                    help="simulate the interactive protocol: one box from GT on its largest slice")
-    g.add_argument("--label", type=int, help="label value in GT used by --box-from-gt (default: 1 / all)")
+    g.add_argument(
+        "--label", type=int, help="label value in GT used by --box-from-gt (default: 1 / all)"
+    )
     g.add_argument("--axis", choices=["z", "y", "x"], default="z",
                    help="propagation axis (default z: axial)")
     g.add_argument("--no-propagate", action="store_true", help="segment the key slice(s) only")
-    g.add_argument("--oracle", action="store_true",
-                   help="with --gt: also report per-slice oracle-box Dice (default with --box-from-gt)")
+    g.add_argument(
+        "--oracle",
+        action="store_true",
+        help="with --gt: also report per-slice oracle-box Dice (default with --box-from-gt)",
+    )
     u = p.add_argument_group("U-Net")
     u.add_argument("--overlap", type=float, default=0.25, help="sliding-window overlap (0-0.9)")
     u.add_argument("--blend", choices=["gaussian", "constant"], default="gaussian")
