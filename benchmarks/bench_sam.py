@@ -26,8 +26,9 @@ import statistics
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -125,7 +126,7 @@ def bench_vit(reps: int, precision: str) -> dict[str, Any]:
     out: dict[str, Any] = {"load_before": _load(), "precision": prec}
 
     def run_stock() -> torch.Tensor:
-        fast.restore(stock)
+        fast.restore(stock, keep_cache=True)
         return enc(x)
 
     def run_fast() -> torch.Tensor:
@@ -157,11 +158,11 @@ def bench_lite(reps: int, batch: int) -> dict[str, Any]:
     out: dict[str, Any] = {"load_before": _load(), "native_bf16": fast.native_bf16()}
 
     def stock_fp32() -> None:
-        fast.restore(m)
+        fast.restore(m, keep_cache=True)
         enc(x)
 
     def stock_bf16() -> None:
-        fast.restore(m)
+        fast.restore(m, keep_cache=True)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             enc(x)
 
@@ -210,7 +211,7 @@ def bench_click(reps: int) -> dict[str, Any]:
         return low
 
     def stock() -> torch.Tensor:
-        fast.restore(m)
+        fast.restore(m, keep_cache=True)
         return click()
 
     def fast_click() -> torch.Tensor:
@@ -301,7 +302,7 @@ def bench_agreement(max_slices: int | None) -> dict[str, Any]:
                 x, s = _to_input(sl)
                 ys, xs = np.nonzero(gt)
                 box = np.array([xs.min(), ys.min(), xs.max(), ys.max()], np.float32) * s
-                fast.restore(m)
+                fast.restore(m, keep_cache=True)
                 ref = _mask(m, m.image_encoder(x), box, gt.shape, s)
                 rec["dice_stock_vs_gt"].append(_dice(ref, gt))
                 for v in variants:

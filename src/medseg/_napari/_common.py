@@ -141,7 +141,8 @@ class Job:
             except Exception as exc:  # showing the result failed: still report it clearly
                 self._fail(exc)
 
-        worker = create_worker(fn, self._progress, _start_thread=False)
+        # errors are ours to report (one notification with the core message), not napari's
+        worker = create_worker(fn, self._progress, _start_thread=False, _ignore_errors=True)
         worker.returned.connect(returned)
         worker.errored.connect(self._errored)
         worker.finished.connect(self._finished)

@@ -307,7 +307,7 @@ def _tinyvit_attention(x: torch.Tensor, blk: Any, pk: _Packed, p: str, H: int, W
     B, L, C = x.shape
     nh = at.num_heads
     kd, d = at.key_dim, at.d
-    if H == ws and W == ws:
+    if ws == H and ws == W:
         xw, nW, pH, pW = x, 1, H, W
     else:
         xs = x.view(B, H, W, C)
@@ -558,10 +558,10 @@ def _cached_dense_pe(self: Any) -> torch.Tensor:
 
 def _get_pack(enc: Any) -> _Packed:
     state = enc.__dict__["_medseg_fast"]
-    pk = state["pack"]
+    pk = state["packs"].get(state["dtype"])
     if pk is None or pk.version != _params_version(enc):
         pk = state["packer"](enc, state["dtype"])
-        state["pack"] = pk
+        state["packs"][state["dtype"]] = pk
     return pk
 
 
@@ -580,17 +580,26 @@ def _encoder_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
 def is_accelerated(model: Any) -> bool:
     """True when :func:`accelerate` has patched ``model.image_encoder``."""
     enc = getattr(model, "image_encoder", None)
-    return enc is not None and "_medseg_fast" in enc.__dict__
+    return enc is not None and "forward" in enc.__dict__ and "_medseg_fast" in enc.__dict__
 
 
-def restore(model: Any) -> Any:
-    """Undo :func:`accelerate` (the stock forward functions again). Returns ``model``."""
+def restore(model: Any, *, keep_cache: bool = False) -> Any:
+    """Undo :func:`accelerate` (the stock forward functions again). Returns ``model``.
+
+    Args:
+        model: a model given to :func:`accelerate` (anything else is returned unchanged).
+        keep_cache: keep the packed (folded/cast) encoder weights so that a later
+            :func:`accelerate` with the same precision does not rebuild them (benchmarks).
+    """
+    keys = ("forward", "get_dense_pe", "_medseg_pe_cache")
+    if not keep_cache:
+        keys += ("_medseg_fast",)
     for mod in (getattr(model, "image_encoder", None), getattr(model, "mask_decoder", None),
                 getattr(model, "prompt_encoder", None)):
-        if mod is None:
+        if mod is None or not hasattr(mod, "modules"):
             continue
         for m in mod.modules():
-            for key in ("forward", "get_dense_pe", "_medseg_fast", "_medseg_pe_cache"):
+            for key in keys:
                 m.__dict__.pop(key, None)
     return model
 
@@ -626,8 +635,11 @@ def accelerate(model: Any, precision: str = "auto", *, decoder: bool = True) -> 
                 impl, packer = _vit_forward, _pack_vit
             if impl is not None:
                 dtype = torch.bfloat16 if prec == "bf16" else torch.float32
+                old = enc.__dict__.get("_medseg_fast")
+                packs = old["packs"] if old is not None else {}
                 enc.__dict__["_medseg_fast"] = {
-                    "impl": impl, "packer": packer, "dtype": dtype, "precision": prec, "pack": None,
+                    "impl": impl, "packer": packer, "dtype": dtype, "precision": prec,
+                    "packs": packs,
                 }
                 enc.forward = types.MethodType(_encoder_forward, enc)
     if decoder:

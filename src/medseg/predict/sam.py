@@ -156,7 +156,8 @@ class VolumePredictor:
         return self.cache.in_memory(idx) or self.cache.on_disk(idx)
 
     def embed(self, index: int) -> torch.Tensor:
-        """Embedding ``(1, 256, 64, 64)`` float32 of slice ``index`` (cached).
+        """Embedding ``(1, 256, 64, 64)`` float32 of slice ``index`` (cached; the tensor shares
+        memory with the cache entry, so do not modify it in place).
 
         Raises:
             PromptError: index out of range.
@@ -347,9 +348,8 @@ class VolumePredictor:
         idx = self._check(index)
         wgt = self.frame.mask_to_grid(np.asarray(mask, dtype=bool), self.spec.embedding_size)
         total = float(wgt.sum())
-        c = self.embed(idx).shape[1]
         if total <= 0:
-            return np.zeros(c, dtype=np.float32)
+            return np.zeros(256, dtype=np.float32)
         emb = self.embed(idx)[0].numpy()  # (C, 64, 64)
         vec = np.tensordot(emb, wgt, axes=([1, 2], [0, 1])) / total
         norm = float(np.linalg.norm(vec))
