@@ -41,6 +41,12 @@ CARRIES: dict[str, dict[str, Any]] = {
     "points+neg": {"carry": "points", "negative_points": True},
     "box+points": {"carry": "box+points"},
     "box+points+mask": {"carry": "box+points+mask"},
+    "box_mm_iou": {"carry": "box", "multimask": True},
+    "box_mm_sim": {"carry": "box", "multimask": True, "select": "similarity"},
+    "box|box+points_sim": {"carry": "box", "alternatives": ("box+points",),
+                           "select": "similarity"},
+    "box|box+points|box+mask_sim": {"carry": "box", "alternatives": ("box+points", "box+mask"),
+                                    "select": "similarity"},
 }
 
 #: Stop-rule grid (every combination is evaluated offline).
@@ -195,7 +201,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cache-dir", default=None)
     ap.add_argument("--out", default=None)
     ap.add_argument("--top", type=int, default=25, help="grid rules listed in the output")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (1 is much faster on a shared, loaded machine)")
     args = ap.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(max(1, args.threads))
 
     from medseg.predict.propagate import (
         DEFAULT_CONFIG,
@@ -214,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     carries = [c for c in args.carries.split(",") if c]
 
     report: dict[str, Any] = {"margin_px": args.margin, "precision": args.precision,
+                              "threads": args.threads,
                               "cases": {}, "grid_size": 0}
     walks: dict[str, dict[str, Any]] = {}
     predictors: dict[int, Any] = {}

@@ -8,6 +8,7 @@ import dataclasses
 import functools
 import hashlib
 import http.server
+import os
 import threading
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from medseg.models.sam import (
     SMALL_VIT_B,
     SamModel,
     build_sam_model,
+    get_sam_model,
     load_sam_model,
     read_checkpoint,
     resolve_precision,
@@ -108,6 +110,9 @@ def test_litemedsam_resolves_to_packaged_then_cache(tmp_path):
     cached.write_bytes(b"x")
     assert resolve_weights("litemedsam") == cached
     assert resolve_weights("litemedsam", p) == p
+    assert resolve_weights("litemedsam", p.parent) == p  # a folder holding the file
+    with pytest.raises(WeightsError, match=r"does not contain lite_medsam\.pth"):
+        resolve_weights("litemedsam", tmp_path)
 
 
 def test_sha256_file_is_remembered(tmp_path):
@@ -247,3 +252,17 @@ def test_precision_resolution():
     assert resolve_precision("auto", cpu) in {"fp32", "bf16"}
     with pytest.raises(WeightsError, match="unknown precision"):
         resolve_precision("fp16", cpu)
+
+
+def test_get_sam_model_shares_loaded_models(tiny_ckpt, tmp_path):
+    _, path, spec = tiny_ckpt
+    copy = tmp_path / "copy.pth"
+    copy.write_bytes(path.read_bytes())
+    a = get_sam_model(spec, weights=copy)
+    assert get_sam_model(spec, weights=copy) is a
+    os.utime(copy, ns=(1, 1))  # a replaced file (other mtime) is loaded again
+    b = get_sam_model(spec, weights=copy)
+    assert b is not a and torch.equal(b.mask_decoder.iou_token.weight,
+                                      a.mask_decoder.iou_token.weight)
+    with pytest.raises(WeightsError, match="not found"):
+        get_sam_model("sam_vit_b")

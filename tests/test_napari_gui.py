@@ -107,6 +107,21 @@ def test_sample_data_commands(make_napari_viewer, monkeypatch, pyradiomics_dir, 
     assert viewer.layers[1].metadata["image_source"].endswith("brain1_image.nrrd")
 
 
+def test_phantom_sample_has_named_labels(make_napari_viewer):
+    """The phantom sample (sample_data/phantom, or regenerated) opens with its label names."""
+    from medseg.phantom import PHANTOM_LABELS
+
+    viewer = make_napari_viewer()
+    viewer.open_sample("medseg", "phantom")
+    img, lab = viewer.layers
+    assert type(lab).__name__ == "Labels" and img.data.shape == lab.data.shape == (40, 128, 128)
+    np.testing.assert_allclose(img.scale, (3.0, 1.2, 1.2), atol=1e-4)
+    table = {int(k): v for k, v in lab.metadata["labels"].items()}
+    assert table == {int(k): v for k, v in PHANTOM_LABELS.items() if int(k) != 0}
+    names = dict(zip(lab.features["index"], lab.features["name"], strict=True))
+    assert all(names[k] == v for k, v in table.items())
+
+
 # ----------------------------------------------------------------------------- SAM widget
 def test_sam_widget_slice_propagate_accept_evaluate_save(
     make_napari_viewer, qtbot, pyradiomics_dir, lite_model, medseg_home, tmp_path
@@ -128,8 +143,8 @@ def test_sam_widget_slice_propagate_accept_evaluate_save(
     z = int(np.argmax(gt.reshape(gt.shape[0], -1).sum(1)))
     box = _gt_box(gt, z)
 
-    sam = SamWidget(viewer)
-    viewer.window.add_dock_widget(sam)
+    _, sam = viewer.window.add_plugin_dock_widget("medseg", "Interactive SAM")
+    assert isinstance(sam, SamWidget)
     sam._models["litemedsam"] = lite_model
     shapes = _box_layer(viewer, img, z, box)
     sam.reset_choices()
@@ -185,7 +200,8 @@ def test_sam_widget_slice_propagate_accept_evaluate_save(
     np.testing.assert_array_equal(np.asarray(seg.data) == 1, ref.mask)
 
     # evaluate: the widget's numbers are the core's
-    ev = EvaluateWidget(viewer)
+    _, ev = viewer.window.add_plugin_dock_widget("medseg", "Evaluate")
+    assert isinstance(ev, EvaluateWidget)
     ev.reset_choices()
     ev._pred.value, ev._gt.value = seg, gt_layer
     ev.evaluate()
@@ -274,8 +290,9 @@ def test_screenshot_3d_labels_not_blank(make_napari_viewer, pyradiomics_dir):
     lab.colormap = DirectLabelColormap(color_dict={None: "transparent", 0: "transparent",
                                                    1: "red"})
     viewer.dims.ndisplay = 3
-    viewer.camera.angles = (0.0, 0.0, 90.0)
     viewer.reset_view()
+    camera = getattr(getattr(viewer, "scene", None), "camera", None) or viewer.camera
+    camera.angles = (-20.0, 30.0, 150.0)
 
     def red_pixels(shot: np.ndarray) -> int:
         rgb = shot[..., :3].astype(int)
@@ -288,3 +305,114 @@ def test_screenshot_3d_labels_not_blank(make_napari_viewer, pyradiomics_dir):
     assert len(colours) > 50  # the MR volume rendering, not a flat background
     assert red_pixels(with_labels) > 100  # the tumour is drawn in its label colour
     assert red_pixels(without) < 5
+
+
+# ----------------------------------------------------------------------------- U-Net widget
+def test_unet_widget_runs_checkpoint(make_napari_viewer, qtbot, tmp_path):
+    """A small real MONAI U-Net checkpoint (random weights, seeded) on a phantom: the widget's
+    Labels layer is the core's output on the image grid; a bad checkpoint shows the core error."""
+    from medseg._napari._common import guard_triton
+
+    guard_triton()
+    import torch
+
+    from medseg._napari._layers import image_layer_data
+    from medseg._napari._unet_widget import CHECKPOINT, UNetWidget
+    from medseg.phantom import make_phantom
+    from medseg.predict.unet import (
+        UNetSegmenter,
+        build_network,
+        config_sha256,
+        make_config,
+        save_checkpoint,
+    )
+
+    vol, _ = make_phantom(seed=1, shape=(24, 64, 64), spacing=(3.0, 2.0, 2.0))
+    cfg = make_config(labels={1: "liver", 2: "tumour"}, target_spacing=(3.0, 2.0, 2.0),
+                      patch_size=(16, 32, 32), channels=(4, 8), strides=(2,))
+    torch.manual_seed(0)
+    net = build_network(cfg)
+    ckpt_path = save_checkpoint(
+        {"config": cfg, "config_sha256": config_sha256(cfg), "state_dict": net.state_dict()},
+        tmp_path / "tiny_unet.pt",
+    )
+    viewer = make_napari_viewer()
+    data, kwargs, _ = image_layer_data(vol, "phantom")
+    img = viewer.add_image(data, **kwargs)
+    w = UNetWidget(viewer)
+    w.reset_choices()
+    w._image.value = img
+    w._model.value = CHECKPOINT
+
+    w._checkpoint.value = str(tmp_path / "missing.pt")
+    w.run()
+    qtbot.waitUntil(lambda: not w.job.busy, timeout=WAIT_MS)
+    assert w.job.last_error == f"{tmp_path / 'missing.pt'}: no such checkpoint file"
+    assert w.result_layer is None
+
+    w._checkpoint.value = str(ckpt_path)
+    w.run()
+    _wait(qtbot, w.job)
+    expected = UNetSegmenter.load(ckpt_path).segment(vol)
+    layer = w.result_layer
+    np.testing.assert_array_equal(np.asarray(layer.data), expected.array)
+    np.testing.assert_allclose(layer.scale, img.scale)
+    np.testing.assert_allclose(layer.translate, img.translate)
+    assert layer.metadata["labels"] == {1: "liver", 2: "tumour"}
+
+
+# ----------------------------------------------------------------------------- wiring
+def test_every_manifest_widget_opens_in_napari(make_napari_viewer):
+    """napari instantiates each contributed dock widget with the viewer (npe2 wiring) without
+    importing torch."""
+    import sys
+
+    import npe2
+
+    viewer = make_napari_viewer()
+    pm = npe2.PluginManifest.from_file(Path(__file__).resolve().parents[1] / "napari.yaml")
+    torch_before = "torch" in sys.modules
+    widgets = []
+    for contrib in pm.contributions.widgets:
+        _, widget = viewer.window.add_plugin_dock_widget("medseg", contrib.display_name)
+        widgets.append(widget)
+    assert len(widgets) == 5
+    img = viewer.add_image(np.zeros((3, 8, 8)), name="vol")
+    viewer.add_labels(np.zeros((3, 8, 8), np.uint8), name="lab")
+    for widget in widgets:  # the pickers follow the viewer's layers
+        for picker in ("_image", "_pred"):
+            if hasattr(widget, picker):
+                names = [getattr(v, "name", None) for v in getattr(widget, picker).choices]
+                assert names == (["vol"] if picker == "_image" else ["lab"]), names
+    assert img.name == "vol"
+    if not torch_before:
+        assert "torch" not in sys.modules
+
+
+def test_dicom_series_widget_opens_chosen_series(
+    make_napari_viewer, qtbot, tmp_path, pydicom_test_files
+):
+    import shutil
+
+    from medseg._napari._dicom_widget import DicomSeriesWidget
+
+    folder = tmp_path / "study"
+    shutil.copytree(pydicom_test_files / "dicomdirtests" / "98892001" / "CT5N", folder / "a")
+    shutil.copytree(pydicom_test_files / "dicomdirtests" / "77654033" / "CT2", folder / "b")
+    viewer = make_napari_viewer()
+    w = DicomSeriesWidget(viewer)
+    w._folder.value = str(folder)
+    w.scan_folder()
+    _wait(qtbot, w.job)
+    uids = [uid for _, uid in w._series.choices] if isinstance(
+        w._series.choices[0], tuple) else list(w._series.choices)
+    assert len(uids) == 2
+    smaller = uids[-1]  # listed largest first
+    w._series.value = smaller
+    w.open_series()
+    _wait(qtbot, w.job)
+    [layer] = viewer.layers
+    ref = read_volume(folder, series=smaller)
+    np.testing.assert_array_equal(layer.data, ref.array)
+    np.testing.assert_allclose(layer.scale, ref.spacing)
+    assert layer.metadata["dicom_series_uid"] == smaller

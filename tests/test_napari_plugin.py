@@ -133,7 +133,7 @@ def test_reader_gives_physical_geometry(oblique_case):
 def test_reader_opens_msd_labels_with_names(oblique_case, tmp_path):
     from medseg._napari._reader import napari_get_reader
 
-    path, vol = oblique_case
+    _, vol = oblique_case
     lab = np.zeros(vol.shape, np.uint8)
     lab[1:4, 2:6, 3:8] = 1
     lab[2, 4, 5] = 2
@@ -288,3 +288,38 @@ def test_sample_data_missing_real_case_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(_sample_data, "sample_data_dirs", lambda: [tmp_path])
     with pytest.raises(InputError, match="brain1 sample not found"):
         _sample_data.brain1_sample()
+
+
+# ----------------------------------------------------------------------------- prompts
+def test_prompts_from_layers_with_their_own_geometry():
+    """Points/boxes on layers with another scale/translate land on the right image pixels; only
+    the current slice's prompts count; polarity from the point_type feature or the layer role."""
+    import napari.layers
+
+    from medseg._napari._prompts import slice_prompts
+
+    img = napari.layers.Image(np.zeros((5, 20, 30)), scale=(2.0, 0.5, 0.5),
+                              translate=(10.0, -4.0, 3.0))
+    # world = data * scale + translate; the points layer works directly in world mm
+    def world(z, r, c):
+        return [10.0 + 2.0 * z, -4.0 + 0.5 * r, 3.0 + 0.5 * c]
+
+    pts = napari.layers.Points(
+        np.array([world(2, 4, 6), world(2, 10, 12), world(3, 1, 1)]),
+        features={"point_type": ["positive", "negative", "positive"]},
+    )
+    neg = napari.layers.Points(np.array([[2, 7.0, 8.0]]), scale=(2.0, 0.5, 0.5),
+                               translate=(10.0, -4.0, 3.0))
+    rect = np.array([world(2, 3, 5), world(2, 3, 25), world(2, 15, 25), world(2, 15, 5)])
+    other = np.array([world(1, 0, 0), world(1, 0, 9), world(1, 9, 9), world(1, 9, 0)])
+    shapes = napari.layers.Shapes([other, rect], shape_type="rectangle")
+    pr = slice_prompts(img, 2, points_layer=pts, negative_layer=neg, shapes_layer=shapes)
+    np.testing.assert_allclose(pr.points_rc, [[4, 6], [10, 12], [7, 8]], atol=1e-9)
+    np.testing.assert_array_equal(pr.point_labels, [1, 0, 0])
+    np.testing.assert_allclose(pr.box_rc, (3, 5, 15, 25), atol=1e-9)
+    assert slice_prompts(img, 4, pts, neg, shapes).empty()
+    pr3 = slice_prompts(img, 3, pts, None, None)
+    np.testing.assert_allclose(pr3.points_rc, [[1, 1]])
+    # a 2D points layer counts on every slice
+    flat = napari.layers.Points(np.array([[-4.0 + 0.5 * 6, 3.0 + 0.5 * 9]]))
+    np.testing.assert_allclose(slice_prompts(img, 0, flat).points_rc, [[6, 9]], atol=1e-9)

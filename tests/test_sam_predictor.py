@@ -4,6 +4,7 @@ embedding cache (memory LRU + disk), axes, object embeddings (tiny ViT-B for the
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import numpy as np
 import pytest
@@ -292,3 +293,56 @@ def test_object_embedding_pools_cells(tiny, phantom):
     expect = (emb * w).sum(axis=(1, 2)) / w.sum()
     np.testing.assert_allclose(full, expect / np.linalg.norm(expect), rtol=1e-4, atol=1e-6)
     assert np.all(p.object_embedding(0, np.zeros((48, 40), bool)) == 0)
+
+
+def test_matches_segment_anything_sam_predictor(tiny, phantom):
+    """Our frame (resize, sam_rgb normalisation, padding, box/point scaling, postprocessing)
+    against segment-anything's own SamPredictor on the same tiny weights and resized image."""
+    from segment_anything import SamPredictor
+    from segment_anything.modeling import Sam
+
+    stock = build_sam_model(tiny.spec)
+    sam = Sam(stock.image_encoder, stock.prompt_encoder, stock.mask_decoder)
+    sam.load_state_dict(tiny.state_dict())
+    sam.eval()
+    ref = SamPredictor(sam)
+    p = VolumePredictor(phantom, tiny)
+    nh, nw = p.frame.resized_shape
+    resized = p.frame.image_to_model(p.intensity.apply(phantom.array[2]), "unit")[:, :nh, :nw]
+    ref.set_torch_image(torch.from_numpy(resized * 255.0)[None], p.slice_shape)
+    torch.testing.assert_close(p.embed(2), ref.features, rtol=1e-3, atol=1e-3)
+    box_rc = (12, 9, 36, 27)
+    ours = p.predict(2, box_rc=box_rc, points_rc=[[24, 18], [40, 3]], point_labels=[1, 0])
+    masks, iou, low = ref.predict(
+        point_coords=np.array([[18.0, 24.0], [3.0, 40.0]]), point_labels=np.array([1, 0]),
+        box=np.array([9.0, 12.0, 27.0, 36.0]), multimask_output=False,
+    )
+    np.testing.assert_allclose(ours.low_res_logits, low, rtol=1e-3, atol=2e-3)
+    np.testing.assert_allclose(ours.iou_pred, iou, rtol=1e-3, atol=1e-3)
+    assert np.count_nonzero(ours.masks != masks) <= 0.005 * masks.size
+
+
+def test_disk_cache_pruning(tiny, phantom, tmp_path, monkeypatch):
+    from medseg.predict.cache import prune_disk_cache
+
+    folder = tmp_path / "c"
+    for i, name in enumerate(["aa/old.npy", "bb/mid.npy", "cc/new.npy"]):
+        f = folder / name
+        f.parent.mkdir(parents=True)
+        f.write_bytes(b"x" * 1000)
+        os.utime(f, ns=(10**9 * (i + 1), 10**9 * (i + 1)))
+    assert prune_disk_cache(folder, 2500) == 1
+    assert sorted(p.name for p in folder.rglob("*.npy")) == ["mid.npy", "new.npy"]
+    assert prune_disk_cache(folder, 5000) == 0
+    # a predictor opening the folder applies $MEDSEG_CACHE_MAX_MB
+    monkeypatch.setenv("MEDSEG_CACHE_MAX_MB", "0")
+    VolumePredictor(phantom, tiny, cache_dir=folder)
+    assert not list(folder.rglob("*.npy"))
+
+
+def test_random_model_never_uses_disk_cache(phantom, tmp_path):
+    model = build_sam_model("sam_vit_b", small=True)
+    assert model.weights_sha256 is None
+    p = VolumePredictor(phantom, model, cache_dir=tmp_path / "c")
+    p.embed(0)
+    assert p.cache_info()["disk_dir"] is None and not (tmp_path / "c").exists()

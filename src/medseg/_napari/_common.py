@@ -5,6 +5,7 @@ Widget modules import this; it imports napari/Qt/magicgui (never torch at module
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import traceback
 from collections.abc import Callable
@@ -202,10 +203,8 @@ def keep_choices_fresh(viewer: napari.Viewer, container: Any) -> None:
     """Refresh the container's layer pickers when layers are added, removed or renamed."""
 
     def refresh(*_args: Any) -> None:
-        try:
+        with contextlib.suppress(RuntimeError):  # widget already deleted
             container.reset_choices()
-        except RuntimeError:  # widget already deleted
-            pass
 
     viewer.layers.events.inserted.connect(refresh)
     viewer.layers.events.removed.connect(refresh)

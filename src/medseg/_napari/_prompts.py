@@ -42,17 +42,20 @@ class SlicePrompts:
 
 
 def _to_image_data(layer: Any, coords: np.ndarray, image_layer: Any) -> np.ndarray:
-    """``(N, D)`` data coordinates of ``layer`` → ``(N, 3)`` image data coordinates (z, y, x)."""
+    """``(N, D)`` data coordinates of ``layer`` → ``(N, 3)`` image data coordinates (z, y, x).
+
+    A 2D layer (``D == 2``) has no z: its rows get ``z = NaN`` ("any slice").
+    """
     out = []
     for c in np.asarray(coords, dtype=float):
-        if c.shape[0] == 2:  # a 2D layer: rows/cols only, z filled in by the caller
-            world = np.asarray(layer.data_to_world(c), dtype=float)
-            out.append([np.nan, *np.asarray(image_layer.world_to_data(
-                [0.0, *world]), dtype=float)[1:]])
-            # the z translate/scale of the image does not affect y/x; z marked unknown
-            continue
-        world = np.asarray(layer.data_to_world(c[-3:]), dtype=float)
-        out.append(np.asarray(image_layer.world_to_data(world), dtype=float))
+        if c.shape[0] == 2:
+            wy, wx = np.asarray(layer.data_to_world(c), dtype=float)[-2:]
+            wz = float(np.asarray(image_layer.translate)[-3])  # any z: y/x do not depend on it
+            zyx = np.asarray(image_layer.world_to_data([wz, wy, wx]), dtype=float)
+            out.append([np.nan, zyx[-2], zyx[-1]])
+        else:
+            world = np.asarray(layer.data_to_world(c[-3:]), dtype=float)
+            out.append(np.asarray(image_layer.world_to_data(world), dtype=float)[-3:])
     return np.asarray(out, dtype=float).reshape(-1, 3)
 
 

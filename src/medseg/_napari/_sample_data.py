@@ -59,7 +59,7 @@ def phantom_sample() -> list[tuple[Any, dict, str]]:
     from medseg._napari._layers import image_layer_data, labels_layer_data
     from medseg.phantom import make_phantom
 
-    vol, lm = make_phantom(seed=0)
+    vol, lm = make_phantom(seed=0, shape=(40, 128, 128), spacing=(3.0, 1.2, 1.2))
     lab = labels_layer_data(lm, "phantom_000 label")
     lab[1]["opacity"] = 0.5
     return [image_layer_data(vol, "phantom_000"), lab]

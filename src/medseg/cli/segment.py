@@ -44,6 +44,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument(
         "--label", type=int, help="label value in GT used by --box-from-gt (default: 1 / all)"
     )
+    g.add_argument("--box-margin", type=float, default=3.0, metavar="PX",
+                   help="margin in pixels of the --box-from-gt and oracle boxes (default 3)")
     g.add_argument("--axis", choices=["z", "y", "x"], default="z",
                    help="propagation axis (default z: axial)")
     g.add_argument("--no-propagate", action="store_true", help="segment the key slice(s) only")

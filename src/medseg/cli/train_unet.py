@@ -47,6 +47,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--window", default="abdomen",
                    help="CT window preset or LO,HI (default abdomen)")
     p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--lr-schedule", choices=["poly", "constant"], default="poly",
+                   help="poly: lr * (1 - (epoch-1)/epochs)^0.9 (default); constant")
     p.add_argument("--flip", action="store_true", help="random flips (off: breaks left/right)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -71,6 +73,7 @@ def run(args: argparse.Namespace) -> int:
             target_spacing=_triple(args.spacing, "--spacing", float),
             channels=channels, seed=args.seed, val_fraction=args.val_fraction,
             resume=args.resume, progress=cb, window=args.window, lr=args.lr, flip=args.flip,
+            lr_schedule=args.lr_schedule,
             overwrite=args.overwrite, on_epoch=lambda r: print(json.dumps(r), flush=True),
         )
     keys = ("out", "last", "log", "best_epoch", "best_metric", "split", "config_sha256")

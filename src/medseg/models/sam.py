@@ -354,3 +354,35 @@ def load_sam_model(
         if _accelerate is not None:
             model = _accelerate(model, model.precision)
     return model
+
+
+_MODEL_MEMO: dict[tuple[Any, ...], SamModel] = {}
+_MODEL_MEMO_MAX = 2
+
+
+def get_sam_model(
+    name: ModelSpec | str,
+    weights: str | os.PathLike[str] | None = None,
+    device: str | torch.device = "cpu",
+    precision: str = "fp32",
+) -> SamModel:
+    """:func:`load_sam_model`, remembered per process (the two most recent models).
+
+    Predictors on several volumes/axes share one loaded model this way. The key holds the spec,
+    the resolved weights file with its size and mtime, the device and the resolved precision, so
+    a replaced file is loaded again. Treat the returned model as read-only.
+    """
+    spec = get_spec(name)
+    path = resolve_weights(spec, weights)
+    st = Path(path).stat()
+    dev = resolve_device(device)
+    key = (repr(spec), str(Path(path).resolve()), st.st_size, st.st_mtime_ns, str(dev),
+           resolve_precision(precision, dev))
+    hit = _MODEL_MEMO.get(key)
+    if hit is None:
+        hit = load_sam_model(spec, weights=path if weights is not None else None, device=dev,
+                             precision=precision)
+        _MODEL_MEMO[key] = hit
+        while len(_MODEL_MEMO) > _MODEL_MEMO_MAX:
+            _MODEL_MEMO.pop(next(iter(_MODEL_MEMO)))
+    return hit

@@ -67,16 +67,17 @@ def packaged_weights(spec: ModelSpec) -> Path | None:
     if not spec.packaged:
         return None
     module, _, rel = spec.packaged.partition(":")
+    top, *sub = module.split(".")
     try:
         import importlib.util
 
-        found = importlib.util.find_spec(module)
+        found = importlib.util.find_spec(top)  # a top-level lookup imports nothing
     except (ImportError, ValueError):
         return None
     if found is None or not found.submodule_search_locations:
         return None
     for folder in found.submodule_search_locations:
-        cand = Path(folder) / rel
+        cand = Path(folder).joinpath(*sub, rel)
         if cand.is_file():
             return cand
     return None
@@ -109,8 +110,9 @@ def resolve_weights(
 ) -> Path:
     """Find the checkpoint file for ``spec``.
 
-    Order: ``path`` (must exist) → ``weights_dir()/spec.filename`` → a packaged copy → a verified
-    download into ``weights_dir()`` (only when :func:`download_allowed`).
+    Order: ``path`` (a file, or a folder holding ``spec.filename``) →
+    ``weights_dir()/spec.filename`` → a packaged copy → a verified download into ``weights_dir()``
+    (only when :func:`download_allowed`).
 
     Raises:
         WeightsError: an explicit ``path`` that does not exist, or no weights anywhere (the
@@ -119,6 +121,13 @@ def resolve_weights(
     spec = get_spec(spec)
     if path is not None:
         p = Path(path).expanduser()
+        if p.is_dir():
+            if (p / spec.filename).is_file():
+                return p / spec.filename
+            raise WeightsError(
+                f"folder {p} does not contain {spec.filename} (model {spec.name!r}); "
+                "give the checkpoint file itself or put it there"
+            )
         if not p.is_file():
             raise WeightsError(f"weights file {p} does not exist (model {spec.name!r})")
         return p

@@ -22,12 +22,52 @@ import numpy as np
 
 CACHE_VERSION = 1
 
+#: Default size budget of a disk cache folder (MiB); ``MEDSEG_CACHE_MAX_MB`` overrides it.
+DEFAULT_MAX_MB = 4096
+
 
 def default_cache_dir() -> Path:
     """``medseg_home()/embeddings``: the disk cache folder when one is asked for without a path."""
     from medseg.models.weights import medseg_home
 
     return medseg_home() / "embeddings"
+
+
+def disk_budget_bytes() -> int:
+    """Disk cache budget in bytes: ``$MEDSEG_CACHE_MAX_MB`` (MiB) or :data:`DEFAULT_MAX_MB`."""
+    try:
+        mb = float(os.environ.get("MEDSEG_CACHE_MAX_MB", DEFAULT_MAX_MB))
+    except ValueError:
+        mb = DEFAULT_MAX_MB
+    return int(max(mb, 0) * 2**20)
+
+
+def prune_disk_cache(folder: str | os.PathLike[str], max_bytes: int) -> int:
+    """Delete the least recently written ``.npy`` entries until the folder holds ``max_bytes``.
+
+    Returns:
+        Number of files removed.
+    """
+    root = Path(folder)
+    if not root.is_dir():
+        return 0
+    entries = []
+    for f in root.glob("*/*.npy"):
+        try:
+            st = f.stat()
+        except OSError:
+            continue
+        entries.append((st.st_mtime_ns, st.st_size, f))
+    total = sum(e[1] for e in entries)
+    removed = 0
+    for _, size, f in sorted(entries, key=lambda e: e[0]):
+        if total <= max_bytes:
+            break
+        with contextlib.suppress(OSError):
+            f.unlink()
+            removed += 1
+            total -= size
+    return removed
 
 
 def array_digest(array: np.ndarray) -> str:
@@ -113,6 +153,8 @@ class EmbeddingCache:
                     p.unlink()
             else:
                 self.stats["disk_hits"] += 1
+                with contextlib.suppress(OSError):
+                    os.utime(p)  # recently used entries survive pruning
                 self._remember(i, arr)
                 return arr
         self.stats["misses"] += 1

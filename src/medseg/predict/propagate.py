@@ -96,7 +96,13 @@ class PropagationConfig:
             size per side.
         box_margin_px: extra margin in pixels per side.
         negative_points: with ``points``, add negatives just outside the margin box (4 corners).
-        multimask: ask for three masks and keep the one with the highest predicted IoU.
+        alternatives: further carry-overs tried on every slice (e.g. ``("box+points",)``);
+            together with ``carry`` (and the three masks of each with ``multimask``) they give
+            candidate masks, of which one is kept.
+        select: how the candidate is chosen: ``'iou'`` (highest predicted IoU) or
+            ``'similarity'`` (mask-pooled embedding most similar to the key slice's object;
+            predicted IoU breaks ties).
+        multimask: ask for three masks per prompt (candidates, see ``select``).
 
     Stop rule (a slice is rejected, and the walk stops, when any check fails; ``None`` disables a
     check):
@@ -117,6 +123,8 @@ class PropagationConfig:
     """
 
     carry: str = "box"
+    alternatives: tuple[str, ...] = ()
+    select: str = "iou"
     box_margin: float = 0.1
     box_margin_px: float = 2.0
     negative_points: bool = False
@@ -136,11 +144,15 @@ class PropagationConfig:
     review_count: int = 5
 
     def __post_init__(self) -> None:
-        kinds = self.carry_kinds
-        if not kinds or any(k not in CARRY_KINDS for k in kinds):
-            raise PromptError(
-                f"carry {self.carry!r}: use '+'-joined kinds from {', '.join(CARRY_KINDS)}"
-            )
+        self.alternatives = tuple(self.alternatives)
+        for c in (self.carry, *self.alternatives):
+            kinds = _kinds(c)
+            if not kinds or any(k not in CARRY_KINDS for k in kinds):
+                raise PromptError(
+                    f"carry {c!r}: use '+'-joined kinds from {', '.join(CARRY_KINDS)}"
+                )
+        if self.select not in ("iou", "similarity"):
+            raise PromptError("select must be 'iou' or 'similarity'")
         if self.between_keys_stop not in ("vanish", "full"):
             raise PromptError("between_keys_stop must be 'vanish' or 'full'")
         if self.resolve not in ("nearer", "score"):
@@ -148,8 +160,12 @@ class PropagationConfig:
 
     @property
     def carry_kinds(self) -> tuple[str, ...]:
-        """The carry-over kinds as a tuple."""
-        return tuple(k.strip() for k in str(self.carry).split("+") if k.strip())
+        """The carry-over kinds of ``carry`` as a tuple."""
+        return _kinds(self.carry)
+
+
+def _kinds(carry: str) -> tuple[str, ...]:
+    return tuple(k.strip() for k in str(carry).split("+") if k.strip())
 
     def to_json(self) -> dict[str, Any]:
         """The configuration as a plain dict."""
@@ -463,9 +479,9 @@ class _Walker:
         rec.review_score = review_score(rec)
         return _Step(rec, mask, logits), ref
 
-    def prompts_from(self, prev: _Step) -> dict[str, Any]:
+    def prompts_from(self, prev: _Step, carry: str) -> dict[str, Any]:
         cfg = self.cfg
-        kinds = cfg.carry_kinds
+        kinds = _kinds(carry)
         out: dict[str, Any] = {}
         bbox = mask_box(prev.mask)
         assert bbox is not None
@@ -489,11 +505,40 @@ class _Walker:
             out["mask_logits"] = prev.logits
         return out
 
+    def candidates(
+        self, index: int, prev: _Step, ref: _Ref
+    ) -> tuple[np.ndarray, np.ndarray, float, float, float]:
+        """``(mask, logits, iou_pred, stability, similarity)`` of the chosen candidate."""
+        cfg = self.cfg
+        best: tuple[Any, ...] | None = None
+        for carry in (cfg.carry, *cfg.alternatives):
+            pred = self.p.predict(index, multimask=cfg.multimask, **self.prompts_from(prev, carry))
+            ks = range(pred.masks.shape[0])
+            if cfg.select == "iou":
+                ks = [pred.best()]
+            for k in ks:
+                mask = pred.masks[k]
+                iou = float(pred.iou_pred[k])
+                if cfg.select == "similarity" or len(cfg.alternatives) == 0:
+                    sim = (
+                        _cos(self.p.object_embedding(index, mask), ref.embedding)
+                        if mask.any() else 0.0
+                    )
+                else:
+                    sim = float("nan")
+                score = (sim, iou) if cfg.select == "similarity" else (iou, 0.0)
+                if best is None or score > best[0]:
+                    best = (score, mask, pred.low_res_logits[k], iou, float(pred.stability[k]),
+                            sim)
+        assert best is not None
+        _, mask, logits, iou, stab, sim = best
+        if not math.isfinite(sim):
+            sim = _cos(self.p.object_embedding(index, mask), ref.embedding) if mask.any() else 0.0
+        return mask, logits, iou, stab, sim
+
     def step(self, index: int, prev: _Step, ref: _Ref, distance: int) -> _Step:
-        pred = self.p.predict(index, multimask=self.cfg.multimask, **self.prompts_from(prev))
-        mask, logits, iou, stab = self.pick(pred)
+        mask, logits, iou, stab, sim = self.candidates(index, prev, ref)
         area = int(np.count_nonzero(mask))
-        sim = _cos(self.p.object_embedding(index, mask), ref.embedding) if area else 0.0
         inten = self.mean_intensity(index, mask)
         shift = abs(inten - ref.intensity) if area and math.isfinite(ref.intensity) else 1.0
         extent = (

@@ -68,7 +68,8 @@ class VolumePredictor:
 
     Args:
         volume: the image (``(z, y, x)`` array, spacing in mm).
-        model: registry name (``litemedsam``, ``sam_vit_b``, ``medsam_vit_b``) or a loaded
+        model: registry name (``litemedsam``, ``sam_vit_b``, ``medsam_vit_b``), loaded through
+            :func:`medseg.models.sam.get_sam_model` (shared per process), or a loaded
             :class:`~medseg.models.sam.SamModel` (then ``weights``/``precision``/``device`` are
             the model's).
         axis: ``'z'`` (axial, slices ``(y, x)``), ``'y'`` (``(z, x)``) or ``'x'`` (``(z, y)``).
@@ -76,7 +77,10 @@ class VolumePredictor:
             see :func:`medseg.intensity.resolve_intensity`.
         weights: checkpoint path (else the weights cache / packaged copy).
         cache_dir: folder for the disk embedding cache; ``None`` keeps embeddings in memory only
-            (:func:`medseg.predict.cache.default_cache_dir` is the conventional folder).
+            (:func:`medseg.predict.cache.default_cache_dir` is the conventional folder). The
+            folder is pruned to ``$MEDSEG_CACHE_MAX_MB`` (default 4096 MiB) when a predictor
+            opens it, least recently used entries first. A model without a weights digest
+            (random weights, not loaded from a file) never uses the disk cache.
         precision: ``'auto'`` | ``'fp32'`` | ``'bf16'`` for the image encoder.
         device: ``'auto'`` | ``'cpu'`` | ``'cuda'``.
         memory_slices: embeddings kept in the memory LRU (4 MiB each).
@@ -100,8 +104,13 @@ class VolumePredictor:
         memory_slices: int = 256,
     ) -> None:
         from medseg.intensity import resolve_intensity
-        from medseg.models.sam import SamModel, load_sam_model
-        from medseg.predict.cache import EmbeddingCache, array_digest
+        from medseg.models.sam import SamModel, get_sam_model
+        from medseg.predict.cache import (
+            EmbeddingCache,
+            array_digest,
+            disk_budget_bytes,
+            prune_disk_cache,
+        )
 
         self.volume = volume
         self.axis = str(axis).strip().lower()
@@ -110,7 +119,7 @@ class VolumePredictor:
         if isinstance(model, SamModel):
             self.model = model
         else:
-            self.model = load_sam_model(model, weights=weights, device=device, precision=precision)
+            self.model = get_sam_model(model, weights=weights, device=device, precision=precision)
         self.spec = self.model.spec
         self.intensity: Intensity = resolve_intensity(volume, window)
         shape = volume.array.shape
@@ -124,6 +133,8 @@ class VolumePredictor:
             lowres_size=self.spec.lowres_size,
         )
         base_key: dict[str, Any] = {}
+        if self.model.weights_sha256 is None:
+            cache_dir = None  # random/unsaved weights: nothing identifies them on disk
         if cache_dir is not None:
             base_key = {
                 "volume": array_digest(volume.array),
@@ -136,6 +147,8 @@ class VolumePredictor:
                 "spacing": [round(float(s), 6) for s in volume.spacing],
             }
         self.cache = EmbeddingCache(memory_slices, cache_dir, base_key)
+        if cache_dir is not None:  # keep the folder within its budget (oldest entries go first)
+            prune_disk_cache(cache_dir, disk_budget_bytes())
         self.encoder_calls = 0  # number of slices run through the image encoder
         self.decoder_calls = 0
         self._lock = threading.RLock()  # one encoder run at a time (GUI worker threads)

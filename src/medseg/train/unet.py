@@ -97,6 +97,7 @@ def train_unet(
     overwrite: bool = False,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
     threads: int | None = None,
+    lr_schedule: str = "poly",
 ) -> dict[str, Any]:
     """Train (or resume training) a 3D U-Net.
 
@@ -114,7 +115,10 @@ def train_unet(
         progress: ``progress(done, total)`` over training steps.
         window: CT intensity window (:data:`medseg.intensity.WINDOWS` name or ``"LO,HI"``).
         num_res_units: residual units per U-Net block.
-        lr: AdamW initial learning rate (polynomial decay ``(1 - (epoch - 1) / epochs) ** 0.9``).
+        lr: AdamW initial learning rate.
+        lr_schedule: ``"poly"``: ``lr * (1 - (epoch - 1) / epochs) ** 0.9`` (the horizon is this
+            call's ``epochs``, so a resumed run with another total follows a different curve),
+            or ``"constant"``.
         batch_cases: cases per optimisation step (each gives ``samples_per_case`` patches).
         samples_per_case: patches drawn per case per step.
         flip: add random flips along all axes.
@@ -160,7 +164,7 @@ def train_unet(
                 val_fraction=val_fraction, resume=resume, progress=progress, window=window,
                 num_res_units=num_res_units, lr=lr, batch_cases=batch_cases,
                 samples_per_case=samples_per_case, flip=flip, overwrite=overwrite,
-                on_epoch=on_epoch, threads=None,
+                on_epoch=on_epoch, threads=None, lr_schedule=lr_schedule,
             )
         finally:
             torch.set_num_threads(old)
@@ -195,6 +199,7 @@ def train_unet(
         batch_cases = int(ta.get("batch_cases", batch_cases))
         samples_per_case = int(ta.get("samples_per_case", samples_per_case))
         flip = bool(ta.get("flip", flip))
+        lr_schedule = str(ta.get("lr_schedule", lr_schedule))
         if "optimizer" not in ckpt or "epoch" not in ckpt:
             raise CheckpointConfigError(
                 f"{resume}: no optimizer state/epoch; cannot resume from it"
@@ -209,7 +214,9 @@ def train_unet(
     sha = config_sha256(config)
     train_args = {"lr": float(lr), "batch_cases": int(batch_cases),
                   "samples_per_case": int(samples_per_case), "flip": bool(flip),
-                  "epochs": int(epochs)}
+                  "epochs": int(epochs), "lr_schedule": lr_schedule}
+    if lr_schedule not in {"poly", "constant"}:
+        raise InputError(f"lr_schedule must be poly or constant, got {lr_schedule!r}")
     labels = labels_of(config)
     n_cls = len(labels) + 1
     patch = tuple(int(p) for p in config["patch_size"])
@@ -252,8 +259,8 @@ def train_unet(
     for epoch in range(start, epochs + 1):
         t0 = time.perf_counter()
         ep_seed = (seed * 1_000_003 + epoch) % (2**31)
-        for g in opt.param_groups:  # polynomial decay, a function of the epoch (resume-safe)
-            g["lr"] = lr * (1.0 - (epoch - 1) / epochs) ** 0.9
+        for g in opt.param_groups:  # a function of the epoch only (resume-safe)
+            g["lr"] = lr * (1.0 - (epoch - 1) / epochs) ** 0.9 if lr_schedule == "poly" else lr
         torch.manual_seed(ep_seed)
         transforms.set_random_state(seed=ep_seed)
         order = np.random.default_rng(ep_seed).permutation(len(train_ids))

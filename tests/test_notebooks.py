@@ -1,0 +1,197 @@
+"""The notebooks in ``notebooks/`` run end to end (nbclient, this venv's kernel) and compute what
+they say they compute.
+
+Each notebook runs in a fresh ``tmp_path`` working directory; its last cell (tagged ``summary``)
+prints one JSON object, which is checked here against independent readings of the files the
+notebook wrote (SimpleITK reads, numpy Dice) and of the sample data.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+NOTEBOOKS = REPO / "notebooks"
+SAMPLE = REPO / "sample_data"
+CELL_TIMEOUT_S = 900  # per cell; a loaded 2-core machine is many times slower than an idle one
+
+
+def _summary(nb: Any) -> dict[str, Any]:
+    cells = [c for c in nb.cells if "summary" in c.get("metadata", {}).get("tags", [])]
+    assert len(cells) == 1, "exactly one cell must be tagged 'summary'"
+    text = "".join(o.get("text", "") for o in cells[0].outputs if o.get("name") == "stdout")
+    return json.loads(text.strip().splitlines()[-1])
+
+
+def _execute(name: str, cwd: Path) -> tuple[Any, dict[str, Any]]:
+    """Run ``notebooks/<name>`` with ``cwd`` as working directory; return it and its summary."""
+    import nbclient
+    import nbformat
+
+    nb = nbformat.read(NOTEBOOKS / name, as_version=4)
+    client = nbclient.NotebookClient(
+        nb, kernel_name="python3", timeout=CELL_TIMEOUT_S,
+        resources={"metadata": {"path": str(cwd)}},
+    )
+    client.execute()  # raises CellExecutionError on the first failing cell
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            errors = [o for o in cell.outputs if o.get("output_type") == "error"]
+            assert not errors, f"cell raised: {errors[0].get('ename')}: {errors[0].get('evalue')}"
+    summary = _summary(nb)
+    # the kernel ran this interpreter's environment (the venv), not some other python3
+    assert Path(summary["prefix"]).resolve() == Path(sys.prefix).resolve()
+    return nb, summary
+
+
+def _sitk(path: Path) -> tuple[np.ndarray, tuple, tuple, tuple]:
+    import SimpleITK as sitk
+
+    img = sitk.ReadImage(str(path))
+    return sitk.GetArrayFromImage(img), img.GetSpacing(), img.GetOrigin(), img.GetDirection()
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    return 2.0 * np.count_nonzero(a & b) / (np.count_nonzero(a) + np.count_nonzero(b))
+
+
+# --------------------------------------------------------------------------- static checks
+@pytest.mark.parametrize("name", ["quickstart.ipynb", "batch_evaluation.ipynb"])
+def test_notebook_is_clean_and_documented(name: str) -> None:
+    import nbformat
+
+    nb = nbformat.read(NOTEBOOKS / name, as_version=4)
+    nbformat.validate(nb)
+    assert nb.metadata["kernelspec"]["name"] == "python3"
+    assert nb.cells[0].cell_type == "markdown" and nb.cells[0].source.startswith("# ")
+    for i, cell in enumerate(nb.cells):
+        if cell.cell_type == "code":
+            assert cell.outputs == [] and cell.execution_count is None, f"cell {i} has outputs"
+    # sections: a "## " markdown cell introduces each, and each section holds code
+    heads = [i for i, c in enumerate(nb.cells) if c.cell_type == "markdown"
+             and c.source.startswith("## ")]
+    assert len(heads) >= 4
+    for start, end in zip(heads, [*heads[1:], len(nb.cells)], strict=True):
+        kinds = [c.cell_type for c in nb.cells[start + 1 : end]]
+        assert "code" in kinds, f"section {nb.cells[start].source.splitlines()[0]!r} has no code"
+
+
+def test_notebooks_match_their_generator() -> None:
+    run = subprocess.run(
+        [sys.executable, str(NOTEBOOKS / "_build.py"), "--check"], capture_output=True, text=True
+    )
+    assert run.returncode == 0, run.stderr
+
+
+def test_python3_kernelspec_is_this_interpreter() -> None:
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    argv0 = KernelSpecManager().get_kernel_spec("python3").argv[0]
+    # jupyter_client launches a bare "python" as sys.executable; a path must be this venv's
+    assert argv0 in {"python", "python3"} or Path(argv0).resolve() == Path(sys.executable).resolve()
+
+
+# --------------------------------------------------------------------------- execution
+@pytest.mark.slow
+def test_quickstart_runs_and_scores_the_tumour(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("MEDSEG_SAMPLE_DATA", str(SAMPLE))
+    _, s = _execute("quickstart.ipynb", tmp_path)
+
+    gt, spacing, origin, direction = _sitk(SAMPLE / "brain1" / "brain1_label.nrrd")
+    gt = gt == 1
+    areas = gt.sum(axis=(1, 2))
+    assert s["image_shape"] == list(gt.shape)
+    assert s["gt_slices"] == [int(i) for i in np.flatnonzero(areas)]
+    assert s["key_slice"] == int(np.argmax(areas))
+    r0, c0, r1, c1 = s["box_rc"]
+    rows, cols = np.nonzero(gt[s["key_slice"]])
+    assert (r0, c0, r1, c1) == (rows.min() - 3, cols.min() - 3, rows.max() + 3, cols.max() + 3)
+
+    # one box + propagation on a real tumour; the oracle (a box per slice) is the upper bound
+    assert s["key_slice"] in s["slices"]
+    assert set(s["review"]) <= set(s["slices"]) - {s["key_slice"]}
+    assert s["dice"] > 0.5 and s["iou"] > 0.3
+    assert 0.0 < s["hd95"] < 100.0
+    assert s["oracle_dice"] > 0.7
+    assert s["encoder_calls"] <= len(s["slices"]) + 2  # only the visited slices were embedded
+
+    # the written label maps, read by SimpleITK: the image's grid, and the reported Dice
+    assert len(s["written"]) == 2
+    for w in s["written"]:
+        path = tmp_path / w["path"]
+        assert path.is_file() and w["same_grid"] and w["equal"]
+        arr, sp, org, dirn = _sitk(path)
+        np.testing.assert_allclose(sp, spacing, atol=1e-6)
+        np.testing.assert_allclose(org, origin, atol=1e-4)
+        np.testing.assert_allclose(dirn, direction, atol=1e-6)
+        assert set(np.unique(arr)) <= {0, 1}
+        assert _dice(arr == 1, gt) == pytest.approx(s["dice"], abs=1e-9)
+    assert not any((SAMPLE / "brain1").glob("*pred*")), "the notebook wrote into sample_data"
+
+    # the phantom DICOM series, read by SimpleITK, holds the generator's HU on its grid
+    import SimpleITK as sitk
+
+    from medseg.phantom import make_phantom
+
+    ph = s["phantom"]
+    vol, _ = make_phantom(ph["seed"], tuple(ph["shape"]), tuple(ph["spacing"]))
+    reader = sitk.ImageSeriesReader()
+    files = reader.GetGDCMSeriesFileNames(str(tmp_path / ph["dicom_dir"]))
+    assert len(files) == ph["files"] == vol.shape[0]
+    reader.SetFileNames(files)
+    img = reader.Execute()
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(img), vol.array)
+    np.testing.assert_allclose(img.GetSpacing(), vol.spacing_xyz, atol=1e-4)
+    np.testing.assert_allclose(img.GetOrigin(), vol.origin, atol=1e-3)
+    assert ph["same_grid"] and ph["equal"]
+    assert s["info_rc"] == 0
+
+
+@pytest.mark.slow
+def test_batch_evaluation_records_the_failure_and_goes_on(tmp_path: Path) -> None:
+    _, s = _execute("batch_evaluation.ipynb", tmp_path)
+
+    status = {st["case"]: st for st in s["status"]}
+    assert [st["case"] for st in s["status"]] == s["studies"]
+    broken = s["studies"].index("broken_case")
+    assert 0 < broken < len(s["studies"]) - 1  # a study after it was still processed
+    assert not status["broken_case"]["ok"]
+    assert status["broken_case"]["error"] == "InputError"
+    assert "broken_case.nii.gz" in status["broken_case"]["message"]
+    ok = [c for c in s["studies"] if c != "broken_case"]
+    assert ok and all(status[c]["ok"] for c in ok)
+
+    # per-case Dice recomputed from the written files (SimpleITK + numpy)
+    root = tmp_path / "batch_output"
+    names = {1: "liver", 2: "tumour", 3: "kidney", 4: "spleen"}
+    for case in ok:
+        pred, psp, porg, _ = _sitk(tmp_path / status[case]["prediction"])
+        gt, gsp, gorg, _ = _sitk(root / "phantoms" / "labelsTr" / f"{case}.nii.gz")
+        np.testing.assert_allclose(psp, gsp, atol=1e-6)
+        np.testing.assert_allclose(porg, gorg, atol=1e-4)
+        for name, d in status[case]["dice"].items():
+            value = next(v for v, n in names.items() if n == name)
+            assert _dice(pred == value, gt == value) == pytest.approx(d, abs=1e-9)
+
+    # the accumulator's table: every label over every scored case
+    table = s["per_label"]
+    assert table and all(row["n_cases"] == len(ok) for row in table.values())
+    for name, row in table.items():
+        mean = np.mean([status[c]["dice"][name] for c in ok])
+        assert row["dice_mean"] == pytest.approx(mean, abs=1e-12)
+    if s["method"].startswith("litemedsam"):
+        assert set(table) == set(names.values())
+        assert table["liver"]["dice_mean"] > 0.6 and table["kidney"]["dice_mean"] > 0.8
+    else:
+        assert table["liver"]["dice_mean"] > 0.7
+
+    report = json.loads((tmp_path / s["report"]).read_text())
+    assert len(report["per_case"]) == len(ok) * len(table)
+    assert [st["case"] for st in report["status"]] == s["studies"]
