@@ -296,7 +296,7 @@ def test_prompts_from_layers_with_their_own_geometry():
     the current slice's prompts count; polarity from the point_type feature or the layer role."""
     import napari.layers
 
-    from medseg._napari._prompts import slice_prompts
+    from medseg._napari._prompts import prompt_slices, slice_prompts
 
     img = napari.layers.Image(np.zeros((5, 20, 30)), scale=(2.0, 0.5, 0.5),
                               translate=(10.0, -4.0, 3.0))
@@ -323,3 +323,6 @@ def test_prompts_from_layers_with_their_own_geometry():
     # a 2D points layer counts on every slice
     flat = napari.layers.Points(np.array([[-4.0 + 0.5 * 6, 3.0 + 0.5 * 9]]))
     np.testing.assert_allclose(slice_prompts(img, 0, flat).points_rc, [[6, 9]], atol=1e-9)
+    # slices that carry prompts (the key slices of a propagation); 2D layers name none
+    assert prompt_slices(img, pts, neg, shapes) == [1, 2, 3]
+    assert prompt_slices(img, flat) == []

@@ -55,15 +55,18 @@ class EmbeddingsWidget(Container):
     def _set_state(self, text: str) -> None:
         self._state.value = text
 
-    def _predictor(self, layer: Any) -> Any:
+    def _settings(self) -> tuple[str, str | None]:
+        """``(model name, window)`` read on the GUI thread before a job starts."""
+        window = None if self._window.value == "auto" else str(self._window.value)
+        return str(self._model.value), window
+
+    def _predictor(self, layer: Any, name: str, window: str | None) -> Any:
         from medseg._napari._layers import volume_from_layer
         from medseg.predict.cache import default_cache_dir
         from medseg.predict.sam import VolumePredictor
 
-        key = (id(layer), id(layer.data), self._model.value, self._window.value)
+        key = (id(layer), id(layer.data), name, window)
         if self.predictor is None or self._key != key:
-            window = None if self._window.value == "auto" else self._window.value
-            name = self._model.value
             self.predictor = VolumePredictor(
                 volume_from_layer(layer), model=self._models.get(name, name), axis="z",
                 window=window, cache_dir=default_cache_dir(),
@@ -94,9 +97,10 @@ class EmbeddingsWidget(Container):
         except MedsegError as exc:
             show_error(str(exc))
             return
+        settings = self._settings()
 
         def work(progress: Any) -> Any:
-            return self._predictor(layer)
+            return self._predictor(layer, *settings)
 
         self.job.start(work, "embedding cache", lambda pred: self._set_state(self._describe(pred)))
 
@@ -107,9 +111,10 @@ class EmbeddingsWidget(Container):
         except MedsegError as exc:
             show_error(str(exc))
             return
+        settings = self._settings()
 
         def work(progress: Any) -> Any:
-            pred = self._predictor(layer)
+            pred = self._predictor(layer, *settings)
             pred.precompute(None, progress=progress)
             return pred
 

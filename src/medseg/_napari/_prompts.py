@@ -123,3 +123,24 @@ def slice_prompts(
             if r1 > r0 and c1 > c0:
                 box = (r0, c0, r1, c1)
     return SlicePrompts(index=int(index), points_rc=points, point_labels=labels, box_rc=box)
+
+
+def prompt_slices(
+    image_layer: Any, points_layer: Any = None, negative_layer: Any = None,
+    shapes_layer: Any = None,
+) -> list[int]:
+    """Sorted slice indices (axis 0) of ``image_layer`` that hold a point or a whole shape from
+    the given 3D layers (2D layers do not name a slice and are ignored)."""
+    n = image_layer.data.shape[0]
+    found: set[int] = set()
+    for layer in (points_layer, negative_layer):
+        if layer is None or len(layer.data) == 0:
+            continue
+        z = _to_image_data(layer, layer.data, image_layer)[:, 0]
+        found.update(round(float(v)) for v in z if np.isfinite(v))
+    if shapes_layer is not None:
+        for verts in shapes_layer.data:
+            z = _to_image_data(shapes_layer, verts, image_layer)[:, 0]
+            if np.all(np.isfinite(z)) and np.ptp(z) < 0.5:
+                found.add(round(float(z[0])))
+    return sorted(i for i in found if 0 <= i < n)

@@ -20,6 +20,7 @@ import numpy as np
 from magicgui.widgets import (
     ComboBox,
     Container,
+    FloatSpinBox,
     Label,
     LineEdit,
     PushButton,
@@ -45,6 +46,13 @@ PREVIEW_NAME = "medseg proposal"
 TARGET_NAME = "segmentation"
 #: Window choices: "auto" = the core default (CT wide window, MR percentiles).
 WINDOW_CHOICES = ("auto", "percentile", *WINDOWS)
+
+
+def _default_min_iou() -> float:
+    """The core's default propagation stop threshold (0 when it has none)."""
+    from medseg.predict.propagate import PropagationConfig
+
+    return float(PropagationConfig().min_iou or 0.0)
 
 
 def _weights_present(spec: Any) -> bool:
@@ -137,6 +145,12 @@ class SamWidget(Container):
         self._segment_btn = PushButton(text="Segment slice")
         self._propagate_btn = PushButton(text="Propagate in 3D")
         self._cancel_btn = PushButton(text="Cancel")
+        default_iou = _default_min_iou()
+        self._min_iou = FloatSpinBox(
+            label="stop below IoU", value=default_iou, min=0.0, max=1.0, step=0.05,
+            tooltip="propagation stops at the first slice whose predicted IoU is below this "
+            "(0 = only when the object vanishes)",
+        )
         self._target = ComboBox(
             label="target labels", choices=layer_choices(viewer, "labels"), nullable=True
         )
@@ -149,9 +163,9 @@ class SamWidget(Container):
         super().__init__(
             widgets=[
                 self._image, self._model, self._window, self._points, self._neg_points,
-                self._shapes, self._add_prompt_layers, self._segment_btn, self._propagate_btn,
-                self._cancel_btn, self._target, self._label_value, self._label_name,
-                self._accept_btn, self._undo_btn, self._review, self._status,
+                self._shapes, self._add_prompt_layers, self._segment_btn, self._min_iou,
+                self._propagate_btn, self._cancel_btn, self._target, self._label_value,
+                self._label_name, self._accept_btn, self._undo_btn, self._review, self._status,
             ],
             labels=True,
         )
@@ -189,21 +203,26 @@ class SamWidget(Container):
         w = self._window.value
         return None if w == "auto" else w
 
-    def _get_predictor(self, image_layer: Any) -> Any:
-        """The predictor for the current image/model/window (built in the worker thread)."""
+    def _settings(self) -> tuple[str, str | None]:
+        """``(model name, window)`` read on the GUI thread before a job starts."""
+        return str(self._model.value), self._window_arg()
+
+    def _get_predictor(self, image_layer: Any, model_name: str, window: str | None) -> Any:
+        """The predictor for this image/model/window (built in the worker thread; the model is
+        loaded once per name and reused for other images)."""
         from medseg._napari._layers import volume_from_layer
         from medseg.predict.cache import default_cache_dir
         from medseg.predict.sam import VolumePredictor
 
-        key = (id(image_layer), id(image_layer.data), self._model.value, self._window.value)
+        key = (id(image_layer), id(image_layer.data), model_name, window)
         if self.predictor is not None and self._predictor_key == key:
             return self.predictor
         vol = volume_from_layer(image_layer)
-        model = self._models.get(self._model.value, self._model.value)
+        model = self._models.get(model_name, model_name)
         pred = VolumePredictor(
-            vol, model=model, axis="z", window=self._window_arg(), cache_dir=default_cache_dir()
+            vol, model=model, axis="z", window=window, cache_dir=default_cache_dir()
         )
-        self._models[self._model.value] = pred.model
+        self._models[model_name] = pred.model
         self.predictor, self._predictor_key = pred, key
         return pred
 
@@ -262,10 +281,11 @@ class SamWidget(Container):
             show_error(str(exc))
             return
         shape = img.data.shape
+        settings = self._settings()
 
         def work(progress: Any) -> Any:
             progress(0, 2)
-            pred = self._get_predictor(img)
+            pred = self._get_predictor(img, *settings)
             progress(1, 2)
             single_point = pr.box_rc is None and pr.points_rc is not None and len(pr.points_rc) == 1
             out = pred.predict(
@@ -289,24 +309,51 @@ class SamWidget(Container):
 
         self.job.start(work, f"SAM: slice {pr.index}", done)
 
+    def _key_prompts(self, image_layer: Any) -> list[Any]:
+        """Prompts of every slice that holds a box or points (the current slice included)."""
+        from medseg._napari._prompts import prompt_slices, slice_prompts
+
+        layers = (self._points.value, self._neg_points.value, self._shapes.value)
+        idx = slice_index(self._viewer, image_layer)
+        out = []
+        for i in sorted({idx, *prompt_slices(image_layer, *layers)}):
+            pr = slice_prompts(image_layer, i, *layers)
+            if not pr.empty():
+                out.append(pr)
+        if not out:
+            raise PromptError(
+                "no prompt: draw a rectangle in the box layer or add points on a slice through "
+                "the object (Add prompt layers creates them)"
+            )
+        return out
+
     def propagate(self) -> None:
-        """Propagate from the current slice's prompts through the volume (cancellable)."""
+        """Propagate through the volume from every slice that holds prompts (cancellable).
+
+        One box is enough; boxes on more slices (e.g. near both ends of the object) become extra
+        key slices and the gaps between them are filled from both sides.
+        """
         try:
             img = self._image_layer()
-            pr = self._prompts(img)
+            prompts = self._key_prompts(img)
         except MedsegError as exc:
             show_error(str(exc))
             return
+        settings = self._settings()
+        min_iou = float(self._min_iou.value) or None
 
         def work(progress: Any) -> Any:
             from medseg.predict.propagate import KeyPrompt, PropagationConfig
             from medseg.predict.propagate import propagate as core_propagate
 
-            pred = self._get_predictor(img)
-            key = KeyPrompt(
-                pr.index, box_rc=pr.box_rc, points_rc=pr.points_rc, point_labels=pr.point_labels
-            )
-            return core_propagate(pred, [key], PropagationConfig(), progress=progress)
+            pred = self._get_predictor(img, *settings)
+            keys = [
+                KeyPrompt(pr.index, box_rc=pr.box_rc, points_rc=pr.points_rc,
+                          point_labels=pr.point_labels)
+                for pr in prompts
+            ]
+            return core_propagate(pred, keys, PropagationConfig(min_iou=min_iou),
+                                  progress=progress)
 
         def done(res: Any) -> None:
             notes = {}
@@ -332,7 +379,8 @@ class SamWidget(Container):
                 f"{int(self.proposal.mask.sum())} voxels; check the review slices, then Accept"
             )
 
-        self.job.start(work, f"SAM: propagate from slice {pr.index}", done)
+        where = ", ".join(str(pr.index) for pr in prompts)
+        self.job.start(work, f"SAM: propagate from slice {where}", done)
 
     def _target_layer(self, image_layer: Any) -> Any:
         from medseg._napari._layers import labels_kwargs_like

@@ -275,6 +275,22 @@ def _axis_weights(n_out: int, ratio: float, n_in: int) -> tuple[Any, Any, Any]:
     return i0, i1, w
 
 
+def _interp_matrix(n_out: int, ratio: float, n_in: int) -> torch.Tensor:
+    """Dense ``(n_out, n_in)`` float32 matrix of linear interpolation at positions ``k * ratio``.
+
+    Each row has at most two non-zeros summing to 1, so applying it to probabilities keeps their
+    sum; as a matrix product it runs at BLAS speed.
+    """
+    import torch
+
+    i0, i1, w = _axis_weights(n_out, ratio, n_in)
+    m = torch.zeros((n_out, n_in), dtype=torch.float32)
+    rows = torch.arange(n_out)
+    m.index_put_((rows, i0), 1 - w, accumulate=True)
+    m.index_put_((rows, i1), w, accumulate=True)
+    return m
+
+
 def _lerp(t: torch.Tensor, dim: int, n_out: int, ratio: float) -> torch.Tensor:
     """Linear resampling of ``t`` along ``dim`` to ``n_out`` samples at positions ``k * ratio``."""
     i0, i1, w = _axis_weights(n_out, ratio, t.shape[dim])
@@ -608,12 +624,13 @@ class UNetSegmenter:
                 np.empty((n_cls, *can_shape), dtype=np.float32) if return_probabilities else None
             )
             i0, i1, w = _axis_weights(can_shape[0], inv[0], grid[0])
+            my = _interp_matrix(can_shape[1], inv[1], grid[1])  # (H, Hm)
+            mx_t = _interp_matrix(can_shape[2], inv[2], grid[2]).T.contiguous()  # (Wm, W)
             for s, k0 in enumerate(range(0, can_shape[0], _SLAB)):
                 k1 = min(k0 + _SLAB, can_shape[0])
                 ww = w[k0:k1].reshape(1, -1, 1, 1)
                 p = probs[:, i0[k0:k1]].mul_(1 - ww).add_(probs[:, i1[k0:k1]].mul_(ww))
-                p = _lerp(p, 2, can_shape[1], inv[1])
-                p = _lerp(p, 3, can_shape[2], inv[2])
+                p = torch.matmul(my, torch.matmul(p, mx_t))  # (C, k, H, W)
                 out[k0:k1] = torch.argmax(p, dim=0).to(torch.uint8).numpy()
                 if prob_out is not None:
                     prob_out[:, k0:k1] = p.numpy()
