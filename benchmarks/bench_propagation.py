@@ -51,13 +51,15 @@ CARRIES: dict[str, dict[str, Any]] = {
 
 #: Stop-rule grid (every combination is evaluated offline).
 GRID: dict[str, list[Any]] = {
-    "min_iou": [None, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9],
-    "min_stability": [None, 0.8, 0.9, 0.95],
-    "min_similarity": [None, 0.6, 0.7, 0.8, 0.85, 0.9],
-    "max_intensity_shift": [None, 0.05, 0.1, 0.2],
-    "area": [None, (0.5, 1.5), (0.33, 2.0), (0.25, 3.0)],
-    "max_extent": [None, 0.75, 1.0, 1.5, 2.0],
-    "min_overlap": [None, 0.2, 0.4],
+    "min_iou": [None, 0.5, 0.7, 0.8],
+    "min_stability": [None, 0.8],
+    "min_similarity": [None, 0.5, 0.6, 0.7, 0.8],
+    "max_intensity_shift": [None, 0.1, 0.15, 0.2],
+    "area": [None, (0.5, 1.5), (0.33, 3.0)],
+    "max_extent": [None, 1.0, 1.5],
+    "min_overlap": [None, 0.2],
+    "consistency": [None, (0.2, 2.0), (0.3, 2.0), (0.4, 2.0), (0.2, 1.0), (0.3, 1.0), (0.4, 1.0),
+                    (0.2, 3.0), (0.3, 3.0)],
 }
 
 #: Named stop rules reported explicitly (PropagationConfig keywords).
@@ -68,6 +70,9 @@ NAMED: dict[str, dict[str, Any]] = {
     "similarity0.8": {"min_similarity": 0.8},
     "iou0.8+intensity0.1": {"min_iou": 0.8, "max_intensity_shift": 0.1},
     "iou0.8+similarity0.8": {"min_iou": 0.8, "min_similarity": 0.8},
+    "similarity0.6": {"min_similarity": 0.6},
+    "consistency0.3w2": {"min_consistency": 0.3, "consistency_weight": 2.0},
+    "consistency0.3w2+sim0.5": {"min_consistency": 0.3, "min_similarity": 0.5},
 }
 
 
@@ -141,6 +146,9 @@ def dice_for_rules(walk: dict[str, Any], rules: list[dict[str, Any]]) -> tuple[n
     n = len(rules)
     thr = {k: np.array([np.nan if r.get(k) is None else r[k] for r in rules], float)
            for k in (*_MIN_DIMS, *_MAX_DIMS)}
+    thr_c = np.array([np.nan if r.get("min_consistency") is None else r["min_consistency"]
+                      for r in rules], float)
+    w_c = np.array([r.get("consistency_weight", 2.0) for r in rules], float)
     inter = np.zeros(n)
     pred = np.zeros(n)
     count = np.zeros(n)
@@ -162,6 +170,10 @@ def dice_for_rules(walk: dict[str, Any], rules: list[dict[str, Any]]) -> tuple[n
             for k, sig in _MAX_DIMS.items():
                 v = st[sig] if st[sig] is not None else np.inf
                 fail |= ~np.isnan(thr[k]) & (v > np.nan_to_num(thr[k], nan=np.inf))
+            fail |= ~np.isnan(thr_c) & (
+                (st["similarity"] or 0.0) - w_c * (st["intensity_shift"] if st["intensity_shift"]
+                                                   is not None else 1.0)
+                < np.nan_to_num(thr_c, nan=-np.inf))
             alive &= ~fail
             inter += alive * st["inter"]
             pred += alive * st["pred_px"]
@@ -179,6 +191,9 @@ def grid_rules() -> list[dict[str, Any]]:
         for k, v in zip(keys, combo, strict=True):
             if k == "area":
                 rule["min_area_ratio"], rule["max_area_ratio"] = v if v else (None, None)
+            elif k == "consistency":
+                if v:
+                    rule["min_consistency"], rule["consistency_weight"] = v
             else:
                 rule[k] = v
         out.append(rule)
@@ -186,7 +201,10 @@ def grid_rules() -> list[dict[str, Any]]:
 
 
 def rule_name(rule: dict[str, Any]) -> str:
-    parts = [f"{k}={v:g}" for k, v in rule.items() if v is not None and k != "max_slices"]
+    parts = [f"{k}={v:g}" for k, v in rule.items()
+             if v is not None and k not in ("max_slices", "consistency_weight")]
+    if rule.get("min_consistency") is not None:
+        parts.append(f"consistency_weight={rule.get('consistency_weight', 2.0):g}")
     return ",".join(parts) or "vanish_only"
 
 
@@ -201,6 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cache-dir", default=None)
     ap.add_argument("--out", default=None)
     ap.add_argument("--top", type=int, default=25, help="grid rules listed in the output")
+    ap.add_argument("--walks", default=None,
+                    help="JSON file caching recorded walks: reused when present, else written")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (1 is much faster on a shared, loaded machine)")
     args = ap.parse_args(argv)
@@ -229,7 +249,17 @@ def main(argv: list[str] | None = None) -> int:
                               "cases": {}, "grid_size": 0}
     walks: dict[str, dict[str, Any]] = {}
     predictors: dict[int, Any] = {}
+    saved: dict[str, Any] = {"cases": {}, "walks": {}}
+    if args.walks and Path(args.walks).is_file():
+        saved = json.loads(Path(args.walks).read_text())
     for case in cases:
+        if case["name"] in saved["cases"] and all(
+            f"{case['name']}|{c}" in saved["walks"] for c in carries
+        ):
+            report["cases"][case["name"]] = saved["cases"][case["name"]]
+            for c in carries:
+                walks[f"{case['name']}|{c}"] = saved["walks"][f"{case['name']}|{c}"]
+            continue
         vol, gt = case["volume"], case["gt"]
         vid = id(vol)
         if vid not in predictors:
@@ -271,6 +301,11 @@ def main(argv: list[str] | None = None) -> int:
         report["cases"][case["name"]] = entry
         _log(case["name"], "oracle", round(orc.dice, 3), {k: v["dice"] for k, v in
                                                           entry["online"].items()})
+
+    if args.walks:
+        saved["cases"].update(report["cases"])
+        saved["walks"].update(walks)
+        Path(args.walks).write_text(json.dumps(saved))
 
     # ---------------------------------------------------------------- offline stop-rule grid
     rules = grid_rules()

@@ -237,7 +237,8 @@ def bench_click(reps: int) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------------
 
 
-def _case_slices(case: str, max_slices: int | None) -> tuple[list[np.ndarray], list[np.ndarray], str]:
+def _case_slices(case: str,
+                 max_slices: int | None) -> tuple[list[np.ndarray], list[np.ndarray], str]:
     """Tumour slices of a case normalised to [0, 1] (medseg.intensity), and their label masks."""
     from medseg.intensity import resolve_intensity
     from medseg.io.itk import read_image

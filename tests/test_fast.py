@@ -112,7 +112,8 @@ def _decode(model: _Model, emb: torch.Tensor, box: np.ndarray) -> tuple[torch.Te
     with torch.inference_mode():
         sparse, dense = model.prompt_encoder(points=None, boxes=torch.as_tensor(box)[None],
                                              masks=None)
-        return model.mask_decoder(image_embeddings=emb, image_pe=model.prompt_encoder.get_dense_pe(),
+        pe = model.prompt_encoder.get_dense_pe()
+        return model.mask_decoder(image_embeddings=emb, image_pe=pe,
                                   sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
                                   multimask_output=False)
 

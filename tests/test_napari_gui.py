@@ -10,6 +10,7 @@ to the widgets, which otherwise load it themselves.
 from __future__ import annotations
 
 import csv
+import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,12 @@ import pytest
 from medseg.io import read_labels, read_volume
 from medseg.volume import LabelMap
 
-pytestmark = pytest.mark.gui
+pytestmark = [
+    pytest.mark.gui,
+    pytest.mark.skipif(
+        importlib.util.find_spec("napari") is None, reason="needs napari (the [napari] extra)"
+    ),
+]
 
 WAIT_MS = 240_000
 
@@ -29,6 +35,16 @@ def _x_display():
 
     ensure_display()
     yield
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _no_triton_after_opengl():
+    """Once a viewer has loaded Mesa's LLVM, a later ``import triton`` (pulled in by torchvision)
+    would crash the whole test process; block it for the tests that run after this module."""
+    from medseg._napari._common import guard_triton
+
+    yield
+    guard_triton()
 
 
 @pytest.fixture(scope="module")
@@ -168,9 +184,24 @@ def test_sam_widget_slice_propagate_accept_evaluate_save(
     assert sam.proposal.mask.sum() == sam.proposal.mask[z].sum()
     assert _dice(sam.proposal.mask[z], gt[z]) > 0.5
     assert sam.predictor.encoder_calls == 1
-    sam.segment_slice()  # same slice again: decoder only
+    sam.segment_slice()  # same slice, same prompt: decoder only, same answer
     _wait(qtbot, sam.job)
     assert sam.predictor.encoder_calls == 1
+    np.testing.assert_array_equal(sam.proposal.mask[z], core.masks[core.best()])
+    # a negative point added on this slice refines the previous answer (its logits as a prompt)
+    neg = viewer.add_points(np.array([[z, box[0] + 1.0, box[1] + 1.0]]), ndim=3,
+                            scale=img.scale, translate=img.translate, name="neg")
+    sam.reset_choices()
+    sam._neg_points.value = neg
+    sam.segment_slice()
+    _wait(qtbot, sam.job)
+    refined = sam.predictor.predict(
+        z, points_rc=[[box[0] + 1.0, box[1] + 1.0]], point_labels=[0], box_rc=box,
+        mask_logits=core.low_res_logits[core.best()],
+    )
+    np.testing.assert_array_equal(sam.proposal.mask[z], refined.masks[refined.best()])
+    assert "refined" in sam._status.value and sam.predictor.encoder_calls == 1
+    sam._neg_points.value = None  # propagate from the box alone below
 
     sam.propagate()
     _wait(qtbot, sam.job)
@@ -229,6 +260,19 @@ def test_sam_widget_slice_propagate_accept_evaluate_save(
     back = read_labels(out, reference=vol)  # raises GeometryError if not on the image grid
     np.testing.assert_array_equal(back.array, np.asarray(seg.data))
     assert back.labels == {1: "tumour"}
+
+    # a box on a second slice makes it a second key slice of the propagation
+    z2 = next(i for i in (z + 1, z - 1) if gt[i].any())
+    box2 = _gt_box(gt, z2)
+    r0, c0, r1, c1 = box2
+    shapes.add_rectangles(np.array([[z2, r0, c0], [z2, r0, c1], [z2, r1, c1], [z2, r1, c0]],
+                                   dtype=float))
+    sam.propagate()
+    _wait(qtbot, sam.job)
+    keys = sorted([KeyPrompt(z, box_rc=box), KeyPrompt(z2, box_rc=box2)], key=lambda k: k.index)
+    ref2 = propagate(sam.predictor, keys, PropagationConfig())
+    np.testing.assert_array_equal(sam.proposal.mask, ref2.mask)
+    assert sorted(sam.last_result.key_slices) == sorted({z, z2})
 
 
 def test_embeddings_widget_precomputes_for_sam(
@@ -416,3 +460,7 @@ def test_dicom_series_widget_opens_chosen_series(
     np.testing.assert_array_equal(layer.data, ref.array)
     np.testing.assert_allclose(layer.scale, ref.spacing)
     assert layer.metadata["dicom_series_uid"] == smaller
+    # File > Open on the folder: the reader takes the largest series (5 slices) and lists both
+    [opened] = viewer.open(str(folder), plugin="medseg")
+    assert opened.data.shape[0] == 5 and len(opened.metadata["dicom_series"]) == 2
+    assert opened.metadata["dicom_series_uid"] == uids[0]

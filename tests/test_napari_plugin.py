@@ -45,6 +45,9 @@ def test_manifest_is_valid_and_packaged():
 
     eps = [ep for ep in entry_points(group="napari.manifest") if ep.name == "medseg"]
     assert eps and eps[0].value == "medseg:napari.yaml"
+    installed = type(pm).from_distribution("medseg")
+    assert [x.id for x in installed.contributions.commands] == [x.id for x in c.commands]
+    pm.validate_imports()  # npe2's own check that every python_name resolves
 
 
 def _python_names() -> list[str]:
@@ -326,3 +329,27 @@ def test_prompts_from_layers_with_their_own_geometry():
     # slices that carry prompts (the key slices of a propagation); 2D layers name none
     assert prompt_slices(img, pts, neg, shapes) == [1, 2, 3]
     assert prompt_slices(img, flat) == []
+
+
+def test_hand_painted_layer_takes_the_recorded_grid(oblique_case):
+    """A Labels layer made in napari (scale/translate only, no direction) is compared on the grid
+    recorded by the other layer when napari shows both on one grid."""
+    import napari.layers
+
+    from medseg._napari._layers import labelmaps_from_layers
+    from medseg._napari._reader import read_path
+    from medseg.metrics import evaluate
+
+    path, vol = oblique_case
+    [(_, kw, _)] = read_path(path)
+    gt_arr = np.zeros(vol.shape, np.uint8)
+    gt_arr[2:4, 3:6, 4:8] = 1
+    gt = napari.layers.Labels(gt_arr, scale=kw["scale"], translate=kw["translate"],
+                              metadata=kw["metadata"])
+    painted = napari.layers.Labels(gt_arr.copy(), scale=kw["scale"], translate=kw["translate"])
+    pred, ref = labelmaps_from_layers(painted, gt)
+    np.testing.assert_allclose(pred.direction, np.diag([1.0, -1.0, 1.0]))
+    assert evaluate(pred, ref)[0]["dice"] == 1.0
+    moved = napari.layers.Labels(gt_arr, scale=kw["scale"], translate=(0.0, 0.0, 0.0))
+    pred2, _ = labelmaps_from_layers(moved, gt)
+    np.testing.assert_allclose(pred2.direction, np.eye(3))  # not on one grid: left alone

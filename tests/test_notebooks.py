@@ -121,6 +121,10 @@ def test_quickstart_runs_and_scores_the_tumour(tmp_path: Path, monkeypatch) -> N
     assert 0.0 < s["hd95"] < 100.0
     assert s["oracle_dice"] > 0.7
     assert s["encoder_calls"] <= len(s["slices"]) + 2  # only the visited slices were embedded
+    # a second box on a missed slice: more slices, a better Dice, nothing embedded twice
+    assert len(s["key_slices_final"]) == 2 and set(s["slices"]) < set(s["slices_final"])
+    assert s["dice_final"] > s["dice"]
+    assert s["encoder_calls_final"] == len(s["visited"])
 
     # the written label maps, read by SimpleITK: the image's grid, and the reported Dice
     assert len(s["written"]) == 2
@@ -132,7 +136,7 @@ def test_quickstart_runs_and_scores_the_tumour(tmp_path: Path, monkeypatch) -> N
         np.testing.assert_allclose(org, origin, atol=1e-4)
         np.testing.assert_allclose(dirn, direction, atol=1e-6)
         assert set(np.unique(arr)) <= {0, 1}
-        assert _dice(arr == 1, gt) == pytest.approx(s["dice"], abs=1e-9)
+        assert _dice(arr == 1, gt) == pytest.approx(s["dice_final"], abs=1e-9)
     assert not any((SAMPLE / "brain1").glob("*pred*")), "the notebook wrote into sample_data"
 
     # the phantom DICOM series, read by SimpleITK, holds the generator's HU on its grid
@@ -170,14 +174,15 @@ def test_batch_evaluation_records_the_failure_and_goes_on(tmp_path: Path) -> Non
 
     # per-case Dice recomputed from the written files (SimpleITK + numpy)
     root = tmp_path / "batch_output"
-    names = {1: "liver", 2: "tumour", 3: "kidney", 4: "spleen"}
+    values = s["label_values"]  # {name: label value} of the labels scored
     for case in ok:
         pred, psp, porg, _ = _sitk(tmp_path / status[case]["prediction"])
         gt, gsp, gorg, _ = _sitk(root / "phantoms" / "labelsTr" / f"{case}.nii.gz")
         np.testing.assert_allclose(psp, gsp, atol=1e-6)
         np.testing.assert_allclose(porg, gorg, atol=1e-4)
+        assert set(status[case]["dice"]) == set(values)
         for name, d in status[case]["dice"].items():
-            value = next(v for v, n in names.items() if n == name)
+            value = values[name]
             assert _dice(pred == value, gt == value) == pytest.approx(d, abs=1e-9)
 
     # the accumulator's table: every label over every scored case
@@ -186,11 +191,12 @@ def test_batch_evaluation_records_the_failure_and_goes_on(tmp_path: Path) -> Non
     for name, row in table.items():
         mean = np.mean([status[c]["dice"][name] for c in ok])
         assert row["dice_mean"] == pytest.approx(mean, abs=1e-12)
-    if s["method"].startswith("litemedsam"):
-        assert set(table) == set(names.values())
+    assert set(table) == set(values)
+    if s["method"].startswith("litemedsam"):  # boxes from the label on every slice
+        assert set(values) == {"liver", "tumour", "kidney", "spleen"}
         assert table["liver"]["dice_mean"] > 0.6 and table["kidney"]["dice_mean"] > 0.8
-    else:
-        assert table["liver"]["dice_mean"] > 0.7
+    else:  # the demo U-Net, trained on such phantoms: its best label must be well segmented
+        assert max(row["dice_mean"] for row in table.values()) > 0.7
 
     report = json.loads((tmp_path / s["report"]).read_text())
     assert len(report["per_case"]) == len(ok) * len(table)

@@ -181,6 +181,15 @@ class Job:
         self.worker = None
 
 
+def status_label(text: str = "") -> Any:
+    """A magicgui Label that wraps long messages instead of widening the dock."""
+    from magicgui.widgets import Label
+
+    label = Label(value=text)
+    label.native.setWordWrap(True)
+    return label
+
+
 def layer_choices(viewer: napari.Viewer, kind: str) -> Callable[[Any], list[tuple[str, Any]]]:
     """A magicgui ``choices`` callable listing the viewer's layers of one kind
     (``"image"``, ``"labels"``, ``"points"``, ``"shapes"``) as ``(name, layer)``."""

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from magicgui.widgets import ComboBox, Container, FileEdit, Label, PushButton
+from magicgui.widgets import ComboBox, Container, FileEdit, PushButton
 
-from medseg._napari._common import Job, show_error
+from medseg._napari._common import Job, show_error, status_label
 from medseg.errors import MedsegError
 
 if TYPE_CHECKING:
@@ -30,7 +30,7 @@ class DicomSeriesWidget(Container):
         self._scan_btn = PushButton(text="Scan")
         self._series = ComboBox(label="series", choices=[])
         self._open_btn = PushButton(text="Open series")
-        self._status = Label(value="")
+        self._status = status_label("")
         super().__init__(
             widgets=[self._folder, self._scan_btn, self._series, self._open_btn, self._status],
             labels=True,

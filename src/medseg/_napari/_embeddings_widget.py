@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from magicgui.widgets import ComboBox, Container, Label, PushButton
+from magicgui.widgets import ComboBox, Container, PushButton
 
-from medseg._napari._common import Job, keep_choices_fresh, layer_choices, show_error
+from medseg._napari._common import Job, keep_choices_fresh, layer_choices, show_error, status_label
 from medseg._napari._sam_widget import WINDOW_CHOICES, available_models
 from medseg.errors import InputError, MedsegError
 
@@ -36,7 +36,7 @@ class EmbeddingsWidget(Container):
         self._run_btn = PushButton(text="Precompute all slices")
         self._check_btn = PushButton(text="Check cache")
         self._cancel_btn = PushButton(text="Cancel")
-        self._state = Label(value="cache: not checked")
+        self._state = status_label("cache: not checked")
         super().__init__(
             widgets=[self._image, self._model, self._window, self._run_btn, self._check_btn,
                      self._cancel_btn, self._state],

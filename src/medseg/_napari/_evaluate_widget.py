@@ -16,12 +16,18 @@ from magicgui.widgets import (
     Container,
     FileEdit,
     FloatSpinBox,
-    Label,
     PushButton,
     Table,
 )
 
-from medseg._napari._common import Job, keep_choices_fresh, layer_choices, show_error, show_info
+from medseg._napari._common import (
+    Job,
+    keep_choices_fresh,
+    layer_choices,
+    show_error,
+    show_info,
+    status_label,
+)
 from medseg.errors import InputError, MedsegError
 
 if TYPE_CHECKING:
@@ -66,7 +72,7 @@ class EvaluateWidget(Container):
         self._copy_btn = PushButton(text="Copy as CSV")
         self._csv_path = FileEdit(label="CSV file", mode="w", filter="*.csv")
         self._export_btn = PushButton(text="Export CSV")
-        self._status = Label(value="")
+        self._status = status_label("")
         super().__init__(
             widgets=[self._pred, self._gt, self._tol, self._run_btn, self._table, self._copy_btn,
                      self._csv_path, self._export_btn, self._status],
@@ -87,7 +93,7 @@ class EvaluateWidget(Container):
 
     def evaluate(self) -> None:
         """Score the prediction layer against the ground-truth layer (in a worker)."""
-        from medseg._napari._layers import labelmap_from_layer
+        from medseg._napari._layers import labelmaps_from_layers
 
         try:
             pred_layer, gt_layer = self._pred.value, self._gt.value
@@ -95,7 +101,7 @@ class EvaluateWidget(Container):
                 raise InputError("choose a prediction and a ground-truth Labels layer")
             if pred_layer is gt_layer:
                 raise InputError("prediction and ground truth are the same layer; pick two")
-            pred, gt = labelmap_from_layer(pred_layer), labelmap_from_layer(gt_layer)
+            pred, gt = labelmaps_from_layers(pred_layer, gt_layer)
         except MedsegError as exc:
             show_error(str(exc))
             return

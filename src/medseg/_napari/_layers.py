@@ -219,3 +219,30 @@ def labels_kwargs_like(image_layer: Any, name: str, labels: dict[int, str] | Non
         "metadata": meta,
         "features": label_features(dict(labels or {})),
     }
+
+
+def has_geometry(layer: Any) -> bool:
+    """Whether the layer's metadata records its exact grid (spacing, origin, direction)."""
+    md = getattr(layer, "metadata", None) or {}
+    return all(k in md for k in ("spacing", "origin", "direction"))
+
+
+def labelmaps_from_layers(a: Any, b: Any) -> tuple[LabelMap, LabelMap]:
+    """Two Labels layers as label maps on one grid where napari shows them on one grid.
+
+    A layer painted by hand in napari has no recorded geometry (only ``scale``/``translate``,
+    no direction); when the other layer has one and both have the same shape, scale and translate,
+    it is taken for both (otherwise each keeps its own, and a comparison reports the difference).
+    """
+    la, lb = labelmap_from_layer(a), labelmap_from_layer(b)
+    same_view = (
+        tuple(np.shape(a.data)) == tuple(np.shape(b.data))
+        and np.allclose(a.scale, b.scale)
+        and np.allclose(a.translate, b.translate)
+    )
+    if same_view and has_geometry(a) != has_geometry(b):
+        ref = la if has_geometry(a) else lb
+        other = lb if ref is la else la
+        fixed = LabelMap.like(ref, other.array, other.labels, **other.meta)
+        return (la, fixed) if ref is la else (fixed, lb)
+    return la, lb

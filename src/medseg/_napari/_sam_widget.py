@@ -21,7 +21,6 @@ from magicgui.widgets import (
     ComboBox,
     Container,
     FloatSpinBox,
-    Label,
     LineEdit,
     PushButton,
     Select,
@@ -35,6 +34,7 @@ from medseg._napari._common import (
     layer_choices,
     show_error,
     slice_index,
+    status_label,
 )
 from medseg.errors import InputError, MedsegError, PromptError
 from medseg.intensity import WINDOWS
@@ -89,6 +89,14 @@ def available_models() -> list[str]:
 
     names = sorted(MODELS, key=lambda n: (n != "litemedsam", n))
     return [n for n in names if _weights_present(MODELS[n])]
+
+
+def _prompt_signature(pr: Any) -> tuple:
+    """Hashable summary of a slice's prompts (to tell whether they changed)."""
+    pts = None if pr.points_rc is None else tuple(np.round(pr.points_rc, 3).ravel().tolist())
+    labs = None if pr.point_labels is None else tuple(pr.point_labels.tolist())
+    box = None if pr.box_rc is None else tuple(round(float(v), 3) for v in pr.box_rc)
+    return (pts, labs, box)
 
 
 @dataclass
@@ -159,7 +167,7 @@ class SamWidget(Container):
         self._accept_btn = PushButton(text="Accept")
         self._undo_btn = PushButton(text="Undo")
         self._review = Select(label="review slices", choices=[])
-        self._status = Label(value="draw a box (Shapes) or points, then Segment slice")
+        self._status = status_label("draw a box (Shapes) or points, then Segment slice")
         super().__init__(
             widgets=[
                 self._image, self._model, self._window, self._points, self._neg_points,
@@ -177,6 +185,7 @@ class SamWidget(Container):
         self.last_result: Any = None
         self._undo: list[_UndoStep] = []
         self._preview: Any = None
+        self._last_slice: dict[str, Any] | None = None  # for refinement on the same slice
 
         self._add_prompt_layers.changed.connect(self.add_prompt_layers)
         self._segment_btn.changed.connect(self.segment_slice)
@@ -273,7 +282,12 @@ class SamWidget(Container):
         self._viewer.layers.selection.active = box
 
     def segment_slice(self) -> None:
-        """Segment the current slice from its prompts (instant when the slice is embedded)."""
+        """Segment the current slice from its prompts (instant when the slice is embedded).
+
+        Pressed again on the same slice after adding or moving prompts, the previous answer's
+        low-resolution logits go in as a mask prompt too (SAM's iterative refinement), so a
+        negative point trims the mask instead of starting over.
+        """
         try:
             img = self._image_layer()
             pr = self._prompts(img)
@@ -282,6 +296,15 @@ class SamWidget(Container):
             return
         shape = img.data.shape
         settings = self._settings()
+        signature = _prompt_signature(pr)
+        prev = self._last_slice
+        refine = (
+            prev is not None
+            and prev["image"] == (id(img), id(img.data), *settings)
+            and prev["index"] == pr.index
+            and prev["signature"] != signature
+        )
+        mask_logits = prev["logits"] if refine else None
 
         def work(progress: Any) -> Any:
             progress(0, 2)
@@ -290,7 +313,8 @@ class SamWidget(Container):
             single_point = pr.box_rc is None and pr.points_rc is not None and len(pr.points_rc) == 1
             out = pred.predict(
                 pr.index, points_rc=pr.points_rc, point_labels=pr.point_labels,
-                box_rc=pr.box_rc, multimask=single_point,
+                box_rc=pr.box_rc, mask_logits=mask_logits,
+                multimask=single_point and mask_logits is None,
             )
             progress(2, 2)
             return out
@@ -301,9 +325,14 @@ class SamWidget(Container):
             mask[pr.index] = out.masks[k]
             self.proposal = Proposal(mask=mask, slices=[pr.index])
             self.last_result = out
+            self._last_slice = {
+                "image": (id(img), id(img.data), *settings), "index": pr.index,
+                "signature": signature, "logits": out.low_res_logits[k],
+            }
             self._show_proposal(img)
+            how = "refined" if refine else "segmented"
             self._set_status(
-                f"slice {pr.index}: {int(out.masks[k].sum())} px, predicted IoU "
+                f"slice {pr.index} {how}: {int(out.masks[k].sum())} px, predicted IoU "
                 f"{float(out.iou_pred[k]):.2f}; Accept or Propagate in 3D"
             )
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from magicgui.widgets import ComboBox, Container, FileEdit, Label, PushButton
+from magicgui.widgets import ComboBox, Container, FileEdit, PushButton
 
-from medseg._napari._common import Job, keep_choices_fresh, layer_choices, show_error
+from medseg._napari._common import Job, keep_choices_fresh, layer_choices, show_error, status_label
 from medseg.errors import InputError, MedsegError
 
 if TYPE_CHECKING:
@@ -36,7 +36,7 @@ class UNetWidget(Container):
         self._checkpoint = FileEdit(label="checkpoint", mode="r", filter="*.pt")
         self._run_btn = PushButton(text="Run")
         self._cancel_btn = PushButton(text="Cancel")
-        self._status = Label(value="")
+        self._status = status_label("")
         super().__init__(
             widgets=[self._image, self._model, self._checkpoint, self._run_btn, self._cancel_btn,
                      self._status],

@@ -225,13 +225,13 @@ def _params_version(module: Any) -> int:
 
 
 def _is_tinyvit(enc: Any) -> bool:
-    return hasattr(enc, "layers") and hasattr(getattr(enc, "patch_embed", None), "seq") and hasattr(
-        enc, "neck")
+    pe = getattr(enc, "patch_embed", None)
+    return hasattr(enc, "layers") and hasattr(pe, "seq") and hasattr(enc, "neck")
 
 
 def _is_vit(enc: Any) -> bool:
-    return hasattr(enc, "blocks") and hasattr(getattr(enc, "patch_embed", None), "proj") and hasattr(
-        enc, "neck")
+    pe = getattr(enc, "patch_embed", None)
+    return hasattr(enc, "blocks") and hasattr(pe, "proj") and hasattr(enc, "neck")
 
 
 class _Packed:
@@ -244,7 +244,7 @@ class _Packed:
 
 
 def _pack_tinyvit(enc: Any, dtype: torch.dtype) -> _Packed:
-    """Fold and cast the TinyViT weights once. Keys are module paths (``layers.0.blocks.1.conv1``)."""
+    """Fold and cast the TinyViT weights once; keys name the layer (``l0.b1.conv1.w``)."""
     import torch
 
     pk = _Packed(_params_version(enc), dtype)
@@ -294,7 +294,8 @@ def _pack_tinyvit(enc: Any, dtype: torch.dtype) -> _Packed:
     return pk
 
 
-def _tinyvit_attention(x: torch.Tensor, blk: Any, pk: _Packed, p: str, H: int, W: int) -> torch.Tensor:
+def _tinyvit_attention(x: torch.Tensor, blk: Any, pk: _Packed, p: str, H: int,
+                       W: int) -> torch.Tensor:
     """Window attention of one TinyViT block on tokens ``x`` ``(B, H*W, C)`` (float32 stream).
 
     Zero padding to whole windows before the block's LayerNorm, exactly as the stock model does
@@ -340,7 +341,7 @@ def _tinyvit_attention(x: torch.Tensor, blk: Any, pk: _Packed, p: str, H: int, W
 
 
 def _tinyvit_forward(enc: Any, x: torch.Tensor) -> torch.Tensor:
-    """Fast TinyViT forward: ``x`` ``(B, 3, S, S)`` float32 -> embedding ``(B, 256, S/4, S/4)`` float32."""
+    """Fast TinyViT forward: ``x`` ``(B, 3, S, S)`` float32 -> ``(B, 256, S/4, S/4)`` float32."""
     import torch
 
     pk: _Packed = _get_pack(enc)
@@ -387,7 +388,7 @@ def _tinyvit_forward(enc: Any, x: torch.Tensor) -> torch.Tensor:
             Hc, Wc = t.shape[1], t.shape[2]
             h = t.reshape(B, Hc * Wc, -1).float()
     # Neck: 1x1 conv, LayerNorm2d, 3x3 conv, LayerNorm2d (channels-last, LN over channels).
-    side = int(round(h.shape[1] ** 0.5))
+    side = round(h.shape[1] ** 0.5)
     h = h.reshape(B, side, side, -1)
     n = enc.neck
     t = _linear(h.to(dt), w["neck0.w"], None).float()
@@ -525,7 +526,7 @@ def _vit_forward(enc: Any, x: torch.Tensor) -> torch.Tensor:
 
 def _decoder_attention_forward(self: Any, q: torch.Tensor, k: torch.Tensor,
                                v: torch.Tensor) -> torch.Tensor:
-    """SAM two-way-transformer attention through SDPA: ``(B, Nq, C)`` x ``(B, Nk, C)`` -> ``(B, Nq, C)``."""
+    """SAM decoder attention through SDPA: ``(B, Nq, C)``, ``(B, Nk, C)`` -> ``(B, Nq, C)``."""
     import torch.nn.functional as F
 
     q = self.q_proj(q)
@@ -540,8 +541,46 @@ def _decoder_attention_forward(self: Any, q: torch.Tensor, k: torch.Tensor,
     return self.out_proj(o.transpose(1, 2).reshape(B, Nq, Ci))
 
 
+def _is_sam_upscaling(seq: Any) -> bool:
+    """SAM's ``output_upscaling``: ConvT(2, 2), LayerNorm2d, GELU, ConvT(2, 2), GELU."""
+    names = [type(m).__name__ for m in seq] if hasattr(seq, "__iter__") else []
+    if names != ["ConvTranspose2d", "LayerNorm2d", "GELU", "ConvTranspose2d", "GELU"]:
+        return False
+    ok = all(tuple(seq[i].kernel_size) == (2, 2) and tuple(seq[i].stride) == (2, 2)
+             and tuple(seq[i].padding) == (0, 0) and seq[i].groups == 1 for i in (0, 3))
+    return ok and all(getattr(seq[i], "approximate", "none") == "none" for i in (2, 4))
+
+
+def _convt2x2_nhwc(x: torch.Tensor, conv: Any) -> torch.Tensor:
+    """ConvTranspose2d(k=2, s=2) as one matmul: ``(B, H, W, Ci)`` -> ``(B, H, W, Co, 2, 2)``."""
+    B, H, W, _ = x.shape
+    co = conv.out_channels
+    w = conv.weight.reshape(conv.in_channels, co * 4)  # (Ci, Co*kh*kw)
+    y = (x.reshape(-1, x.shape[-1]) @ w).view(B, H, W, co, 2, 2)
+    if conv.bias is not None:
+        y = y + conv.bias[:, None, None]
+    return y
+
+
+def _upscaling_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
+    """Fast SAM mask upscaling: ``(B, C, h, w)`` -> ``(B, C/8, 4h, 4w)``; same maths as stock."""
+    import torch
+    import torch.nn.functional as F
+
+    if torch.is_grad_enabled() or x.device.type != "cpu":
+        return type(self).forward(self, x)
+    c1, ln, _, c2, _ = self
+    B, _, H, W = x.shape
+    y = _convt2x2_nhwc(x.permute(0, 2, 3, 1), c1)  # (B, H, W, C1, 2, 2)
+    y = y.permute(0, 1, 4, 2, 5, 3).reshape(B, 2 * H, 2 * W, c1.out_channels)
+    y = F.gelu(F.layer_norm(y, (y.shape[-1],), ln.weight, ln.bias, ln.eps))
+    z = F.gelu(_convt2x2_nhwc(y, c2))  # (B, 2H, 2W, C2, 2, 2)
+    z = z.permute(0, 3, 1, 4, 2, 5).reshape(B, c2.out_channels, 4 * H, 4 * W)
+    return z
+
+
 def _cached_dense_pe(self: Any) -> torch.Tensor:
-    """``prompt_encoder.get_dense_pe()`` computed once per weights version (it only depends on them)."""
+    """``prompt_encoder.get_dense_pe()``, computed once per weights version."""
     key = (self.pe_layer.positional_encoding_gaussian_matrix._version, self.image_embedding_size)
     cache = self.__dict__.get("_medseg_pe_cache")
     if cache is None or cache[0] != key:
@@ -617,8 +656,8 @@ def accelerate(model: Any, precision: str = "auto", *, decoder: bool = True) -> 
             encoding.
 
     Returns:
-        ``model``, its encoder ``forward`` replaced while in eval mode under
-        ``torch.inference_mode()``/``no_grad`` on CPU (it falls back to the stock forward otherwise).
+        ``model``; its encoder ``forward`` is replaced and takes the fast path in eval mode under
+        ``torch.inference_mode()``/``no_grad`` on CPU (the stock forward otherwise).
         The chosen precision is in ``model.image_encoder._medseg_fast['precision']``.
     """
     import torch
@@ -650,6 +689,9 @@ def accelerate(model: Any, precision: str = "auto", *, decoder: bool = True) -> 
                         hasattr(m, a) for a in ("q_proj", "k_proj", "v_proj", "out_proj",
                                                 "num_heads")):
                     m.forward = types.MethodType(_decoder_attention_forward, m)
+            up = getattr(dec, "output_upscaling", None)
+            if up is not None and _is_sam_upscaling(up):
+                up.forward = types.MethodType(_upscaling_forward, up)
         pe = getattr(model, "prompt_encoder", None)
         if pe is not None and hasattr(pe, "get_dense_pe") and hasattr(pe, "pe_layer"):
             pe.get_dense_pe = types.MethodType(_cached_dense_pe, pe)

@@ -115,6 +115,10 @@ class PropagationConfig:
             the mask.
         min_overlap: 2D IoU between the new mask and the previous one.
         max_extent: distance from the key slice (mm) over the key object's equivalent diameter.
+        min_consistency: minimum of ``similarity - consistency_weight * intensity_shift``: the
+            object must look like the key slice's object in the model's features and in
+            brightness together.
+        consistency_weight: weight of the intensity shift in the consistency.
         max_slices: most slices to walk from a key slice in each direction.
         between_keys_stop: ``'vanish'`` (only an empty mask stops a walk between two key slices)
             or ``'full'`` (the full stop rule there too).
@@ -138,6 +142,8 @@ class PropagationConfig:
     max_intensity_shift: float | None = None
     min_overlap: float | None = None
     max_extent: float | None = None
+    min_consistency: float | None = None
+    consistency_weight: float = 2.0
     max_slices: int | None = None
     between_keys_stop: str = "vanish"
     resolve: str = "nearer"
@@ -163,13 +169,13 @@ class PropagationConfig:
         """The carry-over kinds of ``carry`` as a tuple."""
         return _kinds(self.carry)
 
-
-def _kinds(carry: str) -> tuple[str, ...]:
-    return tuple(k.strip() for k in str(carry).split("+") if k.strip())
-
     def to_json(self) -> dict[str, Any]:
         """The configuration as a plain dict."""
         return asdict(self)
+
+
+def _kinds(carry: str) -> tuple[str, ...]:
+    return tuple(k.strip() for k in str(carry).split("+") if k.strip())
 
 
 #: The default configuration (chosen by ``benchmarks/bench_propagation.py``).
@@ -179,6 +185,7 @@ DEFAULT_CONFIG = PropagationConfig()
 NO_STOP = {
     "min_iou": None, "min_stability": None, "min_area_ratio": None, "max_area_ratio": None,
     "min_similarity": None, "max_intensity_shift": None, "min_overlap": None, "max_extent": None,
+    "min_consistency": None,
 }
 
 
@@ -366,6 +373,12 @@ def stop_reason(rec: SliceRecord, cfg: PropagationConfig, full: bool = True) -> 
         (cfg.max_intensity_shift, rec.intensity_shift, "intensity_shift", False),
         (cfg.min_overlap, rec.overlap, "overlap", True),
         (cfg.max_extent, rec.extent, "extent", False),
+        (
+            cfg.min_consistency,
+            rec.similarity - cfg.consistency_weight * rec.intensity_shift,
+            "consistency",
+            True,
+        ),
     ]
     for thr, val, name, is_min in checks:
         if thr is None:
