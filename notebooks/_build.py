@@ -57,7 +57,7 @@ QUICKSTART = [
         """
         # medseg quickstart
 
-        One real MR study from start to finish, on the CPU, in about a minute:
+        One real MR study from start to finish, on the CPU (LiteMedSAM embeds about ten slices):
 
         1. open the image and its tumour label and read the geometry;
         2. look at the tumour's largest slice;

@@ -88,7 +88,7 @@ def test_refuses_to_overwrite_before_work(main_run, breast, cache_dir, capsys):
 def test_box_prompt_file_and_no_propagate(breast, cache_dir, tmp_path, capsys):
     img, lab = breast
     prompts = tmp_path / "p.json"
-    prompts.write_text(json.dumps({"axis": "z", "boxes": [{"slice": 9, "box": [34, 12, 47, 26]}]}))
+    prompts.write_text(json.dumps({"axis": "z", "boxes": [{"slice": 9, "box": [62, 19, 77, 31]}]}))
     rc = main(["segment", str(img), "--prompts", str(prompts), "--no-propagate", "--gt", str(lab),
                "--json", str(tmp_path / "r.json"), "--cache-dir", str(cache_dir), "--quiet"])
     assert rc == 0
@@ -96,7 +96,7 @@ def test_box_prompt_file_and_no_propagate(breast, cache_dir, tmp_path, capsys):
     assert "Dice" in printed
     rep = json.loads((tmp_path / "r.json").read_text())
     assert rep["propagation"]["slices"] == [9]
-    assert rep["prompts"] == [{"index": 9, "box_rc": [34.0, 12.0, 47.0, 26.0]}]
+    assert rep["prompts"] == [{"index": 9, "box_rc": [62.0, 19.0, 77.0, 31.0]}]
     assert rep["oracle"] is None and 0 < rep["dice"] < 1
 
 

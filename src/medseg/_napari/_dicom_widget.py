@@ -46,6 +46,9 @@ class DicomSeriesWidget(Container):
     def scan_folder(self) -> None:
         """List the folder's series (largest first)."""
         folder = self._folder.value
+        if folder is None or str(folder) in ("", "."):
+            show_error("choose the folder holding the DICOM files first")
+            return
 
         def work(progress: Any) -> Any:
             from medseg.io.dicom import scan_dicom_folder

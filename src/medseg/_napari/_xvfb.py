@@ -20,6 +20,16 @@ SCREEN = "1280x1024x24"
 _proc: subprocess.Popen | None = None
 
 
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
+    """Ask Linux to terminate Xvfb when the process that started it dies (even by a crash)."""
+    import contextlib
+    import ctypes
+    import signal
+
+    with contextlib.suppress(OSError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 def ensure_display(timeout_s: float = 20.0) -> str | None:
     """Make sure Qt can open a window: return the ``DISPLAY`` in use (or ``None`` off Linux).
 
@@ -42,6 +52,7 @@ def ensure_display(timeout_s: float = 20.0) -> str | None:
     proc = subprocess.Popen(
         [exe, "-displayfd", str(wfd), "-screen", "0", SCREEN, "-nolisten", "tcp", "-noreset"],
         pass_fds=(wfd,), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        preexec_fn=_die_with_parent,
     )
     os.close(wfd)
     import select

@@ -135,6 +135,9 @@ def run(args: argparse.Namespace) -> int:
         if gt is not None:
             report["metrics_unet"] = report.pop("metrics")
             report["metrics"] = _metrics(refined, gt)
+        report["voxels_unet"] = report["voxels"]
+        report["voxels"] = {seg.labels[v]: int(np.count_nonzero(refined.array == v))
+                            for v in seg.labels}
         labels = refined
     if args.out:
         write_labels(labels, args.out, reference=vol, inputs=inputs, overwrite=ow)
