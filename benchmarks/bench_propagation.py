@@ -57,7 +57,7 @@ GRID: dict[str, list[Any]] = {
     "max_intensity_shift": [None, 0.1, 0.15, 0.2],
     "area": [None, (0.5, 1.5), (0.33, 3.0)],
     "max_extent": [None, 1.0, 1.5],
-    "min_overlap": [None, 0.2],
+    "min_margin": [None, 0.0, 0.05, 0.1],
     "consistency": [None, (0.2, 2.0), (0.3, 2.0), (0.4, 2.0), (0.2, 1.0), (0.3, 1.0), (0.4, 1.0),
                     (0.2, 3.0), (0.3, 3.0)],
 }
@@ -73,6 +73,9 @@ NAMED: dict[str, dict[str, Any]] = {
     "similarity0.6": {"min_similarity": 0.6},
     "consistency0.3w2": {"min_consistency": 0.3, "consistency_weight": 2.0},
     "consistency0.3w2+sim0.5": {"min_consistency": 0.3, "min_similarity": 0.5},
+    "margin0": {"min_margin": 0.0},
+    "margin0.05": {"min_margin": 0.05},
+    "margin0.05+consistency0.3": {"min_margin": 0.05, "min_consistency": 0.3},
 }
 
 
@@ -131,7 +134,7 @@ def record_walk(pred: Any, gt: np.ndarray, key: Any, carry: dict[str, Any]) -> d
 
 
 _MIN_DIMS = {"min_iou": "iou_pred", "min_stability": "stability", "min_area_ratio": "area_ratio",
-             "min_similarity": "similarity", "min_overlap": "overlap"}
+             "min_similarity": "similarity", "min_overlap": "overlap", "min_margin": "margin"}
 _MAX_DIMS = {"max_area_ratio": "area_ratio", "max_intensity_shift": "intensity_shift",
              "max_extent": "extent"}
 
@@ -291,7 +294,8 @@ def main(argv: list[str] | None = None) -> int:
                     "steps": [{k: s[k] for k in ("index", "distance", "accepted", "iou_pred",
                                                   "stability", "area_px", "area_ratio",
                                                   "similarity", "intensity_shift", "overlap",
-                                                  "extent", "inter", "pred_px", "stopped")}
+                                                  "extent", "bg_similarity", "margin", "inter",
+                                              "pred_px", "stopped")}
                               for s in w["steps"]],
                 }
         # online runs: the default config and the naive baseline, end to end

@@ -562,7 +562,7 @@ BATCH = [
             shutil.rmtree(OUT)  # this notebook's own output folder
         OUT.mkdir()
 
-        N_CASES = 2
+        N_CASES = 3
         cmd = [sys.executable, "-m", "medseg", "phantom", str(OUT / "phantoms"),
                "--cases", str(N_CASES), "--seed", "10", "--shape", "16,96,96",
                "--spacing", "8,2,2", "--quiet"]

@@ -94,8 +94,11 @@ def test_python3_kernelspec_is_this_interpreter() -> None:
     from jupyter_client.kernelspec import KernelSpecManager
 
     argv0 = KernelSpecManager().get_kernel_spec("python3").argv[0]
-    # jupyter_client launches a bare "python" as sys.executable; a path must be this venv's
-    assert argv0 in {"python", "python3"} or Path(argv0).resolve() == Path(sys.executable).resolve()
+    # jupyter_client launches a bare python / pythonX / pythonX.Y as sys.executable (not the
+    # first one on PATH); any other command must be this interpreter itself
+    major, minor = sys.version_info[:2]
+    bare = {"python", f"python{major}", f"python{major}.{minor}"}
+    assert argv0 in bare or Path(argv0).resolve() == Path(sys.executable).resolve()
 
 
 # --------------------------------------------------------------------------- execution
@@ -195,8 +198,9 @@ def test_batch_evaluation_records_the_failure_and_goes_on(tmp_path: Path) -> Non
     if s["method"].startswith("litemedsam"):  # boxes from the label on every slice
         assert set(values) == {"liver", "tumour", "kidney", "spleen"}
         assert table["liver"]["dice_mean"] > 0.6 and table["kidney"]["dice_mean"] > 0.8
-    else:  # the demo U-Net, trained on such phantoms: its best label must be well segmented
-        assert max(row["dice_mean"] for row in table.values()) > 0.7
+    else:  # the demo U-Net, trained on such phantoms
+        assert all(row["dice_mean"] > 0.5 for row in table.values())
+        assert table["liver"]["dice_mean"] > 0.8
 
     report = json.loads((tmp_path / s["report"]).read_text())
     assert len(report["per_case"]) == len(ok) * len(table)

@@ -128,6 +128,14 @@ def test_refuses_config_it_cannot_honour(trained: dict[str, Path], tmp_path: Pat
     torch.save(ck, bad)
     with pytest.raises(CheckpointConfigError, match="sha256"):
         UNetSegmenter.load(bad)
+    from medseg.predict.unet import config_sha256
+
+    ck["config"]["target_spacing"] = [9.0, 8.0, 8.0]
+    ck["config"]["arch"] = "monai.SwinUNETR"  # consistent hash, but not an architecture we build
+    ck["config_sha256"] = config_sha256(ck["config"])
+    torch.save(ck, tmp_path / "arch.pt")
+    with pytest.raises(CheckpointConfigError, match="unknown architecture"):
+        UNetSegmenter.load(tmp_path / "arch.pt")
     img, gt = make_phantom(22, SHAPE, SPACING)
     from medseg.io import write_labels, write_volume
 

@@ -74,7 +74,7 @@ def test_instances_table_matches_voxels(case: dict) -> None:
     with open(root / "lesions.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == int(inst.max()) == case["report"]["instances"]["lesions"] >= 1
-    voxel_mm3 = float(np.prod(case["img"].spacing))
+    voxel_mm3 = float(np.prod(seg.spacing))  # the file's spacing (float32 in NIfTI)
     for r in rows:
         n = int((inst == int(r["id"])).sum())
         assert int(r["voxels"]) == n

@@ -17,8 +17,9 @@ into new modules; ``state_dict()`` is unchanged):
 * **Mask decoder**: attention through SDPA, the dense positional encoding cached.
 
 The encoder output has the stock layout ``(B, 256, h, w)`` float32, so caches and decoders are
-unaffected. Everything here is CPU inference only (``torch.inference_mode``); on a CUDA model
-:func:`accelerate` only sets up autocast-free stock behaviour and returns the model unchanged.
+unaffected. The fast encoder is CPU inference only (eval mode, no autograd); with gradients
+enabled, in training mode or on another device the stock forward runs. On a GPU model the encoder
+is left alone (the decoder's SDPA attention and positional-encoding cache still apply).
 
 Call :func:`accelerate` after the weights are loaded; if parameters change afterwards, the folded
 weights are rebuilt automatically on the next call (parameter versions are checked).
@@ -44,6 +45,9 @@ __all__ = [
 ]
 
 PRECISIONS = ("auto", "fp32", "bf16")
+
+#: Keep TinyViT's first (MBConv) stage residual stream in float32 under bf16 (accuracy vs speed).
+L0_FP32_RESIDUAL = False
 
 
 # --------------------------------------------------------------------------------------------------
@@ -354,13 +358,18 @@ def _tinyvit_forward(enc: Any, x: torch.Tensor) -> torch.Tensor:
     h = _linear(h, w["pe1.w"], w["pe1.b"])  # (B, S, S, C0)
     Hc, Wc = h.shape[1], h.shape[2]
     for li, layer in enumerate(enc.layers):
-        if li == 0:  # MBConv stage on (B, H, W, C) in compute dtype
+        if li == 0:  # MBConv stage on (B, H, W, C); the residual stream stays float32
+            if L0_FP32_RESIDUAL:
+                h = h.float()
             for bi in range(len(layer.blocks)):
                 p = f"l0.b{bi}"
-                t = _linear(h, w[p + ".conv1.w"], w[p + ".conv1.b"], gelu=True)
+                t = _linear(h.to(dt), w[p + ".conv1.w"], w[p + ".conv1.b"], gelu=True)
                 t = _dwconv(t, w[p + ".conv2.w"], w[p + ".conv2.b"], 1, 1, gelu=True)
-                h = torch.nn.functional.gelu(_linear(t, w[p + ".conv3.w"], w[p + ".conv3.b"],
-                                                     add=h))
+                if t.dtype == h.dtype:
+                    h = _linear(t, w[p + ".conv3.w"], w[p + ".conv3.b"], add=h)
+                else:
+                    h = h + _linear(t, w[p + ".conv3.w"], w[p + ".conv3.b"]).float()
+                h = torch.nn.functional.gelu(h)
         else:  # transformer stage: tokens (B, L, C) float32 residual stream
             res = layer.blocks[0].input_resolution
             Hc, Wc = res

@@ -90,10 +90,11 @@ def refine_with_sam(
     for c in range(1, n_comp + 1):
         zs = np.flatnonzero((comps == c).any(axis=(1, 2)))
         jobs += [(c, int(z)) for z in zs]
+    keep_meta = {k: v for k, v in labelmap.meta.items() if k not in {"labels", "refined"}}
     meta = {"model": str(model), "label": label, "components": n_comp, "prompts": len(jobs),
             "mask_prompt": bool(use_mask_prompt)}
     if not jobs:
-        return LabelMap.like(labelmap, out, labelmap.labels, **labelmap.meta, refined=meta)
+        return LabelMap.like(labelmap, out, labelmap.labels, **keep_meta, refined=meta)
     if predictor is None:
         from medseg.predict.sam import VolumePredictor
 
@@ -119,4 +120,4 @@ def refine_with_sam(
         sl[sam] = label
         if progress is not None:
             progress(i + 1, len(jobs))
-    return LabelMap.like(labelmap, out, labelmap.labels, **labelmap.meta, refined=meta)
+    return LabelMap.like(labelmap, out, labelmap.labels, **keep_meta, refined=meta)

@@ -119,6 +119,8 @@ class PropagationConfig:
             object must look like the key slice's object in the model's features and in
             brightness together.
         consistency_weight: weight of the intensity shift in the consistency.
+        min_margin: minimum of ``similarity - bg_similarity``: the new mask must look more like
+            the key slice's object than like the key object's surroundings (a ring around it).
         max_slices: most slices to walk from a key slice in each direction.
         between_keys_stop: ``'vanish'`` (only an empty mask stops a walk between two key slices)
             or ``'full'`` (the full stop rule there too).
@@ -144,6 +146,7 @@ class PropagationConfig:
     max_extent: float | None = None
     min_consistency: float | None = None
     consistency_weight: float = 2.0
+    min_margin: float | None = None
     max_slices: int | None = None
     between_keys_stop: str = "vanish"
     resolve: str = "nearer"
@@ -185,7 +188,7 @@ DEFAULT_CONFIG = PropagationConfig()
 NO_STOP = {
     "min_iou": None, "min_stability": None, "min_area_ratio": None, "max_area_ratio": None,
     "min_similarity": None, "max_intensity_shift": None, "min_overlap": None, "max_extent": None,
-    "min_consistency": None,
+    "min_consistency": None, "min_margin": None,
 }
 
 
@@ -204,6 +207,8 @@ class SliceRecord:
         area_px: mask pixels.
         area_ratio: area / previous slice's area (1 on the key slice).
         similarity: cosine similarity of the mask-pooled embedding to the key object's.
+        bg_similarity: the same to the key object's surroundings (a ring around its mask);
+            ``similarity - bg_similarity`` is the "margin" of the stop rule.
         intensity: mean model-input intensity ([0, 1]) inside the mask.
         intensity_shift: ``|intensity - key intensity|``.
         overlap: 2D IoU with the previous slice's mask (1 on the key slice).
@@ -225,12 +230,19 @@ class SliceRecord:
     intensity_shift: float
     overlap: float
     extent: float
+    bg_similarity: float = 0.0
     stopped: str | None = None
     review_score: float = 0.0
 
+    @property
+    def margin(self) -> float:
+        """``similarity - bg_similarity``."""
+        return self.similarity - self.bg_similarity
+
     def to_json(self) -> dict[str, Any]:
-        """Plain dict with rounded floats."""
+        """Plain dict with rounded floats (plus ``margin``)."""
         out = asdict(self)
+        out["margin"] = self.margin
         for k, v in out.items():
             if isinstance(v, float):
                 out[k] = round(v, 4) if math.isfinite(v) else None
@@ -337,6 +349,20 @@ def largest_component(mask: np.ndarray) -> np.ndarray:
     return lab == (int(np.argmax(sizes)) + 1)
 
 
+def surroundings(mask: np.ndarray) -> np.ndarray:
+    """A ring around a 2D mask: dilated by half its equivalent radius (at least 3 px) minus
+    the mask itself."""
+    from scipy import ndimage
+
+    area = int(np.count_nonzero(mask))
+    if area == 0:
+        return mask.copy()
+    r = max(3, round(0.5 * math.sqrt(area / math.pi)))
+    yy, xx = np.mgrid[-r : r + 1, -r : r + 1]
+    disk = yy**2 + xx**2 <= r * r
+    return ndimage.binary_dilation(mask, structure=disk) & ~mask
+
+
 def _cos(a: np.ndarray, b: np.ndarray) -> float:
     na, nb = float(np.linalg.norm(a)), float(np.linalg.norm(b))
     if na == 0 or nb == 0:
@@ -379,6 +405,7 @@ def stop_reason(rec: SliceRecord, cfg: PropagationConfig, full: bool = True) -> 
             "consistency",
             True,
         ),
+        (cfg.min_margin, rec.margin, "margin", True),
     ]
     for thr, val, name, is_min in checks:
         if thr is None:
@@ -415,6 +442,7 @@ class _Ref:
 
     index: int
     embedding: np.ndarray
+    background: np.ndarray
     intensity: float
     diameter_mm: float
 
@@ -483,11 +511,13 @@ class _Walker:
         emb = self.p.object_embedding(idx, mask)
         inten = self.mean_intensity(idx, mask)
         diameter = 2.0 * math.sqrt(area * self.pixel_mm2 / math.pi) if area else 0.0
-        ref = _Ref(idx, emb, inten, diameter)
+        bg = self.p.object_embedding(idx, surroundings(mask))
+        ref = _Ref(idx, emb, bg, inten, diameter)
         rec = SliceRecord(
             index=idx, source=idx, distance=0, accepted=area > 0, iou_pred=iou, stability=stab,
             area_px=area, area_ratio=1.0, similarity=1.0, intensity=inten, intensity_shift=0.0,
-            overlap=1.0, extent=0.0, stopped=None if area > 0 else "vanished",
+            overlap=1.0, extent=0.0, bg_similarity=_cos(emb, bg),
+            stopped=None if area > 0 else "vanished",
         )
         rec.review_score = review_score(rec)
         return _Step(rec, mask, logits), ref
@@ -520,8 +550,9 @@ class _Walker:
 
     def candidates(
         self, index: int, prev: _Step, ref: _Ref
-    ) -> tuple[np.ndarray, np.ndarray, float, float, float]:
-        """``(mask, logits, iou_pred, stability, similarity)`` of the chosen candidate."""
+    ) -> tuple[np.ndarray, np.ndarray, float, float, float, float]:
+        """``(mask, logits, iou_pred, stability, similarity, bg_similarity)`` of the chosen
+        candidate."""
         cfg = self.cfg
         best: tuple[Any, ...] | None = None
         for carry in (cfg.carry, *cfg.alternatives):
@@ -545,12 +576,17 @@ class _Walker:
                             sim)
         assert best is not None
         _, mask, logits, iou, stab, sim = best
-        if not math.isfinite(sim):
-            sim = _cos(self.p.object_embedding(index, mask), ref.embedding) if mask.any() else 0.0
-        return mask, logits, iou, stab, sim
+        bg_sim = 0.0
+        if mask.any():
+            vec = self.p.object_embedding(index, mask)
+            sim = _cos(vec, ref.embedding)
+            bg_sim = _cos(vec, ref.background)
+        else:
+            sim = 0.0
+        return mask, logits, iou, stab, sim, bg_sim
 
     def step(self, index: int, prev: _Step, ref: _Ref, distance: int) -> _Step:
-        mask, logits, iou, stab, sim = self.candidates(index, prev, ref)
+        mask, logits, iou, stab, sim, bg_sim = self.candidates(index, prev, ref)
         area = int(np.count_nonzero(mask))
         inten = self.mean_intensity(index, mask)
         shift = abs(inten - ref.intensity) if area and math.isfinite(ref.intensity) else 1.0
@@ -562,7 +598,7 @@ class _Walker:
             index=index, source=ref.index, distance=distance, accepted=True, iou_pred=iou,
             stability=stab, area_px=area, area_ratio=area / prev_area, similarity=sim,
             intensity=inten, intensity_shift=shift, overlap=_iou2d(mask, prev.mask),
-            extent=extent,
+            extent=extent, bg_similarity=bg_sim,
         )
         return _Step(rec, mask, logits)
 
