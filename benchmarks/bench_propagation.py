@@ -57,7 +57,8 @@ GRID: dict[str, list[Any]] = {
     "max_intensity_shift": [None, 0.1, 0.15, 0.2],
     "area": [None, (0.5, 1.5), (0.33, 3.0)],
     "max_extent": [None, 1.0, 1.5],
-    "min_margin": [None, 0.0, 0.05, 0.1],
+    "min_margin": [None, -0.05, 0.0, 0.02, 0.05],
+    "patience": [0, 1],
     "consistency": [None, (0.2, 2.0), (0.3, 2.0), (0.4, 2.0), (0.2, 1.0), (0.3, 1.0), (0.4, 1.0),
                     (0.2, 3.0), (0.3, 3.0)],
 }
@@ -73,6 +74,9 @@ NAMED: dict[str, dict[str, Any]] = {
     "similarity0.6": {"min_similarity": 0.6},
     "consistency0.3w2": {"min_consistency": 0.3, "consistency_weight": 2.0},
     "consistency0.3w2+sim0.5": {"min_consistency": 0.3, "min_similarity": 0.5},
+    "default(margin0+shift0.15,patience1)": {"min_margin": 0.0, "max_intensity_shift": 0.15,
+                                              "patience": 1},
+    "margin0+patience1": {"min_margin": 0.0, "patience": 1},
     "margin0": {"min_margin": 0.0},
     "margin0.05": {"min_margin": 0.05},
     "margin0.05+consistency0.3": {"min_margin": 0.05, "min_consistency": 0.3},
@@ -119,7 +123,8 @@ def record_walk(pred: Any, gt: np.ndarray, key: Any, carry: dict[str, Any]) -> d
 
     zs = np.flatnonzero(gt.any(axis=(1, 2)))
     horizon = int(max(key.index - zs.min(), zs.max() - key.index)) + 4
-    cfg = PropagationConfig(**{**carry, **NO_STOP, "max_slices": horizon})
+    base = {"alternatives": (), "select": "iou", "multimask": False, "patience": 0}
+    cfg = PropagationConfig(**{**base, **carry, **NO_STOP, "max_slices": horizon})
     t0 = time.perf_counter()
     res = propagate(pred, [key], cfg)
     secs = time.perf_counter() - t0
@@ -160,12 +165,17 @@ def dice_for_rules(walk: dict[str, Any], rules: list[dict[str, Any]]) -> tuple[n
             inter += st["inter"]
             pred += st["pred_px"]
             count += 1
+    patience = np.array([int(r.get("patience") or 0) for r in rules])
     for d in (-1, 1):
         steps = sorted((s for s in walk["steps"] if s["distance"] > 0
                         and (s["index"] > s["source"]) == (d > 0)), key=lambda s: s["distance"])
         alive = np.ones(n, bool)
+        p_inter = np.zeros(n)  # doubtful slices waiting for a passing one (patience)
+        p_pred = np.zeros(n)
+        p_count = np.zeros(n)
         for st in steps:
-            fail = np.zeros(n, bool) if st["accepted"] else np.ones(n, bool)
+            hard = not st["accepted"]
+            fail = np.full(n, hard)
             for k, sig in _MIN_DIMS.items():
                 v = st[sig]
                 if v is not None:
@@ -177,10 +187,19 @@ def dice_for_rules(walk: dict[str, Any], rules: list[dict[str, Any]]) -> tuple[n
                 (st["similarity"] or 0.0) - w_c * (st["intensity_shift"] if st["intensity_shift"]
                                                    is not None else 1.0)
                 < np.nan_to_num(thr_c, nan=-np.inf))
-            alive &= ~fail
-            inter += alive * st["inter"]
-            pred += alive * st["pred_px"]
-            count += alive
+            stop = alive & fail & (hard | (p_count >= patience))
+            wait = alive & fail & ~stop
+            ok = alive & ~fail
+            alive &= ~stop
+            p_inter += wait * st["inter"]
+            p_pred += wait * st["pred_px"]
+            p_count += wait
+            inter += ok * (p_inter + st["inter"])
+            pred += ok * (p_pred + st["pred_px"])
+            count += ok * (p_count + 1)
+            p_inter[ok | stop] = 0
+            p_pred[ok | stop] = 0
+            p_count[ok | stop] = 0
     den = pred + walk["gt_voxels"]
     dice = np.where(den > 0, 2 * inter / np.maximum(den, 1), 1.0)
     return dice, count
@@ -233,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from medseg.predict.propagate import (
         DEFAULT_CONFIG,
-        PropagationConfig,
+        NAIVE_CONFIG,
         box_from_gt,
         dice3d,
         oracle_dice,
@@ -301,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
         # online runs: the default config and the naive baseline, end to end
         entry["online"] = {}
         for oname, cfg in (("default", DEFAULT_CONFIG),
-                           ("naive", PropagationConfig(carry="box", min_iou=0.5))):
+                           ("naive", NAIVE_CONFIG)):
             t1 = time.perf_counter()
             res = propagate(pred, [key], cfg)
             d = dice3d(res.mask, gt)

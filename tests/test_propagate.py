@@ -119,6 +119,11 @@ def test_stop_reason_checks_each_signal():
     # similarity 0.6 passes its own check but 0.6 - 2 * 0.2 = 0.2 < 0.3
     assert stop_reason(_rec(similarity=0.6, intensity_shift=0.2), cfg) == "consistency<0.3"
     assert stop_reason(_rec(area_ratio=2.5), cfg) == "area_ratio>2"
+    # the default rule: more like the key object's surroundings than like the object -> stop
+    dflt = PropagationConfig()
+    assert stop_reason(_rec(similarity=0.8, bg_similarity=0.7), dflt) is None
+    assert stop_reason(_rec(similarity=0.7, bg_similarity=0.8), dflt) == "margin<0"
+    assert stop_reason(_rec(intensity_shift=0.3), dflt) == "intensity_shift>0.15"
     # between two key slices only "vanished" stops
     assert stop_reason(_rec(iou_pred=0.1), cfg, full=False) is None
     assert stop_reason(_rec(area_px=0), cfg, full=False) == "vanished"

@@ -11,7 +11,8 @@ Outputs (all checked before any work, all written atomically):
 * ``--gt GT --json REPORT``: metrics per label (:func:`medseg.metrics.evaluate`).
 
 ``--refine-with litemedsam [--refine-label N]`` refines one label (default: the label named
-tumour/tumor/lesion) with :func:`medseg.predict.hybrid.refine_with_sam`.
+tumour/tumor/lesion) with :func:`medseg.predict.hybrid.refine_with_sam`; the SAM model sees the
+U-Net's own intensity window unless ``--window`` says otherwise.
 """
 
 from __future__ import annotations
@@ -91,9 +92,10 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(
             "--refine-with takes a SAM-Med model (litemedsam, sam_vit_b, medsam_vit_b)"
         )
-    if args.window:
-        print("medseg segment: note: --window is ignored for U-Net models (the checkpoint fixes "
-              "the intensity preprocessing)", file=sys.stderr)
+    if args.window and not args.refine_with:
+        print("medseg segment: note: --window is ignored by the U-Net (its checkpoint fixes the "
+              "intensity preprocessing); it only sets the window of --refine-with",
+              file=sys.stderr)
 
     t0 = time.perf_counter()
     vol = read_volume(args.image, series=getattr(args, "series", None))
@@ -128,6 +130,7 @@ def run(args: argparse.Namespace) -> int:
         with tqdm_progress("refine", enabled=not quiet) as cb:
             refined = refine_with_sam(
                 vol, labels, refine_label, model=args.refine_with, progress=cb,
+                window=args.window or _unet_window(seg.config),
                 precision=args.precision, device=args.device,
             )
         report["refine"] = {**refined.meta.get("refined", {}),
@@ -150,6 +153,18 @@ def run(args: argparse.Namespace) -> int:
         write_json(report, args.json_out, inputs=inputs, overwrite=True)
     _print_summary(report)
     return 0
+
+
+def _unet_window(config: dict[str, Any]) -> str:
+    """The U-Net's own intensity mapping as a ``--window`` value for the SAM refinement.
+
+    On the phantoms the U-Net's abdomen window let LiteMedSAM see the hypodense tumours; the
+    SAM default (wide, -1000..400 HU) made the refinement worse than the U-Net alone.
+    """
+    it = config.get("intensity") or {}
+    if it.get("kind") == "window":
+        return f"{float(it['lo']):g},{float(it['hi']):g}"
+    return "percentile"
 
 
 def _write_instances(
