@@ -42,18 +42,26 @@ def _load() -> list[float]:
 
 
 def _interleaved(fns: dict[str, Callable[[], Any]], reps: int, warmup: int = 1) -> dict[str, Any]:
-    """Run each callable ``warmup`` times, then ``reps`` rounds A, B, C, ... ; wall seconds."""
+    """Run each callable ``warmup`` times, then ``reps`` rounds A, B, C, ... .
+
+    Returns per name: wall seconds (median, min, all runs) and the median process CPU seconds
+    (``cpu_median_s``: all threads together; with ``--threads 1`` the figure least disturbed by
+    other processes on a shared machine).
+    """
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     times: dict[str, list[float]] = {k: [] for k in fns}
+    cpu: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(reps):
         for k, fn in fns.items():
-            t0 = time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
             fn()
             times[k].append(time.perf_counter() - t0)
+            cpu[k].append(time.process_time() - c0)
     return {
-        k: {"median_s": statistics.median(v), "min_s": min(v), "runs": [round(x, 4) for x in v]}
+        k: {"median_s": statistics.median(v), "min_s": min(v),
+            "cpu_median_s": statistics.median(cpu[k]), "runs": [round(x, 4) for x in v]}
         for k, v in times.items()
     }
 
@@ -141,6 +149,7 @@ def bench_vit(reps: int, precision: str) -> dict[str, Any]:
         res = _interleaved({"stock_fp32": run_stock, f"fast_{prec}": run_fast}, reps, warmup=0)
     out.update(res)
     out["speedup"] = res["stock_fp32"]["median_s"] / res[f"fast_{prec}"]["median_s"]
+    out["cpu_speedup"] = res["stock_fp32"]["cpu_median_s"] / res[f"fast_{prec}"]["cpu_median_s"]
     out["load_after"] = _load()
     return out
 
@@ -184,10 +193,14 @@ def bench_lite(reps: int, batch: int) -> dict[str, Any]:
         res = _interleaved(fns, reps)
     res[f"fast_auto_batch{batch}"]["per_slice_median_s"] = (
         res[f"fast_auto_batch{batch}"]["median_s"] / batch)
+    res[f"fast_auto_batch{batch}"]["per_slice_cpu_median_s"] = (
+        res[f"fast_auto_batch{batch}"]["cpu_median_s"] / batch)
     out.update(res)
     best = "fast_bf16" if fast.native_bf16() else "fast_fp32"
     out["fast_auto"] = best
     out["speedup_auto_vs_stock_fp32"] = res["stock_fp32"]["median_s"] / res[best]["median_s"]
+    out["cpu_speedup_auto_vs_stock_fp32"] = (res["stock_fp32"]["cpu_median_s"]
+                                             / res[best]["cpu_median_s"])
     out["load_after"] = _load()
     fast.restore(m)
     return out
@@ -225,9 +238,11 @@ def bench_click(reps: int) -> dict[str, Any]:
         res = _interleaved({"stock": stock, "fast": fast_click}, reps, warmup=3)
     for v in res.values():
         v["median_ms"] = v["median_s"] * 1000.0
+        v["cpu_median_ms"] = v["cpu_median_s"] * 1000.0
         del v["runs"]
     out.update(res)
     out["speedup"] = res["stock"]["median_s"] / res["fast"]["median_s"]
+    out["cpu_speedup"] = res["stock"]["cpu_median_s"] / res["fast"]["cpu_median_s"]
     out["load_after"] = _load()
     return out
 

@@ -3,6 +3,8 @@ resampling, label validation, round trips through real files, and bad files."""
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -259,3 +261,12 @@ def test_write_refuses_existing_and_input(tmp_path: Path, oblique: Volume) -> No
     assert out.read_bytes() == before
     with pytest.raises(OutputError, match="unknown output type"):
         write_volume(oblique, tmp_path / "a.png")
+
+
+def test_atomic_write_gets_umask_mode_not_0600(tmp_path: Path, oblique: Volume) -> None:
+    old = os.umask(0o022)
+    try:
+        out = write_volume(oblique, tmp_path / "img.nii.gz")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o644

@@ -102,9 +102,9 @@ def test_mask_box_expand_and_interior_point():
 
 
 def _rec(**kw) -> SliceRecord:
-    base = dict(index=3, source=2, distance=1, accepted=True, iou_pred=0.9, stability=0.9,
-                area_px=100, area_ratio=1.0, similarity=0.9, intensity=0.5,
-                intensity_shift=0.02, overlap=0.8, extent=0.3)
+    base: dict = {"index": 3, "source": 2, "distance": 1, "accepted": True, "iou_pred": 0.9,
+                  "stability": 0.9, "area_px": 100, "area_ratio": 1.0, "similarity": 0.9,
+                  "intensity": 0.5, "intensity_shift": 0.02, "overlap": 0.8, "extent": 0.3}
     base.update(kw)
     return SliceRecord(**base)
 
