@@ -82,8 +82,8 @@ NAMED: dict[str, dict[str, Any]] = {
     "similarity0.6": {"min_similarity": 0.6},
     "consistency0.3w2": {"min_consistency": 0.3, "consistency_weight": 2.0},
     "consistency0.3w2+sim0.5": {"min_consistency": 0.3, "min_similarity": 0.5},
-    "default(margin0+shift0.15,patience1)": {"min_margin": 0.0, "max_intensity_shift": 0.15,
-                                              "patience": 1},
+    "default(margin0+shift0.15+extent1.5,patience1)": {
+        "min_margin": 0.0, "max_intensity_shift": 0.15, "max_extent": 1.5, "patience": 1},
     "margin0+patience1": {"min_margin": 0.0, "patience": 1},
     "margin0": {"min_margin": 0.0},
     "margin0.05": {"min_margin": 0.05},

@@ -201,8 +201,11 @@ def test_no_propagation_and_key_mask(predictor, blob):
     assert set(res2.slices) <= {key.index - 1, key.index, key.index + 1}
 
 
-def test_axis_y_matches_axial_on_transposed_volume(model, blob, single):
-    """Propagating along y in a volume whose y is the blob's z gives the axial result."""
+def test_axis_y_matches_axial_on_transposed_volume(model, predictor, blob, single):
+    """Propagating along y in a volume whose y is the blob's z gives the axial result.
+
+    Two slices each way keep the number of embedded coronal slices small.
+    """
     from medseg.predict.sam import VolumePredictor
 
     vol, gt = blob
@@ -212,11 +215,13 @@ def test_axis_y_matches_axial_on_transposed_volume(model, blob, single):
     pred_y = VolumePredictor(vol_t, model, axis="y")
     key = box_from_gt(gt_t, "y", 3)
     assert key.index == single[0].index and key.box_rc == single[0].box_rc
-    res = propagate(pred_y, [key])
+    cfg = PropagationConfig(max_slices=2)
+    res = propagate(pred_y, [key], cfg)
+    ref = propagate(predictor, [single[0]], cfg)  # axial, embeddings already cached
     assert res.axis == "y" and res.mask.shape == vol_t.shape
     back = res.mask.transpose(1, 0, 2)
-    assert dice3d(back, single[1].mask) > 0.98
-    assert dice3d(back, gt) > 0.7
+    assert res.slices == ref.slices and len(res.slices) >= 3
+    assert dice3d(back, ref.mask) > 0.98
     assert np.array_equal(np.flatnonzero(res.mask.any(axis=(0, 2))), np.asarray(res.slices))
 
 

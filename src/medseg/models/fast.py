@@ -590,7 +590,8 @@ def _upscaling_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
 
 def _cached_dense_pe(self: Any) -> torch.Tensor:
     """``prompt_encoder.get_dense_pe()``, computed once per weights version."""
-    key = (self.pe_layer.positional_encoding_gaussian_matrix._version, self.image_embedding_size)
+    g = self.pe_layer.positional_encoding_gaussian_matrix
+    key = (g._version, g.device, g.dtype, tuple(self.image_embedding_size))
     cache = self.__dict__.get("_medseg_pe_cache")
     if cache is None or cache[0] != key:
         pe = type(self).get_dense_pe(self)

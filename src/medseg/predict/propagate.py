@@ -148,7 +148,7 @@ class PropagationConfig:
     min_similarity: float | None = None
     max_intensity_shift: float | None = 0.15
     min_overlap: float | None = None
-    max_extent: float | None = None
+    max_extent: float | None = 1.5
     min_consistency: float | None = None
     consistency_weight: float = 2.0
     min_margin: float | None = 0.0
@@ -190,13 +190,14 @@ def _kinds(carry: str) -> tuple[str, ...]:
 #: The default configuration, chosen by ``benchmarks/bench_propagation.py`` on three real cases
 #: and ten phantom objects: carry the box (and try box + interior point, keeping the mask most
 #: like the key object), stop when the mask looks more like the key object's surroundings than
-#: like the object (margin < 0, one slice of patience) or its brightness shifts by > 0.15.
+#: like the object (margin < 0, one slice of patience) or its brightness shifts by > 0.15, and
+#: never go further from the key slice than 1.5 x the key object's diameter (a safety net).
 DEFAULT_CONFIG = PropagationConfig()
 
 #: The naive loop the issue started from: box from the previous mask, stop at predicted IoU < 0.5.
 NAIVE_CONFIG = PropagationConfig(
     carry="box", alternatives=(), select="iou", min_iou=0.5, max_intensity_shift=None,
-    min_margin=None, patience=0,
+    min_margin=None, max_extent=None, patience=0,
 )
 
 #: No stop check except "the mask vanished" (used to record whole chains in the benchmark).
