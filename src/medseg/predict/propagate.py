@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -468,12 +468,6 @@ class _Step:
     record: SliceRecord
     mask: np.ndarray
     logits: np.ndarray
-
-
-@dataclass
-class _Chain:
-    key: int
-    steps: dict[int, _Step] = field(default_factory=dict)
 
 
 class _Walker:
