@@ -299,8 +299,10 @@ QUICKSTART = [
         """
         `propagate` walks up and down from the key slice. Each next slice is prompted with a box
         around the previous slice's mask; the walk stops when the object vanishes or a slice fails
-        the consistency checks (by default: the model's predicted IoU below 0.8). Every slice it
-        tried is in `result.records`, the rejected one included with the reason it stopped.
+        the consistency checks (by default: the new mask looks more like the key object's
+        surroundings than like the object in the image embedding, or its mean intensity moved too
+        far from the key slice's; one doubtful slice is tolerated if the next one passes). Every
+        slice it tried is in `result.records`, the rejected ones included with the reason.
         """
     ),
     code(
@@ -314,6 +316,7 @@ QUICKSTART = [
         for r in result.records:
             print(f"{r.index:>3} {r.source:>4} {'yes' if r.accepted else 'no':>3} "
                   f"{r.iou_pred:8.3f} {r.area_px:7d} {r.stopped or '':>10}")
+        visited_one_box = sorted({r.index for r in result.records})
         info = predictor.cache_info()
         print(f"slices embedded: {info['encoder_calls']}, "
               f"prompts answered: {info['decoder_calls']}")
@@ -380,8 +383,9 @@ QUICKSTART = [
 
         The walk stopped early below the key slice. The interactive fix is a second box on a slice
         it missed (here from the label again, in the middle of the missed run). With two key
-        slices, the slices between them are filled from both ends and each takes the prediction of
-        the nearer key; no slice is embedded twice (these embeddings are all cached already).
+        slices, the slices between them are filled from both ends; where both walks reach a slice,
+        the mask that looks more like its own key object (the larger embedding margin) wins. No
+        slice is embedded twice (these embeddings are all cached already).
         """
     ),
     code(
@@ -497,6 +501,7 @@ QUICKSTART = [
             "slices": prediction_slices,
             "review": review_one_box,
             "encoder_calls": info["encoder_calls"],
+            "visited_one_box": visited_one_box,
             "dice": row["dice"],
             "iou": row["iou"],
             "hd95": row["hd95"],

@@ -184,10 +184,17 @@ def test_several_key_slices_fill_between(predictor, blob):
     assert res.key_slices == [3, 7]
     for i in range(3, 8):
         assert res.mask[i].any(), f"slice {i} between the key slices is empty"
-    src = {r.index: r.source for r in res.records if r.accepted}
-    assert src[4] == 3 and src[6] == 7  # the nearer key slice wins
+    # default rule: of two predictions for a slice, the one with the larger embedding margin wins
+    for i in range(4, 7):
+        cands = [r for r in res.records if r.index == i and r.stopped in (None, "superseded")]
+        won = [r for r in cands if r.accepted]
+        assert len(won) == 1
+        assert all(won[0].margin >= r.margin for r in cands)
     assert dice3d(res.mask, gt) > 0.7
     assert res.slices[0] >= 1 and res.slices[-1] <= 10
+    nearer = propagate(predictor, keys, PropagationConfig(resolve="nearer"))
+    src = {r.index: r.source for r in nearer.records if r.accepted}
+    assert src[4] == 3 and src[6] == 7  # the nearer key slice wins
 
 
 def test_no_propagation_and_key_mask(predictor, blob):
