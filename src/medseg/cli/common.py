@@ -34,6 +34,22 @@ def parse_label_table(text: str | None) -> dict[int, str]:
     return table
 
 
+def parse_triple(text: str, option: str, kind: type = float) -> tuple[Any, Any, Any]:
+    """``"48,160,160"`` (or ``"48x160x160"``) -> three positive numbers ``(z, y, x)``.
+
+    Raises:
+        InputError: not three positive numbers of ``kind``; the message names ``option``.
+    """
+    parts = [p for p in text.replace("x", ",").split(",") if p.strip()]
+    try:
+        vals = tuple(kind(p) for p in parts)
+    except ValueError:
+        vals = ()
+    if len(vals) != 3 or min(vals) <= 0:
+        raise InputError(f"{option} must be three positive numbers Z,Y,X, got {text!r}")
+    return vals  # type: ignore[return-value]
+
+
 def write_json(
     data: Any,
     out: str | os.PathLike[str],

@@ -9,20 +9,9 @@ also written as a CT DICOM series under ``OUTDIR/dicom/phantom_000/``.
 from __future__ import annotations
 
 import argparse
-from typing import Any
 
+from medseg.cli.common import parse_triple
 from medseg.errors import InputError
-
-
-def _triple(text: str, name: str, kind: type) -> tuple[Any, Any, Any]:
-    parts = [p for p in text.replace("x", ",").split(",") if p.strip()]
-    try:
-        vals = tuple(kind(p) for p in parts)
-    except ValueError:
-        vals = ()
-    if len(vals) != 3 or min(vals) <= 0:
-        raise InputError(f"--{name} must be three positive numbers Z,Y,X, got {text!r}")
-    return vals  # type: ignore[return-value]
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -52,8 +41,8 @@ def run(args: argparse.Namespace) -> int:
     from medseg.phantom import PHANTOM_LABELS, make_phantom
     from medseg.progress import tqdm_progress
 
-    shape = _triple(args.shape, "shape", int)
-    spacing = _triple(args.spacing, "spacing", float)
+    shape = parse_triple(args.shape, "--shape", int)
+    spacing = parse_triple(args.spacing, "--spacing", float)
     try:
         lo, hi = (int(v) for v in args.tumours.split(","))
     except ValueError:

@@ -10,19 +10,8 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import Any
 
-
-def _triple(text: str, name: str, kind: type) -> tuple[Any, Any, Any]:
-    from medseg.errors import InputError
-
-    try:
-        vals = tuple(kind(v) for v in text.split(","))
-    except ValueError:
-        vals = ()
-    if len(vals) != 3 or any(v <= 0 for v in vals):
-        raise InputError(f"{name} must be three positive numbers Z,Y,X, got {text!r}")
-    return vals  # type: ignore[return-value]
+from medseg.cli.common import parse_triple
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -69,8 +58,8 @@ def run(args: argparse.Namespace) -> int:
     with tqdm_progress("train", enabled=not args.quiet) as cb:
         summary = train_unet(
             args.data, args.out, epochs=args.epochs,
-            patch_size=_triple(args.patch, "--patch", int),
-            target_spacing=_triple(args.spacing, "--spacing", float),
+            patch_size=parse_triple(args.patch, "--patch", int),
+            target_spacing=parse_triple(args.spacing, "--spacing", float),
             channels=channels, seed=args.seed, val_fraction=args.val_fraction,
             resume=args.resume, progress=cb, window=args.window, lr=args.lr, flip=args.flip,
             lr_schedule=args.lr_schedule,
