@@ -238,6 +238,16 @@ class ModelFrame:
             arr = _resize_bilinear(arr, (s, s))
         return _resize_bilinear(arr[:, :nh, :nw], self.slice_shape)
 
+    def _mask_to_input(self, mask: Any) -> np.ndarray:
+        """A slice mask ``(H, W)`` resized like the image into the padded ``(S, S)`` input frame."""
+        m = np.asarray(mask, dtype=np.float32)
+        if m.shape != self.slice_shape:
+            raise PromptError(f"mask shape {m.shape} does not match slice shape {self.slice_shape}")
+        nh, nw = self.resized_shape
+        full = np.zeros((self.input_size, self.input_size), dtype=np.float32)
+        full[:nh, :nw] = _resize_bilinear(m[None], (nh, nw))[0]
+        return full
+
     def mask_to_lowres(self, mask: Any) -> np.ndarray:
         """A slice mask ``(H, W)`` (bool or probabilities) → ``(L, L)`` float32 mask-prompt logits.
 
@@ -245,27 +255,15 @@ class ModelFrame:
         the probability clipped to ``[1e-3, 1 - 1e-3]`` (``±MASK_PROMPT_LOGIT`` for a binary mask;
         the padding is background).
         """
-        m = np.asarray(mask, dtype=np.float32)
-        if m.shape != self.slice_shape:
-            raise PromptError(f"mask shape {m.shape} does not match slice shape {self.slice_shape}")
-        nh, nw = self.resized_shape
-        s = self.input_size
-        full = np.zeros((s, s), dtype=np.float32)
-        full[:nh, :nw] = _resize_bilinear(m[None], (nh, nw))[0]
+        full = self._mask_to_input(mask)
         low = _resize_bilinear(full[None], (self.lowres_size, self.lowres_size))[0]
         p = np.clip(low, 1e-3, 1 - 1e-3)
         return np.log(p / (1 - p)).astype(np.float32)
 
     def mask_to_grid(self, mask: Any, grid: int = 64) -> np.ndarray:
         """Fraction of each ``grid x grid`` embedding cell covered by a slice mask ``(H, W)``."""
-        m = np.asarray(mask, dtype=np.float32)
-        if m.shape != self.slice_shape:
-            raise PromptError(f"mask shape {m.shape} does not match slice shape {self.slice_shape}")
-        nh, nw = self.resized_shape
-        s = self.input_size
-        full = np.zeros((s, s), dtype=np.float32)
-        full[:nh, :nw] = _resize_bilinear(m[None], (nh, nw))[0]
-        k = s // grid
+        full = self._mask_to_input(mask)
+        k = self.input_size // grid
         return full.reshape(grid, k, grid, k).mean(axis=(1, 3))
 
 
