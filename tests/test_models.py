@@ -214,6 +214,10 @@ def test_mismatched_keys_fail_loudly(tiny_ckpt, tmp_path):
         load_sam_model(full, weights=tiny_ckpt[1])
 
 
+class _PickledObject:
+    """A non-tensor object: ``weights_only`` loading must refuse it."""
+
+
 def test_truncated_and_garbage_files_fail(tiny_ckpt, tmp_path):
     _, path, spec = tiny_ckpt
     data = path.read_bytes()
@@ -223,8 +227,13 @@ def test_truncated_and_garbage_files_fail(tiny_ckpt, tmp_path):
         load_sam_model(spec, weights=cut)
     junk = tmp_path / "junk.pth"
     junk.write_text("not a checkpoint\n")
-    with pytest.raises(WeightsError, match="not a readable PyTorch checkpoint"):
+    with pytest.raises(WeightsError, match="not a readable PyTorch checkpoint") as err:
         read_checkpoint(junk)
+    assert "weights_only` set to `False`" not in str(err.value)  # no advice to unpickle unsafely
+    pickled = tmp_path / "pickled_object.pth"
+    torch.save({"model": _PickledObject()}, pickled)
+    with pytest.raises(WeightsError, match=r"objects other than tensors .*_PickledObject"):
+        read_checkpoint(pickled)
     notdict = tmp_path / "list.pth"
     torch.save([torch.zeros(2)], notdict)
     with pytest.raises(WeightsError, match="does not hold a model state dict"):

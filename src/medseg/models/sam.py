@@ -210,6 +210,18 @@ def build_sam_model(spec_or_name: ModelSpec | str, *, small: bool = False, **arc
     return model
 
 
+def _load_error_reason(exc: BaseException) -> str:
+    """The short reason inside a ``torch.load`` error (not torch's advice to drop weights_only)."""
+    text = str(exc).strip()
+    if text.startswith("Weights only load failed"):
+        after = text.split("WeightsUnpickler error:", 1)[-1] if "WeightsUnpickler" in text else ""
+        reason = next((ln.strip() for ln in after.splitlines() if ln.strip()), "")
+        if reason.startswith("Unsupported global"):
+            return f"it holds objects other than tensors ({reason.split(' was not')[0]})"
+        return f"not a tensor pickle ({reason[:120] or 'unreadable'})"
+    return (text.splitlines() or [type(exc).__name__])[0][:200]
+
+
 def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     """Load a state dict safely (``weights_only=True``), unwrapping ``{"model": ...}`` /
     ``{"state_dict": ...}`` and a ``module.`` prefix.
@@ -222,7 +234,7 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
         obj = torch.load(p, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, zipfile.BadZipFile,
             OSError, AttributeError, TypeError) as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        first = _load_error_reason(exc)
         raise WeightsError(
             f"{p}: not a readable PyTorch checkpoint (truncated or corrupted download?): {first}; "
             "delete it and fetch it again"
