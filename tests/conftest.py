@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,3 +27,15 @@ def pydicom_test_files() -> Path:
     import pydicom.data
 
     return Path(pydicom.data.get_testdata_file("CT_small.dcm")).parent
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_medseg_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Tests never read or write the user's ``~/.cache/medseg`` (weights, embedding cache)."""
+    old = os.environ.get("MEDSEG_HOME")
+    os.environ["MEDSEG_HOME"] = str(tmp_path_factory.mktemp("medseg_home"))
+    yield
+    if old is None:
+        os.environ.pop("MEDSEG_HOME", None)
+    else:
+        os.environ["MEDSEG_HOME"] = old
