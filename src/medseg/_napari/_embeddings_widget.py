@@ -92,20 +92,13 @@ class EmbeddingsWidget(Container):
 
     def check(self) -> None:
         """Count the cached slices of the chosen image (loads the model once)."""
-        try:
-            layer = self._layer()
-        except MedsegError as exc:
-            show_error(str(exc))
-            return
-        settings = self._settings()
-
-        def work(progress: Any) -> Any:
-            return self._predictor(layer, *settings)
-
-        self.job.start(work, "embedding cache", lambda pred: self._set_state(self._describe(pred)))
+        self._start(precompute=False)
 
     def precompute(self) -> None:
         """Embed every slice not yet cached (background, cancellable)."""
+        self._start(precompute=True)
+
+    def _start(self, precompute: bool) -> None:
         try:
             layer = self._layer()
         except MedsegError as exc:
@@ -115,7 +108,9 @@ class EmbeddingsWidget(Container):
 
         def work(progress: Any) -> Any:
             pred = self._predictor(layer, *settings)
-            pred.precompute(None, progress=progress)
+            if precompute:
+                pred.precompute(None, progress=progress)
             return pred
 
-        self.job.start(work, "precompute embeddings", lambda p: self._set_state(self._describe(p)))
+        title = "precompute embeddings" if precompute else "embedding cache"
+        self.job.start(work, title, lambda pred: self._set_state(self._describe(pred)))

@@ -170,6 +170,15 @@ def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, gelu: bool
     return y.view(*lead, y.shape[-1])
 
 
+def _mlp_residual(h: Any, m: Any, w: dict[str, Any], p: str) -> Any:
+    """``h + fc2(gelu(fc1(m)))`` with packed weights ``p.fc1``/``p.fc2``; ``m`` is the normed
+    input in the compute dtype, the residual stream ``h`` stays in its own (fp32) dtype."""
+    m = _linear(m, w[p + ".fc1.w"], w[p + ".fc1.b"], gelu=True)
+    if m.dtype == h.dtype:
+        return _linear(m, w[p + ".fc2.w"], w[p + ".fc2.b"], add=h)
+    return h + _linear(m, w[p + ".fc2.w"], w[p + ".fc2.b"]).float()
+
+
 def _dwconv(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, stride: int, pad: int,
             gelu: bool) -> torch.Tensor:
     """Depthwise (or any grouped) conv on a channels-last tensor ``x`` ``(B, H, W, C)``.
@@ -380,12 +389,7 @@ def _tinyvit_forward(enc: Any, x: torch.Tensor) -> torch.Tensor:
                 t = _dwconv(h.view(B, Hc, Wc, C).to(dt), w[p + ".local.w"], w[p + ".local.b"],
                             1, blk.local_conv.c.padding[0], gelu=False)
                 h = t.reshape(B, Hc * Wc, C).float()
-                m = _layer_norm(h, blk.mlp.norm).to(dt)
-                m = _linear(m, w[p + ".fc1.w"], w[p + ".fc1.b"], gelu=True)
-                if dt == h.dtype:
-                    h = _linear(m, w[p + ".fc2.w"], w[p + ".fc2.b"], add=h)
-                else:
-                    h = h + _linear(m, w[p + ".fc2.w"], w[p + ".fc2.b"]).float()
+                h = _mlp_residual(h, _layer_norm(h, blk.mlp.norm).to(dt), w, p)
         ds = layer.downsample
         if ds is not None:
             if h.dim() == 3:
@@ -514,12 +518,7 @@ def _vit_forward(enc: Any, x: torch.Tensor) -> torch.Tensor:
         else:
             t = _vit_attention(t, blk, pk, p)
         h = h + t
-        m = _layer_norm(h, blk.norm2).to(dt)
-        m = _linear(m, w[p + ".fc1.w"], w[p + ".fc1.b"], gelu=True)
-        if dt == h.dtype:
-            h = _linear(m, w[p + ".fc2.w"], w[p + ".fc2.b"], add=h)
-        else:
-            h = h + _linear(m, w[p + ".fc2.w"], w[p + ".fc2.b"]).float()
+        h = _mlp_residual(h, _layer_norm(h, blk.norm2).to(dt), w, p)
     n = enc.neck
     t = _linear(h.to(dt), w["neck0.w"], None).float()
     t = _layer_norm(t, n[1])
