@@ -855,11 +855,14 @@ class OracleResult:
 
 
 def dice3d(a: np.ndarray, b: np.ndarray) -> float:
-    """Dice of two boolean arrays (1.0 when both are empty)."""
-    a = np.asarray(a, bool)
-    b = np.asarray(b, bool)
-    s = int(np.count_nonzero(a)) + int(np.count_nonzero(b))
-    return 2.0 * int(np.count_nonzero(a & b)) / s if s else 1.0
+    """Dice of two boolean ``(z, y, x)`` or ``(rows, cols)`` masks (:func:`medseg.metrics.dice`:
+    1.0 when both are empty)."""
+    from medseg.metrics import dice
+
+    a, b = np.asarray(a, bool), np.asarray(b, bool)
+    if a.ndim == 2:
+        a, b = a[None], b[None]
+    return dice(a, b)
 
 
 def oracle_dice(

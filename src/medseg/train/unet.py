@@ -67,13 +67,11 @@ def split_cases(case_ids: list[str], val_fraction: float, seed: int) -> dict[str
 
 
 def dice_per_label(pred: np.ndarray, gt: np.ndarray, labels: dict[int, str]) -> dict[str, float]:
-    """Dice of each label value (both empty → 1.0)."""
-    out = {}
-    for v, name in labels.items():
-        p, g = pred == v, gt == v
-        den = int(p.sum()) + int(g.sum())
-        out[name] = 1.0 if den == 0 else 2.0 * int((p & g).sum()) / den
-    return out
+    """Dice of each label value of ``(z, y, x)`` label arrays (:func:`medseg.metrics.dice`:
+    both empty → 1.0)."""
+    from medseg.metrics import dice
+
+    return {name: dice(pred == v, gt == v) for v, name in labels.items()}
 
 
 def train_unet(
