@@ -54,8 +54,11 @@ def main() -> int:
     for s in seeds:
         img, gt = make_phantom(s)
         lm = seg.segment(img)
-        row = {"seed": s, "unet_tumour": _dice(lm.array == 2, gt.array == 2),
-               "unet_liver": _dice(lm.array == 1, gt.array == 1)}
+        row = {
+            "seed": s,
+            "unet_tumour": _dice(lm.array == 2, gt.array == 2),
+            "unet_liver": _dice(lm.array == 1, gt.array == 1),
+        }
         for window in ("abdomen", None):
             pred = VolumePredictor(img, args.model, window=window)
             for use_mask in (True, False):

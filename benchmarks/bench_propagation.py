@@ -51,10 +51,12 @@ CARRIES: dict[str, dict[str, Any]] = {
     "box+points+mask": {"carry": "box+points+mask"},
     "box_mm_iou": {"carry": "box", "multimask": True},
     "box_mm_sim": {"carry": "box", "multimask": True, "select": "similarity"},
-    "box|box+points_sim": {"carry": "box", "alternatives": ("box+points",),
-                           "select": "similarity"},
-    "box|box+points|box+mask_sim": {"carry": "box", "alternatives": ("box+points", "box+mask"),
-                                    "select": "similarity"},
+    "box|box+points_sim": {"carry": "box", "alternatives": ("box+points",), "select": "similarity"},
+    "box|box+points|box+mask_sim": {
+        "carry": "box",
+        "alternatives": ("box+points", "box+mask"),
+        "select": "similarity",
+    },
 }
 
 #: Stop-rule grid (every combination is evaluated offline).
@@ -67,8 +69,17 @@ GRID: dict[str, list[Any]] = {
     "max_extent": [None, 1.0, 1.5],
     "min_margin": [None, -0.05, 0.0, 0.02, 0.05],
     "patience": [0, 1],
-    "consistency": [None, (0.2, 2.0), (0.3, 2.0), (0.4, 2.0), (0.2, 1.0), (0.3, 1.0), (0.4, 1.0),
-                    (0.2, 3.0), (0.3, 3.0)],
+    "consistency": [
+        None,
+        (0.2, 2.0),
+        (0.3, 2.0),
+        (0.4, 2.0),
+        (0.2, 1.0),
+        (0.3, 1.0),
+        (0.4, 1.0),
+        (0.2, 3.0),
+        (0.3, 3.0),
+    ],
 }
 
 #: Named stop rules reported explicitly (PropagationConfig keywords).
@@ -83,7 +94,11 @@ NAMED: dict[str, dict[str, Any]] = {
     "consistency0.3w2": {"min_consistency": 0.3, "consistency_weight": 2.0},
     "consistency0.3w2+sim0.5": {"min_consistency": 0.3, "min_similarity": 0.5},
     "default(margin0+shift0.15+extent1.5,patience1)": {
-        "min_margin": 0.0, "max_intensity_shift": 0.15, "max_extent": 1.5, "patience": 1},
+        "min_margin": 0.0,
+        "max_intensity_shift": 0.15,
+        "max_extent": 1.5,
+        "patience": 1,
+    },
     "margin0+patience1": {"min_margin": 0.0, "patience": 1},
     "margin0": {"min_margin": 0.0},
     "margin0.05": {"min_margin": 0.05},
@@ -120,8 +135,14 @@ def phantom_cases(seeds: list[int], labels: dict[int, str]) -> list[dict[str, An
                 obj = cc == i
                 if np.count_nonzero(obj.any(axis=(1, 2))) < 2:
                     continue
-                out.append({"name": f"phantom{seed}_{name}{i}", "kind": "phantom", "volume": vol,
-                            "gt": obj})
+                out.append(
+                    {
+                        "name": f"phantom{seed}_{name}{i}",
+                        "kind": "phantom",
+                        "volume": vol,
+                        "gt": obj,
+                    }
+                )
     return out
 
 
@@ -140,30 +161,52 @@ def record_walk(pred: Any, gt: np.ndarray, key: Any, carry: dict[str, Any]) -> d
     for r in res.records:
         m = res.mask[r.index] if r.accepted else None
         inter = int(np.count_nonzero(m & gt[r.index])) if m is not None else 0
-        steps.append({**r.to_json(), "inter": inter,
-                      "pred_px": int(np.count_nonzero(m)) if m is not None else 0})
-    return {"steps": steps, "gt_voxels": int(gt.sum()), "seconds": secs,
-            "visited": len(res.records)}
+        steps.append(
+            {
+                **r.to_json(),
+                "inter": inter,
+                "pred_px": int(np.count_nonzero(m)) if m is not None else 0,
+            }
+        )
+    return {
+        "steps": steps,
+        "gt_voxels": int(gt.sum()),
+        "seconds": secs,
+        "visited": len(res.records),
+    }
 
 
-_MIN_DIMS = {"min_iou": "iou_pred", "min_stability": "stability", "min_area_ratio": "area_ratio",
-             "min_similarity": "similarity", "min_overlap": "overlap", "min_margin": "margin"}
-_MAX_DIMS = {"max_area_ratio": "area_ratio", "max_intensity_shift": "intensity_shift",
-             "max_extent": "extent"}
+_MIN_DIMS = {
+    "min_iou": "iou_pred",
+    "min_stability": "stability",
+    "min_area_ratio": "area_ratio",
+    "min_similarity": "similarity",
+    "min_overlap": "overlap",
+    "min_margin": "margin",
+}
+_MAX_DIMS = {
+    "max_area_ratio": "area_ratio",
+    "max_intensity_shift": "intensity_shift",
+    "max_extent": "extent",
+}
 
 
-def dice_for_rules(walk: dict[str, Any], rules: list[dict[str, Any]]) -> tuple[np.ndarray,
-                                                                               np.ndarray]:
+def dice_for_rules(
+    walk: dict[str, Any], rules: list[dict[str, Any]]
+) -> tuple[np.ndarray, np.ndarray]:
     """Dice and accepted-slice count of a recorded walk truncated by each rule (vectorised).
 
     A rule (PropagationConfig stop keywords) cuts each direction at the first step that fails
     one of its checks, as :func:`medseg.predict.propagate.stop_reason` does.
     """
     n = len(rules)
-    thr = {k: np.array([np.nan if r.get(k) is None else r[k] for r in rules], float)
-           for k in (*_MIN_DIMS, *_MAX_DIMS)}
-    thr_c = np.array([np.nan if r.get("min_consistency") is None else r["min_consistency"]
-                      for r in rules], float)
+    thr = {
+        k: np.array([np.nan if r.get(k) is None else r[k] for r in rules], float)
+        for k in (*_MIN_DIMS, *_MAX_DIMS)
+    }
+    thr_c = np.array(
+        [np.nan if r.get("min_consistency") is None else r["min_consistency"] for r in rules], float
+    )
     w_c = np.array([r.get("consistency_weight", 2.0) for r in rules], float)
     inter = np.zeros(n)
     pred = np.zeros(n)
@@ -175,8 +218,14 @@ def dice_for_rules(walk: dict[str, Any], rules: list[dict[str, Any]]) -> tuple[n
             count += 1
     patience = np.array([int(r.get("patience") or 0) for r in rules])
     for d in (-1, 1):
-        steps = sorted((s for s in walk["steps"] if s["distance"] > 0
-                        and (s["index"] > s["source"]) == (d > 0)), key=lambda s: s["distance"])
+        steps = sorted(
+            (
+                s
+                for s in walk["steps"]
+                if s["distance"] > 0 and (s["index"] > s["source"]) == (d > 0)
+            ),
+            key=lambda s: s["distance"],
+        )
         alive = np.ones(n, bool)
         p_inter = np.zeros(n)  # doubtful slices waiting for a passing one (patience)
         p_pred = np.zeros(n)
@@ -192,9 +241,10 @@ def dice_for_rules(walk: dict[str, Any], rules: list[dict[str, Any]]) -> tuple[n
                 v = st[sig] if st[sig] is not None else np.inf
                 fail |= ~np.isnan(thr[k]) & (v > np.nan_to_num(thr[k], nan=np.inf))
             fail |= ~np.isnan(thr_c) & (
-                (st["similarity"] or 0.0) - w_c * (st["intensity_shift"] if st["intensity_shift"]
-                                                   is not None else 1.0)
-                < np.nan_to_num(thr_c, nan=-np.inf))
+                (st["similarity"] or 0.0)
+                - w_c * (st["intensity_shift"] if st["intensity_shift"] is not None else 1.0)
+                < np.nan_to_num(thr_c, nan=-np.inf)
+            )
             stop = alive & fail & (hard | (p_count >= patience))
             wait = alive & fail & ~stop
             ok = alive & ~fail
@@ -231,8 +281,11 @@ def grid_rules() -> list[dict[str, Any]]:
 
 
 def rule_name(rule: dict[str, Any]) -> str:
-    parts = [f"{k}={v:g}" for k, v in rule.items()
-             if v is not None and k not in ("max_slices", "consistency_weight")]
+    parts = [
+        f"{k}={v:g}"
+        for k, v in rule.items()
+        if v is not None and k not in ("max_slices", "consistency_weight")
+    ]
     if rule.get("min_consistency") is not None:
         parts.append(f"consistency_weight={rule.get('consistency_weight', 2.0):g}")
     return ",".join(parts) or "vanish_only"
@@ -249,10 +302,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cache-dir", default=None)
     ap.add_argument("--out", default=None)
     ap.add_argument("--top", type=int, default=25, help="grid rules listed in the output")
-    ap.add_argument("--walks", default=None,
-                    help="JSON file caching recorded walks: reused when present, else written")
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch threads (1 is much faster on a shared, loaded machine)")
+    ap.add_argument(
+        "--walks",
+        default=None,
+        help="JSON file caching recorded walks: reused when present, else written",
+    )
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (1 is much faster on a shared, loaded machine)",
+    )
     args = ap.parse_args(argv)
     import torch
 
@@ -274,9 +334,13 @@ def main(argv: list[str] | None = None) -> int:
     cases += phantom_cases(seeds, labels)
     carries = [c for c in args.carries.split(",") if c]
 
-    report: dict[str, Any] = {"margin_px": args.margin, "precision": args.precision,
-                              "threads": args.threads,
-                              "cases": {}, "grid_size": 0}
+    report: dict[str, Any] = {
+        "margin_px": args.margin,
+        "precision": args.precision,
+        "threads": args.threads,
+        "cases": {},
+        "grid_size": 0,
+    }
     walks: dict[str, dict[str, Any]] = {}
     predictors: dict[int, Any] = {}
     saved: dict[str, Any] = {"cases": {}, "walks": {}}
@@ -285,8 +349,11 @@ def main(argv: list[str] | None = None) -> int:
     from medseg.models.sam import get_sam_model
 
     model = get_sam_model("litemedsam", precision=args.precision)
-    report["model"] = {"name": "litemedsam", "precision": model.precision,
-                       "weights_sha256": model.weights_sha256}
+    report["model"] = {
+        "name": "litemedsam",
+        "precision": model.precision,
+        "weights_sha256": model.weights_sha256,
+    }
     for case in cases:
         vol, gt = case["volume"], case["gt"]
         vid = id(vol)
@@ -310,38 +377,59 @@ def main(argv: list[str] | None = None) -> int:
             entry = {
                 "kind": case["kind"],
                 "gt_slices": [int(i) for i in np.flatnonzero(gt.any((1, 2)))],
-                "key_slice": key.index, "oracle_dice": orc_dice,
-                "oracle_per_slice": orc.per_slice, "walks": {},
+                "key_slice": key.index,
+                "oracle_dice": orc_dice,
+                "oracle_per_slice": orc.per_slice,
+                "walks": {},
             }
             for cname in carries:
                 w = record_walk(pred, gt, key, CARRIES[cname])
                 walks[f"{case['name']}|{cname}"] = w
                 entry["walks"][cname] = {
-                    "seconds": round(w["seconds"], 3), "visited": w["visited"],
-                    "steps": [{k: s[k] for k in ("index", "distance", "accepted", "iou_pred",
-                                                  "stability", "area_px", "area_ratio",
-                                                  "similarity", "intensity_shift", "overlap",
-                                                  "extent", "bg_similarity", "margin", "inter",
-                                              "pred_px", "stopped")}
-                              for s in w["steps"]],
+                    "seconds": round(w["seconds"], 3),
+                    "visited": w["visited"],
+                    "steps": [
+                        {
+                            k: s[k]
+                            for k in (
+                                "index",
+                                "distance",
+                                "accepted",
+                                "iou_pred",
+                                "stability",
+                                "area_px",
+                                "area_ratio",
+                                "similarity",
+                                "intensity_shift",
+                                "overlap",
+                                "extent",
+                                "bg_similarity",
+                                "margin",
+                                "inter",
+                                "pred_px",
+                                "stopped",
+                            )
+                        }
+                        for s in w["steps"]
+                    ],
                 }
         # online runs: the default config and the naive baseline, end to end
         entry["online"] = {}
-        for oname, cfg in (("default", DEFAULT_CONFIG),
-                           ("naive", NAIVE_CONFIG)):
+        for oname, cfg in (("default", DEFAULT_CONFIG), ("naive", NAIVE_CONFIG)):
             t1 = time.perf_counter()
             res = propagate(pred, [key], cfg)
             d = dice3d(res.mask, gt)
             entry["online"][oname] = {
-                "dice": round(d, 4), "ratio": round(d / orc_dice, 4) if orc_dice else None,
-                "slices": res.slices, "visited": len(res.records),
+                "dice": round(d, 4),
+                "ratio": round(d / orc_dice, 4) if orc_dice else None,
+                "slices": res.slices,
+                "visited": len(res.records),
                 "seconds": round(time.perf_counter() - t1, 3),
                 "stopped": [r.stopped for r in res.records if r.stopped],
             }
         entry["seconds"] = round(time.perf_counter() - t0, 2)
         report["cases"][case["name"]] = entry
-        _log(case["name"], "oracle", orc_dice, {k: v["dice"] for k, v in
-                                                entry["online"].items()})
+        _log(case["name"], "oracle", orc_dice, {k: v["dice"] for k, v in entry["online"].items()})
 
     if args.walks:
         saved["cases"].update(report["cases"])
@@ -365,14 +453,17 @@ def main(argv: list[str] | None = None) -> int:
         ri = [names.index(n) for n in real]
         pi = [names.index(n) for n in phan]
         for j, rule in enumerate(rules):
-            table.append({
-                "carry": cname, "rule": rule_name(rule),
-                "real_min": float(mat[ri, j].min()) if ri else None,
-                "real_mean": float(mat[ri, j].mean()) if ri else None,
-                "phantom_mean": float(mat[pi, j].mean()) if pi else None,
-                "phantom_min": float(mat[pi, j].min()) if pi else None,
-                "ratios": {n: round(float(mat[i, j]), 4) for i, n in enumerate(names)},
-            })
+            table.append(
+                {
+                    "carry": cname,
+                    "rule": rule_name(rule),
+                    "real_min": float(mat[ri, j].min()) if ri else None,
+                    "real_mean": float(mat[ri, j].mean()) if ri else None,
+                    "phantom_mean": float(mat[pi, j].mean()) if pi else None,
+                    "phantom_min": float(mat[pi, j].min()) if pi else None,
+                    "ratios": {n: round(float(mat[i, j]), 4) for i, n in enumerate(names)},
+                }
+            )
 
     def score(row: dict[str, Any]) -> tuple[float, float]:
         rm = row["real_min"] if row["real_min"] is not None else 1.0
@@ -380,9 +471,16 @@ def main(argv: list[str] | None = None) -> int:
         return (min(rm, 0.8) + min(pm, 0.8), (rm + pm))
 
     table.sort(key=score, reverse=True)
-    report["grid_top"] = [{**r, "real_min": _r(r["real_min"]), "real_mean": _r(r["real_mean"]),
-                           "phantom_mean": _r(r["phantom_mean"]),
-                           "phantom_min": _r(r["phantom_min"])} for r in table[: args.top]]
+    report["grid_top"] = [
+        {
+            **r,
+            "real_min": _r(r["real_min"]),
+            "real_mean": _r(r["real_mean"]),
+            "phantom_mean": _r(r["phantom_mean"]),
+            "phantom_min": _r(r["phantom_min"]),
+        }
+        for r in table[: args.top]
+    ]
     # named rules × carries
     named = {}
     named_rules = list(NAMED.values())
@@ -393,8 +491,11 @@ def main(argv: list[str] | None = None) -> int:
             for n in names:
                 d, k = per[n][0][j], per[n][1][j]
                 o = report["cases"][n]["oracle_dice"]
-                row[n] = {"dice": round(float(d), 4),
-                          "ratio": round(float(d / o), 4) if o else None, "slices": int(k)}
+                row[n] = {
+                    "dice": round(float(d), 4),
+                    "ratio": round(float(d / o), 4) if o else None,
+                    "slices": int(k),
+                }
             named[f"{cname}|{rname}"] = row
     report["named"] = named
     # best rule per carry (same scoring)
@@ -402,7 +503,9 @@ def main(argv: list[str] | None = None) -> int:
     for row in table:
         if row["carry"] not in best:
             best[row["carry"]] = {k: row[k] for k in ("rule", "ratios")} | {
-                "real_min": _r(row["real_min"]), "phantom_mean": _r(row["phantom_mean"])}
+                "real_min": _r(row["real_min"]),
+                "phantom_mean": _r(row["phantom_mean"]),
+            }
     report["best_per_carry"] = best
     report["default_config"] = DEFAULT_CONFIG.to_json()
     report["summary"] = summarise(report)
@@ -421,10 +524,14 @@ def summarise(report: dict[str, Any]) -> dict[str, Any]:
     for name, c in report["cases"].items():
         on = c["online"]
         rows[name] = {
-            "kind": c["kind"], "oracle_dice": c["oracle_dice"],
-            "default_dice": on["default"]["dice"], "default_ratio": on["default"]["ratio"],
-            "default_slices": on["default"]["slices"], "gt_slices": c["gt_slices"],
-            "naive_dice": on["naive"]["dice"], "naive_ratio": on["naive"]["ratio"],
+            "kind": c["kind"],
+            "oracle_dice": c["oracle_dice"],
+            "default_dice": on["default"]["dice"],
+            "default_ratio": on["default"]["ratio"],
+            "default_slices": on["default"]["slices"],
+            "gt_slices": c["gt_slices"],
+            "naive_dice": on["naive"]["dice"],
+            "naive_ratio": on["naive"]["ratio"],
             "default_seconds": on["default"]["seconds"],
         }
     out: dict[str, Any] = {"cases": rows}
@@ -433,9 +540,11 @@ def summarise(report: dict[str, Any]) -> dict[str, Any]:
         if rs:
             out[f"{kind}_default_ratio_min"] = min(r["default_ratio"] for r in rs)
             out[f"{kind}_default_ratio_mean"] = round(
-                float(np.mean([r["default_ratio"] for r in rs])), 4)
+                float(np.mean([r["default_ratio"] for r in rs])), 4
+            )
             out[f"{kind}_naive_ratio_mean"] = round(
-                float(np.mean([r["naive_ratio"] for r in rs])), 4)
+                float(np.mean([r["naive_ratio"] for r in rs])), 4
+            )
     out["bar_met"] = all(r["default_ratio"] >= 0.8 for r in rows.values() if r["kind"] == "real")
     return out
 

@@ -60,8 +60,12 @@ def _interleaved(fns: dict[str, Callable[[], Any]], reps: int, warmup: int = 1) 
             times[k].append(time.perf_counter() - t0)
             cpu[k].append(time.process_time() - c0)
     return {
-        k: {"median_s": statistics.median(v), "min_s": min(v),
-            "cpu_median_s": statistics.median(cpu[k]), "runs": [round(x, 4) for x in v]}
+        k: {
+            "median_s": statistics.median(v),
+            "min_s": min(v),
+            "cpu_median_s": statistics.median(cpu[k]),
+            "runs": [round(x, 4) for x in v],
+        }
         for k, v in times.items()
     }
 
@@ -108,9 +112,18 @@ def _vit_b() -> Any:
 
     torch.manual_seed(0)
     return ImageEncoderViT(
-        img_size=1024, patch_size=16, embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0,
-        out_chans=256, qkv_bias=True, norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
-        use_rel_pos=True, rel_pos_zero_init=False, window_size=14,
+        img_size=1024,
+        patch_size=16,
+        embed_dim=768,
+        depth=12,
+        num_heads=12,
+        mlp_ratio=4.0,
+        out_chans=256,
+        qkv_bias=True,
+        norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
+        use_rel_pos=True,
+        rel_pos_zero_init=False,
+        window_size=14,
         global_attn_indexes=(2, 5, 8, 11),
     ).eval()
 
@@ -144,8 +157,9 @@ def bench_vit(reps: int, precision: str) -> dict[str, Any]:
     with torch.inference_mode():
         a = run_stock()
         b = run_fast()
-        out["cosine_fast_vs_stock"] = float(torch.nn.functional.cosine_similarity(
-            a.flatten().double(), b.flatten().double(), dim=0))
+        out["cosine_fast_vs_stock"] = float(
+            torch.nn.functional.cosine_similarity(a.flatten().double(), b.flatten().double(), dim=0)
+        )
         res = _interleaved({"stock_fp32": run_stock, f"fast_{prec}": run_fast}, reps, warmup=0)
     out.update(res)
     out["speedup"] = res["stock_fp32"]["median_s"] / res[f"fast_{prec}"]["median_s"]
@@ -187,20 +201,28 @@ def bench_lite(reps: int, batch: int) -> dict[str, Any]:
         fast.accelerate(m, "auto")
         enc(xb)
 
-    fns = {"stock_fp32": stock_fp32, "stock_bf16_autocast": stock_bf16, "fast_fp32": fast_fp32,
-           "fast_bf16": fast_bf16, f"fast_auto_batch{batch}": fast_auto_batch}
+    fns = {
+        "stock_fp32": stock_fp32,
+        "stock_bf16_autocast": stock_bf16,
+        "fast_fp32": fast_fp32,
+        "fast_bf16": fast_bf16,
+        f"fast_auto_batch{batch}": fast_auto_batch,
+    }
     with torch.inference_mode():
         res = _interleaved(fns, reps)
     res[f"fast_auto_batch{batch}"]["per_slice_median_s"] = (
-        res[f"fast_auto_batch{batch}"]["median_s"] / batch)
+        res[f"fast_auto_batch{batch}"]["median_s"] / batch
+    )
     res[f"fast_auto_batch{batch}"]["per_slice_cpu_median_s"] = (
-        res[f"fast_auto_batch{batch}"]["cpu_median_s"] / batch)
+        res[f"fast_auto_batch{batch}"]["cpu_median_s"] / batch
+    )
     out.update(res)
     best = "fast_bf16" if fast.native_bf16() else "fast_fp32"
     out["fast_auto"] = best
     out["speedup_auto_vs_stock_fp32"] = res["stock_fp32"]["median_s"] / res[best]["median_s"]
-    out["cpu_speedup_auto_vs_stock_fp32"] = (res["stock_fp32"]["cpu_median_s"]
-                                             / res[best]["cpu_median_s"])
+    out["cpu_speedup_auto_vs_stock_fp32"] = (
+        res["stock_fp32"]["cpu_median_s"] / res[best]["cpu_median_s"]
+    )
     out["load_after"] = _load()
     fast.restore(m)
     return out
@@ -218,9 +240,13 @@ def bench_click(reps: int) -> dict[str, Any]:
 
     def click() -> torch.Tensor:
         sparse, dense = m.prompt_encoder(points=None, boxes=box, masks=None)
-        low, _ = m.mask_decoder(image_embeddings=emb, image_pe=m.prompt_encoder.get_dense_pe(),
-                                sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
-                                multimask_output=False)
+        low, _ = m.mask_decoder(
+            image_embeddings=emb,
+            image_pe=m.prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=False,
+        )
         return low
 
     def stock() -> torch.Tensor:
@@ -252,8 +278,9 @@ def bench_click(reps: int) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------------
 
 
-def _case_slices(case: str,
-                 max_slices: int | None) -> tuple[list[np.ndarray], list[np.ndarray], str]:
+def _case_slices(
+    case: str, max_slices: int | None
+) -> tuple[list[np.ndarray], list[np.ndarray], str]:
     """Tumour slices of a case normalised to [0, 1] (medseg.intensity), and their label masks."""
     from medseg.intensity import resolve_intensity
     from medseg.io.itk import read_image
@@ -274,8 +301,9 @@ def _to_input(sl: np.ndarray) -> tuple[Any, float]:
     h, w = sl.shape
     s = 256.0 / max(h, w)
     nh, nw = round(h * s), round(w * s)
-    t = F.interpolate(torch.from_numpy(sl)[None, None], size=(nh, nw), mode="bilinear",
-                      align_corners=False)
+    t = F.interpolate(
+        torch.from_numpy(sl)[None, None], size=(nh, nw), mode="bilinear", align_corners=False
+    )
     return F.pad(t, (0, 256 - nw, 0, 256 - nh)).repeat(1, 3, 1, 1), s
 
 
@@ -284,9 +312,13 @@ def _mask(m: _Sam, emb: Any, box: np.ndarray, shape: tuple[int, int], s: float) 
     import torch.nn.functional as F
 
     sparse, dense = m.prompt_encoder(points=None, boxes=torch.as_tensor(box)[None], masks=None)
-    low, _ = m.mask_decoder(image_embeddings=emb, image_pe=m.prompt_encoder.get_dense_pe(),
-                            sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
-                            multimask_output=False)
+    low, _ = m.mask_decoder(
+        image_embeddings=emb,
+        image_pe=m.prompt_encoder.get_dense_pe(),
+        sparse_prompt_embeddings=sparse,
+        dense_prompt_embeddings=dense,
+        multimask_output=False,
+    )
     h, w = shape
     low = low[..., : round(h * s), : round(w * s)]
     return (F.interpolate(low, size=(h, w), mode="bilinear", align_corners=False)[0, 0] > 0).numpy()
@@ -331,14 +363,17 @@ def bench_agreement(max_slices: int | None) -> dict[str, Any]:
                 summary[k + "_mean"] = float(np.mean(vals))
                 summary[k + "_min"] = float(np.min(vals))
             for v in variants:
-                summary[f"gt_drop_fast_{v}"] = (summary["dice_stock_vs_gt_mean"]
-                                                - summary[f"dice_fast_{v}_vs_gt_mean"])
+                summary[f"gt_drop_fast_{v}"] = (
+                    summary["dice_stock_vs_gt_mean"] - summary[f"dice_fast_{v}_vs_gt_mean"]
+                )
             out["cases"][case] = summary
     fast.restore(m)
     bar = {}
     for v in variants:
-        bar[v] = all(c[f"dice_fast_{v}_vs_stock_mean"] >= 0.98 and c[f"gt_drop_fast_{v}"] <= 0.01
-                     for c in out["cases"].values())
+        bar[v] = all(
+            c[f"dice_fast_{v}_vs_stock_mean"] >= 0.98 and c[f"gt_drop_fast_{v}"] <= 0.01
+            for c in out["cases"].values()
+        )
     out["meets_bar"] = bar
     out["load_after"] = _load()
     return out
@@ -349,12 +384,20 @@ def bench_agreement(max_slices: int | None) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true",
-                    help="fewer repetitions, 3 slices per case, ViT-B timed once (about 1-2 min)")
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="fewer repetitions, 3 slices per case, ViT-B timed once (about 1-2 min)",
+    )
     ap.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     ap.add_argument("--precision", default="auto", help="fast-path precision: auto|fp32|bf16")
-    ap.add_argument("--skip", nargs="*", default=[],
-                    choices=["vit", "lite", "click", "agreement"], help="sections to skip")
+    ap.add_argument(
+        "--skip",
+        nargs="*",
+        default=[],
+        choices=["vit", "lite", "click", "agreement"],
+        help="sections to skip",
+    )
     ap.add_argument("--reps", type=int, default=None, help="override repetitions per variant")
     ap.add_argument("--batch", type=int, default=4, help="slices per call for the batched run")
     ap.add_argument("--out", type=Path, default=None, help="also write the JSON here")

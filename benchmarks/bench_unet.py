@@ -94,23 +94,42 @@ def main() -> int:
         t = time.perf_counter()
         lm = seg.segment(vol, overlap=args.overlap)
         dt = time.perf_counter() - t
-        runs.append({"seconds": round(dt, 2), "rss_before_gb": round(rss0, 3),
-                     "peak_rss_gb": round(_status("VmHWM"), 3),
-                     "segment_extra_gb": round(_status("VmHWM") - rss0, 3),
-                     "loadavg_1min_before": round(load0, 2)})
+        runs.append(
+            {
+                "seconds": round(dt, 2),
+                "rss_before_gb": round(rss0, 3),
+                "peak_rss_gb": round(_status("VmHWM"), 3),
+                "segment_extra_gb": round(_status("VmHWM") - rss0, 3),
+                "loadavg_1min_before": round(load0, 2),
+            }
+        )
         del lm
-    print(json.dumps({
-        "shape_zyx": shape, "spacing_zyx_mm": spacing, "model": args.model,
-        "model_spacing": seg.config["target_spacing"], "model_grid": grid,
-        "patch": seg.config["patch_size"], "precision": seg.precision,
-        "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "overlap": args.overlap,
-        "input_gb": round(vol.array.nbytes / 2**30, 3), "make_volume_s": round(make_s, 1),
-        "runs": runs, "best_seconds": min(r["seconds"] for r in runs),
-        "max_peak_rss_gb": max(r["peak_rss_gb"] for r in runs),
-        "ru_maxrss_gb_whole_process": round(
-            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
-        "loadavg_after": [round(v, 2) for v in os.getloadavg()],
-    }, indent=2))
+    print(
+        json.dumps(
+            {
+                "shape_zyx": shape,
+                "spacing_zyx_mm": spacing,
+                "model": args.model,
+                "model_spacing": seg.config["target_spacing"],
+                "model_grid": grid,
+                "patch": seg.config["patch_size"],
+                "precision": seg.precision,
+                "threads": torch.get_num_threads(),
+                "cpu_count": os.cpu_count(),
+                "overlap": args.overlap,
+                "input_gb": round(vol.array.nbytes / 2**30, 3),
+                "make_volume_s": round(make_s, 1),
+                "runs": runs,
+                "best_seconds": min(r["seconds"] for r in runs),
+                "max_peak_rss_gb": max(r["peak_rss_gb"] for r in runs),
+                "ru_maxrss_gb_whole_process": round(
+                    resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3
+                ),
+                "loadavg_after": [round(v, 2) for v in os.getloadavg()],
+            },
+            indent=2,
+        )
+    )
     return 0
 
 

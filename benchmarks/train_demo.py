@@ -58,12 +58,22 @@ def main() -> int:
     ds_root = args.work / "phantoms"
     if not (ds_root / "dataset.json").is_file():
         cases = ((f"phantom_{s}", *make_phantom(s)) for s in TRAIN_SEEDS)
-        write_msd_dataset(ds_root, cases, name="medseg-phantom-demo",
-                          description="synthetic abdominal CT phantoms", labels=PHANTOM_LABELS)
+        write_msd_dataset(
+            ds_root,
+            cases,
+            name="medseg-phantom-demo",
+            description="synthetic abdominal CT phantoms",
+            labels=PHANTOM_LABELS,
+        )
     t0 = time.perf_counter()
     summary = train_unet(
-        ds_root, args.work / "demo.pt", epochs=args.epochs, resume=args.resume, overwrite=True,
-        on_epoch=lambda r: print(json.dumps(r), flush=True), **SETTINGS,
+        ds_root,
+        args.work / "demo.pt",
+        epochs=args.epochs,
+        resume=args.resume,
+        overwrite=True,
+        on_epoch=lambda r: print(json.dumps(r), flush=True),
+        **SETTINGS,
     )
     train_s = time.perf_counter() - t0
 
@@ -75,17 +85,24 @@ def main() -> int:
         rows = evaluate(pred, gt, PHANTOM_LABELS)
         results.append({"seed": s, **{r["name"]: round(r["dice"], 4) for r in rows}})
     out = {
-        "train_seconds": round(train_s, 1), "best_epoch": summary["best_epoch"],
-        "best_val_mean_dice": summary["best_metric"], "split": summary["split"],
-        "settings": SETTINGS, "train_seeds": TRAIN_SEEDS, "test": results,
-        "test_mean": {n: round(sum(r[n] for r in results) / len(results), 4)
-                      for n in PHANTOM_LABELS.values()},
+        "train_seconds": round(train_s, 1),
+        "best_epoch": summary["best_epoch"],
+        "best_val_mean_dice": summary["best_metric"],
+        "split": summary["split"],
+        "settings": SETTINGS,
+        "train_seeds": TRAIN_SEEDS,
+        "test": results,
+        "test_mean": {
+            n: round(sum(r[n] for r in results) / len(results), 4) for n in PHANTOM_LABELS.values()
+        },
     }
     if args.ship:
         ck = torch.load(args.work / "demo.pt", map_location="cpu", weights_only=True)
         ck.pop("optimizer", None)
-        ck["note"] = ("demonstration model trained on synthetic CT phantoms only "
-                      "(benchmarks/train_demo.py); not for clinical or research use on real scans")
+        ck["note"] = (
+            "demonstration model trained on synthetic CT phantoms only "
+            "(benchmarks/train_demo.py); not for clinical or research use on real scans"
+        )
         save_checkpoint(ck, args.ship)
         out["shipped"] = str(args.ship)
         out["shipped_bytes"] = args.ship.stat().st_size

@@ -80,9 +80,17 @@ def main() -> None:
         return np.array([[z, r0, c0], [z, r0, c1], [z, r1, c1], [z, r1, c0]], dtype=float)
 
     z = int(np.argmax(areas))
-    box = viewer.add_shapes([rectangle(z)], shape_type="rectangle", ndim=3, scale=img.scale,
-                            translate=img.translate, name="box", edge_color="yellow",
-                            face_color="transparent", edge_width=2)
+    box = viewer.add_shapes(
+        [rectangle(z)],
+        shape_type="rectangle",
+        ndim=3,
+        scale=img.scale,
+        translate=img.translate,
+        name="box",
+        edge_color="yellow",
+        face_color="transparent",
+        edge_width=2,
+    )
 
     sam = SamWidget(viewer)
     viewer.window.add_dock_widget(sam, name="Interactive SAM", area="right")
@@ -107,8 +115,9 @@ def main() -> None:
     slices = list(sam.proposal.slices)
     sam.accept()
     seg = sam._target.value
-    seg.colormap = DirectLabelColormap(color_dict={None: "transparent", 0: "transparent",
-                                                   1: "orangered"})
+    seg.colormap = DirectLabelColormap(
+        color_dict={None: "transparent", 0: "transparent", 1: "orangered"}
+    )
 
     ev = EvaluateWidget(viewer)
     viewer.window.add_dock_widget(ev, name="Evaluate", area="right", tabify=True)
@@ -135,13 +144,21 @@ def main() -> None:
         time.sleep(0.05)
     shot = viewer.screenshot(path=args.out, canvas_only=False, flash=False)
     row = ev.rows[0]
-    print(json.dumps({
-        "out": args.out, "shape": list(shot.shape), "key_slices": [z, z2],
-        "dice_one_box": round(one_box, 4),
-        "slices": f"{slices[0]}-{slices[-1]}" if slices else None,
-        "propagate_seconds": seconds, "dice": round(row["dice"], 4),
-        "iou": round(row["iou"], 4), "hd95_mm": round(row["hd95"], 2),
-    }))
+    print(
+        json.dumps(
+            {
+                "out": args.out,
+                "shape": list(shot.shape),
+                "key_slices": [z, z2],
+                "dice_one_box": round(one_box, 4),
+                "slices": f"{slices[0]}-{slices[-1]}" if slices else None,
+                "propagate_seconds": seconds,
+                "dice": round(row["dice"], 4),
+                "iou": round(row["iou"], 4),
+                "hd95_mm": round(row["hd95"], 2),
+            }
+        )
+    )
     viewer.close()
 
 

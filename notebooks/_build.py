@@ -791,8 +791,11 @@ def render(cells: list[nbformat.NotebookNode]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--check", action="store_true",
-                        help="only compare the saved notebooks with the generated text")
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="only compare the saved notebooks with the generated text",
+    )
     args = parser.parse_args(argv)
     stale = []
     for name, cells in NOTEBOOKS.items():

@@ -14,8 +14,13 @@ from medseg.cli import main
 SPACING = (2.0, 1.0, 1.0)  # (z, y, x) mm
 
 
-def _write(path: Path, arr: np.ndarray, spacing=SPACING, origin=(0.0, 0.0, 0.0),
-           labels: dict[int, str] | None = None) -> str:
+def _write(
+    path: Path,
+    arr: np.ndarray,
+    spacing=SPACING,
+    origin=(0.0, 0.0, 0.0),
+    labels: dict[int, str] | None = None,
+) -> str:
     """Write with SimpleITK directly (independent of medseg's writer)."""
     import SimpleITK as sitk
 
@@ -50,8 +55,21 @@ def test_evaluate_json_numbers(tmp_path, capsys):
     p = _write(tmp_path / "pred.nii.gz", pred)
     g = _write(tmp_path / "gt.nii.gz", gt)
     out = tmp_path / "report.json"
-    rc = main(["evaluate", "--pred", p, "--gt", g, "--labels", "1=liver,2=tumor",
-               "--json", str(out), "--tolerance", "1.0"])
+    rc = main(
+        [
+            "evaluate",
+            "--pred",
+            p,
+            "--gt",
+            g,
+            "--labels",
+            "1=liver,2=tumor",
+            "--json",
+            str(out),
+            "--tolerance",
+            "1.0",
+        ]
+    )
     assert rc == 0
     printed = capsys.readouterr().out
     assert "liver" in printed and "tumor" in printed and "inf" in printed
@@ -79,7 +97,8 @@ def test_names_from_dataset_json_and_lesions(tmp_path, capsys):
     gt[6, 0, 0] = 2  # a second, single-voxel tumour (not predicted)
     pred[5:7, 5:7, 5:7] = 2  # the big tumour found
     (tmp_path / "dataset.json").write_text(
-        json.dumps({"labels": {"0": "background", "1": "liver", "2": "tumor"}}))
+        json.dumps({"labels": {"0": "background", "1": "liver", "2": "tumor"}})
+    )
     p = _write(tmp_path / "pred.nrrd", pred)
     g = _write(tmp_path / "gt.nrrd", gt)
     out = tmp_path / "r.json"

@@ -85,11 +85,18 @@ def _make_msd(root: Path, n: int = 2, with_test: bool = True) -> list[tuple[Volu
     if with_test:
         write_volume(_tiny_case(9)[0], root / "imagesTs" / "liver_9.nii.gz")
         test = ["./imagesTs/liver_9.nii.gz"]
-    _write_json(root / "dataset.json", {
-        "name": "Task03_Liver", "modality": {"0": "CT"},
-        "labels": {"0": "background", "1": "liver", "2": "cancer"},
-        "numTraining": n, "numTest": len(test), "training": training, "test": test,
-    })
+    _write_json(
+        root / "dataset.json",
+        {
+            "name": "Task03_Liver",
+            "modality": {"0": "CT"},
+            "labels": {"0": "background", "1": "liver", "2": "cancer"},
+            "numTraining": n,
+            "numTest": len(test),
+            "training": training,
+            "test": test,
+        },
+    )
     return cases
 
 
@@ -119,8 +126,11 @@ def test_msd_errors(tmp_path):
     root = tmp_path / "ds"
     _make_msd(root)
     (root / "labelsTr" / "liver_1.nii.gz").unlink()
-    with pytest.raises(InputError, match=r"1 file\(s\) listed in dataset.json do not exist "
-                       r"\(labelsTr/liver_1.nii.gz\)"):
+    with pytest.raises(
+        InputError,
+        match=r"1 file\(s\) listed in dataset.json do not exist "
+        r"\(labelsTr/liver_1.nii.gz\)",
+    ):
         load_dataset(root)
     root2 = tmp_path / "ds2"
     _make_msd(root2, with_test=False)
@@ -159,10 +169,16 @@ def _make_nnunet(root: Path, channels: dict[str, str], n: int = 3) -> None:
         write_volume(lab, root / "labelsTr" / f"case_{i:03d}.nii.gz")
     for c in channels:
         write_volume(_tiny_case(7)[0], root / "imagesTs" / f"case_900_{int(c):04d}.nii.gz")
-    _write_json(root / "dataset.json", {
-        "channel_names": channels, "labels": {"background": 0, "liver": 1, "tumour": 2},
-        "numTraining": n, "file_ending": ".nii.gz", "name": "Dataset003_Liver",
-    })
+    _write_json(
+        root / "dataset.json",
+        {
+            "channel_names": channels,
+            "labels": {"background": 0, "liver": 1, "tumour": 2},
+            "numTraining": n,
+            "file_ending": ".nii.gz",
+            "name": "Dataset003_Liver",
+        },
+    )
 
 
 def test_load_nnunet(tmp_path):
@@ -172,8 +188,10 @@ def test_load_nnunet(tmp_path):
     assert ds.layout == "nnunet"
     assert ds.labels == {1: "liver", 2: "tumour"} and ds.modality == "CT"
     assert ds.case_ids == ["case_000", "case_001", "case_002"]
-    assert ds.training[2] == (root / "imagesTr" / "case_002_0000.nii.gz",
-                              root / "labelsTr" / "case_002.nii.gz")
+    assert ds.training[2] == (
+        root / "imagesTr" / "case_002_0000.nii.gz",
+        root / "labelsTr" / "case_002.nii.gz",
+    )
     assert ds.test == [root / "imagesTs" / "case_900_0000.nii.gz"]
     img, lab = ds.load_case(0)
     np.testing.assert_array_equal(img.array, _tiny_case(0)[0].array)
@@ -212,8 +230,14 @@ def test_nnunet_multichannel_and_errors(tmp_path):
 # --------------------------------------------------------------------------- writing + CLI
 def test_write_msd_dataset_roundtrip_and_refusal(tmp_path):
     cases = [("a_0", *_tiny_case(0)), ("a_1", *_tiny_case(1, value=2))]
-    ds = write_msd_dataset(tmp_path / "out", iter(cases), name="t", description="d",
-                           labels={1: "x", 2: "y"}, modality="MRI")
+    ds = write_msd_dataset(
+        tmp_path / "out",
+        iter(cases),
+        name="t",
+        description="d",
+        labels={1: "x", 2: "y"},
+        modality="MRI",
+    )
     assert ds.layout == "msd" and ds.case_ids == ["a_0", "a_1"] and ds.modality == "MRI"
     data = json.loads((tmp_path / "out" / "dataset.json").read_text())
     assert data["labels"] == {"0": "background", "1": "x", "2": "y"}
@@ -225,6 +249,7 @@ def test_write_msd_dataset_roundtrip_and_refusal(tmp_path):
         assert im2.same_grid(img)
     with pytest.raises(OutputError, match="already exists"):
         write_msd_dataset(tmp_path / "out", iter(cases), name="t", description="d", labels={})
+
     # a failure part-way leaves nothing behind
     def broken():
         yield cases[0]
@@ -240,8 +265,21 @@ def test_cli_phantom_dataset(tmp_path, capsys):
     out = tmp_path / "ph"
     shape = ",".join(map(str, SMALL))
     spacing = ",".join(map(str, SMALL_SPACING))
-    rc = main(["phantom", str(out), "--seed", "5", "--cases", "2", "--dicom",
-               "--shape", shape, "--spacing", spacing])
+    rc = main(
+        [
+            "phantom",
+            str(out),
+            "--seed",
+            "5",
+            "--cases",
+            "2",
+            "--dicom",
+            "--shape",
+            shape,
+            "--spacing",
+            spacing,
+        ]
+    )
     assert rc == 0
     assert "wrote 2 phantom case(s)" in capsys.readouterr().out  # (with a progress bar)
     data = json.loads((out / "dataset.json").read_text())
@@ -249,7 +287,9 @@ def test_cli_phantom_dataset(tmp_path, capsys):
     assert data["modality"] == {"0": "CT"} and data["numTraining"] == 2
     assert data["labels"] == {"0": "background", **{str(k): v for k, v in PHANTOM_LABELS.items()}}
     assert [t["image"] for t in data["training"]] == [
-        "./imagesTr/phantom_000.nii.gz", "./imagesTr/phantom_001.nii.gz"]
+        "./imagesTr/phantom_000.nii.gz",
+        "./imagesTr/phantom_001.nii.gz",
+    ]
     ds = load_dataset(out)
     for i in range(2):
         img, lab = ds.load_case(i)

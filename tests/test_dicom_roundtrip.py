@@ -76,7 +76,8 @@ def test_written_tags(phantom, series):
         assert float(ds.SliceThickness) == float(ds.SpacingBetweenSlices) == SPACING[0]
         assert [float(v) for v in ds.ImageOrientationPatient] == [1, 0, 0, 0, 1, 0]
         np.testing.assert_allclose(
-            [float(v) for v in ds.ImagePositionPatient], phantom.index_to_world((k, 0, 0)),
+            [float(v) for v in ds.ImagePositionPatient],
+            phantom.index_to_world((k, 0, 0)),
             atol=1e-6,
         )
         assert (ds.BitsAllocated, ds.BitsStored, ds.HighBit) == (16, 16, 15)
@@ -95,8 +96,11 @@ def test_values_pass_pydicom_strict_validation(monkeypatch, tmp_path):
 
     monkeypatch.setattr(config.settings, "writing_validation_mode", config.RAISE)
     monkeypatch.setattr(config.settings, "reading_validation_mode", config.RAISE)
-    vol = Volume(np.arange(32, dtype=np.int16).reshape(2, 4, 4), (1 / 3, 0.7777777777, 1e-5),
-                 origin=(1 / 3, -123456.123456789, 1e-9))
+    vol = Volume(
+        np.arange(32, dtype=np.int16).reshape(2, 4, 4),
+        (1 / 3, 0.7777777777, 1e-5),
+        origin=(1 / 3, -123456.123456789, 1e-9),
+    )
     files = write_dicom_series(vol, tmp_path / "s", series_description="x" * 64)
     for f in files:
         ds = pydicom.dcmread(f)
@@ -119,8 +123,11 @@ def test_highdicom_accepts_and_maps_the_series(phantom, series):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         enh = LegacyConvertedEnhancedCTImage(
-            legacy_datasets=dss, series_instance_uid=UID(), series_number=2,
-            sop_instance_uid=UID(), instance_number=1,
+            legacy_datasets=dss,
+            series_instance_uid=UID(),
+            series_number=2,
+            sop_instance_uid=UID(),
+            instance_number=1,
         )
     hd = enh.get_volume()
     assert hd.array.shape == phantom.shape

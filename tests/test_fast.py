@@ -23,8 +23,9 @@ from medseg.models import fast  # noqa: E402
 
 
 def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float(torch.nn.functional.cosine_similarity(a.flatten().double(), b.flatten().double(),
-                                                       dim=0))
+    return float(
+        torch.nn.functional.cosine_similarity(a.flatten().double(), b.flatten().double(), dim=0)
+    )
 
 
 def _dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -35,8 +36,12 @@ def _dice(a: np.ndarray, b: np.ndarray) -> float:
 class _Model(torch.nn.Module):
     """Duck-typed SAM: the three attributes ``accelerate`` needs, nothing else."""
 
-    def __init__(self, image_encoder: torch.nn.Module, prompt_encoder: torch.nn.Module,
-                 mask_decoder: torch.nn.Module) -> None:
+    def __init__(
+        self,
+        image_encoder: torch.nn.Module,
+        prompt_encoder: torch.nn.Module,
+        mask_decoder: torch.nn.Module,
+    ) -> None:
         super().__init__()
         self.image_encoder = image_encoder
         self.prompt_encoder = prompt_encoder
@@ -53,20 +58,35 @@ def _tiny_vit_model(img: int = 128) -> _Model:
     from segment_anything.modeling.image_encoder import ImageEncoderViT
 
     g = torch.Generator().manual_seed(0)
-    enc = ImageEncoderViT(img_size=img, patch_size=16, embed_dim=64, depth=4, num_heads=4,
-                          out_chans=32, use_rel_pos=True, window_size=3,
-                          global_attn_indexes=(1, 3))
+    enc = ImageEncoderViT(
+        img_size=img,
+        patch_size=16,
+        embed_dim=64,
+        depth=4,
+        num_heads=4,
+        out_chans=32,
+        use_rel_pos=True,
+        window_size=3,
+        global_attn_indexes=(1, 3),
+    )
     with torch.no_grad():
         for name, p in enc.named_parameters():
             if "rel_pos" in name or "pos_embed" in name:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.5)
         enc.blocks[1].attn.rel_pos_h = torch.nn.Parameter(torch.randn(11, 16, generator=g) * 0.5)
-    pe = PromptEncoder(embed_dim=32, image_embedding_size=(img // 16, img // 16),
-                       input_image_size=(img, img), mask_in_chans=8)
-    dec = MaskDecoder(num_multimask_outputs=3,
-                      transformer=TwoWayTransformer(depth=2, embedding_dim=32, mlp_dim=64,
-                                                    num_heads=4),
-                      transformer_dim=32, iou_head_depth=2, iou_head_hidden_dim=32)
+    pe = PromptEncoder(
+        embed_dim=32,
+        image_embedding_size=(img // 16, img // 16),
+        input_image_size=(img, img),
+        mask_in_chans=8,
+    )
+    dec = MaskDecoder(
+        num_multimask_outputs=3,
+        transformer=TwoWayTransformer(depth=2, embedding_dim=32, mlp_dim=64, num_heads=4),
+        transformer_dim=32,
+        iou_head_depth=2,
+        iou_head_hidden_dim=32,
+    )
     return _Model(enc, pe, dec).eval()
 
 
@@ -110,12 +130,17 @@ def lung_slice(pyradiomics_dir: Path) -> tuple[torch.Tensor, np.ndarray, np.ndar
 
 def _decode(model: _Model, emb: torch.Tensor, box: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     with torch.inference_mode():
-        sparse, dense = model.prompt_encoder(points=None, boxes=torch.as_tensor(box)[None],
-                                             masks=None)
+        sparse, dense = model.prompt_encoder(
+            points=None, boxes=torch.as_tensor(box)[None], masks=None
+        )
         pe = model.prompt_encoder.get_dense_pe()
-        return model.mask_decoder(image_embeddings=emb, image_pe=pe,
-                                  sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
-                                  multimask_output=False)
+        return model.mask_decoder(
+            image_embeddings=emb,
+            image_pe=pe,
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=False,
+        )
 
 
 def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:

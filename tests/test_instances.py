@@ -23,8 +23,12 @@ ORIGIN = (-10.0, 20.0, 30.0)
 
 
 def _grid(shape=(10, 20, 30), direction=None) -> Volume:
-    return Volume(array=np.zeros(shape, np.int16), spacing=SPACING, origin=ORIGIN,
-                  direction=np.eye(3) if direction is None else direction)
+    return Volume(
+        array=np.zeros(shape, np.int16),
+        spacing=SPACING,
+        origin=ORIGIN,
+        direction=np.eye(3) if direction is None else direction,
+    )
 
 
 def test_label_lesions_connectivity_and_order():
@@ -75,13 +79,16 @@ def test_lesion_table_large_sphere_and_direction():
     """Convex-hull diameter on a big object equals brute force; direction is applied."""
     flip = np.diag([1.0, -1.0, 1.0])  # y axis flipped, like brain1
     vol = _grid((12, 40, 60), direction=flip)
-    zz, yy, xx = np.meshgrid(np.arange(12) * 3.0, np.arange(40) * 0.8, np.arange(60) * 0.5,
-                             indexing="ij")
+    zz, yy, xx = np.meshgrid(
+        np.arange(12) * 3.0, np.arange(40) * 0.8, np.arange(60) * 0.5, indexing="ij"
+    )
     ball = ((zz - 16) / 13) ** 2 + ((yy - 16) / 12) ** 2 + ((xx - 15) / 11) ** 2 <= 1
     (r,) = lesion_table(ball.astype(np.int32), vol)
     pts = np.argwhere(ball).astype(float) * np.array(SPACING)  # all ~6000 voxels, brute force
-    d = max(np.sqrt(((pts[i : i + 256, None] - pts[None]) ** 2).sum(-1)).max()
-            for i in range(0, len(pts), 256))
+    d = max(
+        np.sqrt(((pts[i : i + 256, None] - pts[None]) ** 2).sum(-1)).max()
+        for i in range(0, len(pts), 256)
+    )
     assert r["max_diameter_mm"] == pytest.approx(d)
     cz, cy, cx = np.argwhere(ball).mean(axis=0)
     assert r["centroid_lps"] == pytest.approx((-10 + cx * 0.5, 20 - cy * 0.8, 30 + cz * 3.0))
@@ -95,15 +102,23 @@ def test_semantic_to_panoptic_roundtrip():
     arr[1:3, 8:11, 8:11] = 2  # tumour, 18 voxels
     arr[4, 0:2, 10:12] = 2  # tumour, 4 voxels
     table = {1: "liver", 2: "tumor"}
-    sem = LabelMap(array=arr, spacing=SPACING, origin=ORIGIN, labels=table,
-                   meta={"labels": table, "source": "x.nrrd"})  # as read_labels fills meta
+    sem = LabelMap(
+        array=arr,
+        spacing=SPACING,
+        origin=ORIGIN,
+        labels=table,
+        meta={"labels": table, "source": "x.nrrd"},
+    )  # as read_labels fills meta
     pan, table = semantic_to_panoptic(sem, thing_labels=[2])
     assert pan.same_grid(sem) and pan.meta["source"] == "x.nrrd"
     assert sorted(np.unique(pan.array).tolist()) == [0, 1, 2001, 2002]
     assert np.count_nonzero(pan.array == 2001) == 18 and pan.array[4, 0, 10] == 2002
     assert pan.labels == {1: "liver", 2001: "tumor_1", 2002: "tumor_2"}
     assert [(r["id"], r["kind"], r["class"], r["instance"], r["voxels"]) for r in table] == [
-        (1, "stuff", 1, 0, 180), (2001, "thing", 2, 1, 18), (2002, "thing", 2, 2, 4)]
+        (1, "stuff", 1, 0, 180),
+        (2001, "thing", 2, 1, 18),
+        (2002, "thing", 2, 2, 4),
+    ]
     s, i = panoptic_to_semantic(pan.array)
     assert np.array_equal(s, arr) and i[4, 0, 10] == 2 and i[0, 0, 0] == 0
     # min volume drops the small tumour (4 voxels * 1.2 mm3)

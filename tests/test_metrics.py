@@ -27,8 +27,9 @@ def _cubes() -> tuple[np.ndarray, np.ndarray]:
 
 def _blobs(rng: np.random.Generator, shape=(20, 48, 44), n=4, spacing=SPACING) -> np.ndarray:
     """Union of ``n`` random ellipsoids (radii in mm) on an anisotropic grid."""
-    zz, yy, xx = np.meshgrid(*[np.arange(s) * sp for s, sp in zip(shape, spacing, strict=True)],
-                             indexing="ij")
+    zz, yy, xx = np.meshgrid(
+        *[np.arange(s) * sp for s, sp in zip(shape, spacing, strict=True)], indexing="ij"
+    )
     out = np.zeros(shape, bool)
     ext = np.array(shape) * np.array(spacing)
     for _ in range(n):
@@ -193,8 +194,10 @@ def test_hausdorff_differs_from_simpleitk_with_cavity():
 def _monai_inputs(pred: np.ndarray, gt: np.ndarray):
     import torch
 
-    return (torch.from_numpy(pred[None, None].astype(np.float32)),
-            torch.from_numpy(gt[None, None].astype(np.float32)))
+    return (
+        torch.from_numpy(pred[None, None].astype(np.float32)),
+        torch.from_numpy(gt[None, None].astype(np.float32)),
+    )
 
 
 def test_hd95_msd_match_monai(random_pairs):
@@ -208,12 +211,14 @@ def test_hd95_msd_match_monai(random_pairs):
     for pred, gt in random_pairs:
         tp, tg = _monai_inputs(pred, gt)
         for pct in (95, 50, None):
-            ref = compute_hausdorff_distance(tp, tg, include_background=True, percentile=pct,
-                                             spacing=SPACING).item()
+            ref = compute_hausdorff_distance(
+                tp, tg, include_background=True, percentile=pct, spacing=SPACING
+            ).item()
             ours = M.hausdorff(pred, gt, SPACING, percentile=pct or 100)
             assert ours == pytest.approx(ref, rel=1e-5, abs=1e-5)
-        ref = compute_average_surface_distance(tp, tg, include_background=True, symmetric=True,
-                                               spacing=SPACING).item()
+        ref = compute_average_surface_distance(
+            tp, tg, include_background=True, symmetric=True, spacing=SPACING
+        ).item()
         assert M.mean_surface_distance(pred, gt, SPACING) == pytest.approx(ref, rel=1e-5)
 
 
@@ -230,8 +235,9 @@ def test_surface_dice_matches_monai(random_pairs):
     for pred, gt in random_pairs:
         tp, tg = _monai_inputs(pred, gt)
         for tol in (0.5, 1.3, 2.0, 4.1):
-            ref = compute_surface_dice(tp, tg, class_thresholds=[tol], include_background=True,
-                                       spacing=SPACING).item()
+            ref = compute_surface_dice(
+                tp, tg, class_thresholds=[tol], include_background=True, spacing=SPACING
+            ).item()
             assert M.surface_dice(pred, gt, SPACING, tol) == pytest.approx(ref, abs=1e-6)
 
 
@@ -270,8 +276,9 @@ def test_evaluate_per_label(random_pairs):
     assert [(r["label"], r["empty"]) for r in rows4] == [(1, None), (2, "pred"), (4, "gt")]
     assert rows4[2]["name"] == "label_4" and rows4[2]["voxels_pred"] == 1
     calls: list[tuple[int, int]] = []
-    only = M.evaluate(_lm(pred), _lm(gt), labels={1: "organ"},
-                      progress=lambda d, t: calls.append((d, t)))
+    only = M.evaluate(
+        _lm(pred), _lm(gt), labels={1: "organ"}, progress=lambda d, t: calls.append((d, t))
+    )
     assert [(r["label"], r["name"]) for r in only] == [(1, "organ")]
     assert calls == [(0, 1), (1, 1)]
 
@@ -289,11 +296,11 @@ def test_lesion_detection_hand_built():
     sp = (2.0, 1.0, 1.0)
     gt = np.zeros((10, 30, 30), bool)
     pred = np.zeros_like(gt)
-    gt[1:4, 2:8, 2:8] = True      # G_A 108 vox: well detected
-    pred[1:4, 3:8, 2:8] = True    #   pred 90 vox inside, IoU 90/108
+    gt[1:4, 2:8, 2:8] = True  # G_A 108 vox: well detected
+    pred[1:4, 3:8, 2:8] = True  #   pred 90 vox inside, IoU 90/108
     gt[1:4, 15:25, 15:25] = True  # G_B 300 vox: only touched
     pred[1:2, 15:17, 15:17] = True  # 4 vox, IoU 4/300 < 0.1 -> FP, G_B missed
-    gt[6:9, 2:5, 20:23] = True    # G_C 27 vox: missed entirely
+    gt[6:9, 2:5, 20:23] = True  # G_C 27 vox: missed entirely
     pred[7:9, 26:29, 2:4] = True  # isolated pred -> FP
     # a pred component touching G_A only by a corner is a separate component (26-conn. joins
     # corners, so place it 2 voxels away)
@@ -347,12 +354,12 @@ def test_panoptic_quality_hand_built():
     gs = np.zeros((4, 20, 20), np.uint8)
     ps = np.zeros_like(gs)
     gs[:, 0:10, 0:10] = 1  # organ (stuff), 400 vox
-    ps[:, 0:10, 0:8] = 1   # 320 vox, IoU 0.8
+    ps[:, 0:10, 0:8] = 1  # 320 vox, IoU 0.8
     gs[:, 12:16, 12:16] = 2  # lesion a: 64 vox
     ps[:, 12:16, 12:15] = 2  # 48 vox inside -> IoU 0.75 (TP)
-    gs[:, 17:20, 0:4] = 2    # lesion b: 48 vox
-    ps[:, 17:20, 0:1] = 2    # 12 vox -> IoU 0.25 (no match: FP + FN)
-    ps[0, 0:2, 17:20] = 2    # lone pred lesion: FP
+    gs[:, 17:20, 0:4] = 2  # lesion b: 48 vox
+    ps[:, 17:20, 0:1] = 2  # 12 vox -> IoU 0.25 (no match: FP + FN)
+    ps[0, 0:2, 17:20] = 2  # lone pred lesion: FP
     res = M.panoptic_quality(ps, gs, stuff_labels=[1], thing_labels=[2, 3])
     organ, lesion = res["per_class"][1], res["per_class"][2]
     assert (organ["tp"], organ["fp"], organ["fn"]) == (1, 0, 0)

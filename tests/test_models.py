@@ -52,8 +52,12 @@ def tiny_ckpt(tmp_path_factory):
     path = tmp_path_factory.mktemp("ckpt") / "tiny_vit_b.pth"
     torch.save(model.state_dict(), path)
     spec = dataclasses.replace(
-        get_spec("sam_vit_b"), name="tiny_vit_b", filename="tiny_vit_b.pth", sha256=None,
-        url=None, arch=dict(SMALL_VIT_B),
+        get_spec("sam_vit_b"),
+        name="tiny_vit_b",
+        filename="tiny_vit_b.pth",
+        sha256=None,
+        url=None,
+        arch=dict(SMALL_VIT_B),
     )
     return model, path, spec
 
@@ -149,8 +153,9 @@ def test_download_good_bad_and_missing(tmp_path):
     out = tmp_path / "dl"
     seen = []
     with _serve(served) as url:
-        dest = download_file(f"{url}/w.pth", out / "w.pth", good,
-                             progress=lambda d, t: seen.append((d, t)))
+        dest = download_file(
+            f"{url}/w.pth", out / "w.pth", good, progress=lambda d, t: seen.append((d, t))
+        )
         assert dest.read_bytes() == payload
         assert seen[-1] == (len(payload), len(payload))
         zeros = "0" * 64
@@ -161,8 +166,9 @@ def test_download_good_bad_and_missing(tmp_path):
             download_file(f"{url}/missing.pth", out / "m.pth", None)
         assert sorted(p.name for p in out.iterdir()) == ["w.pth"]  # no temp files left
         # resolve_weights downloads only when allowed, into the weights cache
-        spec = dataclasses.replace(get_spec("sam_vit_b"), filename="w.pth", sha256=good,
-                                   url=f"{url}/w.pth")
+        spec = dataclasses.replace(
+            get_spec("sam_vit_b"), filename="w.pth", sha256=good, url=f"{url}/w.pth"
+        )
         with pytest.raises(WeightsError, match="MEDSEG_ALLOW_DOWNLOAD=1"):
             resolve_weights(spec)
         got = resolve_weights(spec, download=True)
@@ -174,15 +180,17 @@ def test_tiny_vit_b_save_load_round_trip(tiny_ckpt):
     loaded = load_sam_model(spec, weights=path, precision="fp32")
     assert isinstance(loaded, SamModel)
     assert loaded.weights_sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
-    for (k, a), (k2, b) in zip(model.state_dict().items(), loaded.state_dict().items(),
-                               strict=True):
+    for (k, a), (k2, b) in zip(
+        model.state_dict().items(), loaded.state_dict().items(), strict=True
+    ):
         assert k == k2 and torch.equal(a, b)
     x = torch.rand(1, 3, 1024, 1024, generator=torch.Generator().manual_seed(1))
     e1, e2 = model.encode(x), loaded.encode(x)
     assert e2.shape == (1, 256, 64, 64)
     torch.testing.assert_close(e1, e2)
-    low, iou = loaded.decode(e2, boxes_xyxy=torch.tensor([[100.0, 200.0, 400.0, 500.0]]),
-                             multimask=True)
+    low, iou = loaded.decode(
+        e2, boxes_xyxy=torch.tensor([[100.0, 200.0, 400.0, 500.0]]), multimask=True
+    )
     assert low.shape == (1, 3, 256, 256) and iou.shape == (1, 3)
 
 
@@ -271,7 +279,8 @@ def test_get_sam_model_shares_loaded_models(tiny_ckpt, tmp_path):
     assert get_sam_model(spec, weights=copy) is a
     os.utime(copy, ns=(1, 1))  # a replaced file (other mtime) is loaded again
     b = get_sam_model(spec, weights=copy)
-    assert b is not a and torch.equal(b.mask_decoder.iou_token.weight,
-                                      a.mask_decoder.iou_token.weight)
+    assert b is not a and torch.equal(
+        b.mask_decoder.iou_token.weight, a.mask_decoder.iou_token.weight
+    )
     with pytest.raises(WeightsError, match="not found"):
         get_sam_model("sam_vit_b")

@@ -74,7 +74,11 @@ def _box_layer(viewer, img, z: int, box_rc):
     r0, c0, r1, c1 = box_rc
     rect = np.array([[z, r0, c0], [z, r0, c1], [z, r1, c1], [z, r1, c0]], dtype=float)
     return viewer.add_shapes(
-        [rect], shape_type="rectangle", ndim=3, scale=img.scale, translate=img.translate,
+        [rect],
+        shape_type="rectangle",
+        ndim=3,
+        scale=img.scale,
+        translate=img.translate,
         name="box",
     )
 
@@ -82,8 +86,12 @@ def _box_layer(viewer, img, z: int, box_rc):
 def _gt_box(gt: np.ndarray, z: int, margin: int = 1) -> tuple[int, int, int, int]:
     rr, cc = np.nonzero(gt[z])
     h, w = gt.shape[1:]
-    return (max(int(rr.min()) - margin, 0), max(int(cc.min()) - margin, 0),
-            min(int(rr.max()) + margin, h - 1), min(int(cc.max()) + margin, w - 1))
+    return (
+        max(int(rr.min()) - margin, 0),
+        max(int(cc.min()) - margin, 0),
+        min(int(rr.max()) + margin, h - 1),
+        min(int(cc.max()) + margin, w - 1),
+    )
 
 
 def _dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -189,14 +197,22 @@ def test_sam_widget_slice_propagate_accept_evaluate_save(
     assert sam.predictor.encoder_calls == 1
     np.testing.assert_array_equal(sam.proposal.mask[z], core.masks[core.best()])
     # a negative point added on this slice refines the previous answer (its logits as a prompt)
-    neg = viewer.add_points(np.array([[z, box[0] + 1.0, box[1] + 1.0]]), ndim=3,
-                            scale=img.scale, translate=img.translate, name="neg")
+    neg = viewer.add_points(
+        np.array([[z, box[0] + 1.0, box[1] + 1.0]]),
+        ndim=3,
+        scale=img.scale,
+        translate=img.translate,
+        name="neg",
+    )
     sam.reset_choices()
     sam._neg_points.value = neg
     sam.segment_slice()
     _wait(qtbot, sam.job)
     refined = sam.predictor.predict(
-        z, points_rc=[[box[0] + 1.0, box[1] + 1.0]], point_labels=[0], box_rc=box,
+        z,
+        points_rc=[[box[0] + 1.0, box[1] + 1.0]],
+        point_labels=[0],
+        box_rc=box,
         mask_logits=core.low_res_logits[core.best()],
     )
     np.testing.assert_array_equal(sam.proposal.mask[z], refined.masks[refined.best()])
@@ -265,8 +281,9 @@ def test_sam_widget_slice_propagate_accept_evaluate_save(
     z2 = next(i for i in (z + 1, z - 1) if gt[i].any())
     box2 = _gt_box(gt, z2)
     r0, c0, r1, c1 = box2
-    shapes.add_rectangles(np.array([[z2, r0, c0], [z2, r0, c1], [z2, r1, c1], [z2, r1, c0]],
-                                   dtype=float))
+    shapes.add_rectangles(
+        np.array([[z2, r0, c0], [z2, r0, c1], [z2, r1, c1], [z2, r1, c0]], dtype=float)
+    )
     sam.propagate()
     _wait(qtbot, sam.job)
     keys = sorted([KeyPrompt(z, box_rc=box), KeyPrompt(z2, box_rc=box2)], key=lambda k: k.index)
@@ -291,8 +308,9 @@ def test_embeddings_widget_precomputes_for_sam(
     geo = vol.layer_geometry()
     translate = list(geo["translate"])
     translate[0] += lo * vol.spacing[0]
-    img = viewer.add_image(vol.array[lo : lo + 5], scale=geo["scale"], translate=translate,
-                           name="crop")
+    img = viewer.add_image(
+        vol.array[lo : lo + 5], scale=geo["scale"], translate=translate, name="crop"
+    )
     emb = EmbeddingsWidget(viewer)
     emb._models["litemedsam"] = lite_model
     emb.reset_choices()
@@ -331,8 +349,7 @@ def test_screenshot_3d_labels_not_blank(make_napari_viewer, pyradiomics_dir):
     viewer = make_napari_viewer(show=True)
     viewer.open(str(pyradiomics_dir / "brain1_image.nrrd"), plugin="medseg")
     [lab] = viewer.open(str(pyradiomics_dir / "brain1_label.nrrd"), plugin="medseg")
-    lab.colormap = DirectLabelColormap(color_dict={None: "transparent", 0: "transparent",
-                                                   1: "red"})
+    lab.colormap = DirectLabelColormap(color_dict={None: "transparent", 0: "transparent", 1: "red"})
     viewer.dims.ndisplay = 3
     viewer.reset_view()
     camera = getattr(getattr(viewer, "scene", None), "camera", None) or viewer.camera
@@ -372,8 +389,13 @@ def test_unet_widget_runs_checkpoint(make_napari_viewer, qtbot, tmp_path):
     )
 
     vol, _ = make_phantom(seed=1, shape=(24, 64, 64), spacing=(3.0, 2.0, 2.0))
-    cfg = make_config(labels={1: "liver", 2: "tumour"}, target_spacing=(3.0, 2.0, 2.0),
-                      patch_size=(16, 32, 32), channels=(4, 8), strides=(2,))
+    cfg = make_config(
+        labels={1: "liver", 2: "tumour"},
+        target_spacing=(3.0, 2.0, 2.0),
+        patch_size=(16, 32, 32),
+        channels=(4, 8),
+        strides=(2,),
+    )
     torch.manual_seed(0)
     net = build_network(cfg)
     ckpt_path = save_checkpoint(
@@ -448,8 +470,11 @@ def test_dicom_series_widget_opens_chosen_series(
     w._folder.value = str(folder)
     w.scan_folder()
     _wait(qtbot, w.job)
-    uids = [uid for _, uid in w._series.choices] if isinstance(
-        w._series.choices[0], tuple) else list(w._series.choices)
+    uids = (
+        [uid for _, uid in w._series.choices]
+        if isinstance(w._series.choices[0], tuple)
+        else list(w._series.choices)
+    )
     assert len(uids) == 2
     smaller = uids[-1]  # listed largest first
     w._series.value = smaller

@@ -37,7 +37,10 @@ def test_manifest_is_valid_and_packaged():
             assert item.command in commands
     assert {s.key for s in c.sample_data} == {"phantom", "brain1"}
     assert {w.display_name for w in c.widgets} >= {
-        "Interactive SAM", "Automatic (U-Net)", "Evaluate", "Embeddings",
+        "Interactive SAM",
+        "Automatic (U-Net)",
+        "Evaluate",
+        "Embeddings",
     }
     assert all(cmd.python_name.startswith("medseg._napari.") for cmd in c.commands)
     # the installed entry point finds this manifest (npe2 reads the package's copy)
@@ -62,8 +65,18 @@ def _import_in_subprocess(code: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-HEAVY = ("torch", "monai", "SimpleITK", "pydicom", "napari", "qtpy", "PyQt5", "magicgui",
-         "torchvision", "segment_anything")
+HEAVY = (
+    "torch",
+    "monai",
+    "SimpleITK",
+    "pydicom",
+    "napari",
+    "qtpy",
+    "PyQt5",
+    "magicgui",
+    "torchvision",
+    "segment_anything",
+)
 
 
 def test_reader_writer_sample_modules_import_nothing_heavy():
@@ -105,8 +118,12 @@ def oblique_case(tmp_path: Path) -> tuple[Path, Volume]:
     """A small NIfTI image with anisotropic spacing, an offset origin and a flipped y axis."""
     rng = np.random.default_rng(3)
     arr = rng.integers(-100, 200, size=(6, 9, 11)).astype(np.int16)
-    vol = Volume(arr, spacing=(3.0, 0.8, 0.7), origin=(-12.5, 40.0, 7.25),
-                 direction=np.diag([1.0, -1.0, 1.0]))
+    vol = Volume(
+        arr,
+        spacing=(3.0, 0.8, 0.7),
+        origin=(-12.5, 40.0, 7.25),
+        direction=np.diag([1.0, -1.0, 1.0]),
+    )
     path = tmp_path / "imagesTr" / "case_000.nii.gz"
     path.parent.mkdir()
     write_volume(vol, path)
@@ -231,8 +248,15 @@ def test_writer_refuses_source_and_bad_data(oblique_case, tmp_path):
     from medseg._napari._writer import write_labels_layer
 
     path, vol = oblique_case
-    attrs = {"metadata": {"source": None, "image_source": str(path), "spacing": [3, 0.8, 0.7],
-                          "origin": [0, 0, 0], "direction": np.eye(3).tolist()}}
+    attrs = {
+        "metadata": {
+            "source": None,
+            "image_source": str(path),
+            "spacing": [3, 0.8, 0.7],
+            "origin": [0, 0, 0],
+            "direction": np.eye(3).tolist(),
+        }
+    }
     before = path.read_bytes()
     with pytest.raises(OutputError, match="source"):
         write_labels_layer(str(path), np.zeros(vol.shape, np.uint8), attrs)
@@ -301,8 +325,10 @@ def test_prompts_from_layers_with_their_own_geometry():
 
     from medseg._napari._prompts import prompt_slices, slice_prompts
 
-    img = napari.layers.Image(np.zeros((5, 20, 30)), scale=(2.0, 0.5, 0.5),
-                              translate=(10.0, -4.0, 3.0))
+    img = napari.layers.Image(
+        np.zeros((5, 20, 30)), scale=(2.0, 0.5, 0.5), translate=(10.0, -4.0, 3.0)
+    )
+
     # world = data * scale + translate; the points layer works directly in world mm
     def world(z, r, c):
         return [10.0 + 2.0 * z, -4.0 + 0.5 * r, 3.0 + 0.5 * c]
@@ -311,8 +337,9 @@ def test_prompts_from_layers_with_their_own_geometry():
         np.array([world(2, 4, 6), world(2, 10, 12), world(3, 1, 1)]),
         features={"point_type": ["positive", "negative", "positive"]},
     )
-    neg = napari.layers.Points(np.array([[2, 7.0, 8.0]]), scale=(2.0, 0.5, 0.5),
-                               translate=(10.0, -4.0, 3.0))
+    neg = napari.layers.Points(
+        np.array([[2, 7.0, 8.0]]), scale=(2.0, 0.5, 0.5), translate=(10.0, -4.0, 3.0)
+    )
     rect = np.array([world(2, 3, 5), world(2, 3, 25), world(2, 15, 25), world(2, 15, 5)])
     other = np.array([world(1, 0, 0), world(1, 0, 9), world(1, 9, 9), world(1, 9, 0)])
     shapes = napari.layers.Shapes([other, rect], shape_type="rectangle")
@@ -344,8 +371,9 @@ def test_hand_painted_layer_takes_the_recorded_grid(oblique_case):
     [(_, kw, _)] = read_path(path)
     gt_arr = np.zeros(vol.shape, np.uint8)
     gt_arr[2:4, 3:6, 4:8] = 1
-    gt = napari.layers.Labels(gt_arr, scale=kw["scale"], translate=kw["translate"],
-                              metadata=kw["metadata"])
+    gt = napari.layers.Labels(
+        gt_arr, scale=kw["scale"], translate=kw["translate"], metadata=kw["metadata"]
+    )
     painted = napari.layers.Labels(gt_arr.copy(), scale=kw["scale"], translate=kw["translate"])
     pred, ref = labelmaps_from_layers(painted, gt)
     np.testing.assert_allclose(pred.direction, np.diag([1.0, -1.0, 1.0]))

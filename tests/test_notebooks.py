@@ -37,7 +37,9 @@ def _execute(name: str, cwd: Path) -> tuple[Any, dict[str, Any]]:
 
     nb = nbformat.read(NOTEBOOKS / name, as_version=4)
     client = nbclient.NotebookClient(
-        nb, kernel_name="python3", timeout=CELL_TIMEOUT_S,
+        nb,
+        kernel_name="python3",
+        timeout=CELL_TIMEOUT_S,
         resources={"metadata": {"path": str(cwd)}},
     )
     client.execute()  # raises CellExecutionError on the first failing cell
@@ -75,8 +77,11 @@ def test_notebook_is_clean_and_documented(name: str) -> None:
         if cell.cell_type == "code":
             assert cell.outputs == [] and cell.execution_count is None, f"cell {i} has outputs"
     # sections: a "## " markdown cell introduces each, and each section holds code
-    heads = [i for i, c in enumerate(nb.cells) if c.cell_type == "markdown"
-             and c.source.startswith("## ")]
+    heads = [
+        i
+        for i, c in enumerate(nb.cells)
+        if c.cell_type == "markdown" and c.source.startswith("## ")
+    ]
     assert len(heads) >= 4
     for start, end in zip(heads, [*heads[1:], len(nb.cells)], strict=True):
         kinds = [c.cell_type for c in nb.cells[start + 1 : end]]

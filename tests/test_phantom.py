@@ -39,8 +39,9 @@ def test_types_geometry_and_meta(p0):
     assert lab.labels == PHANTOM_LABELS == {1: "liver", 2: "tumour", 3: "kidney", 4: "spleen"}
     assert lab.present() == [1, 2, 3, 4]
     # origin at the grid centre in x and y
-    centre = img.index_to_world([(img.shape[0] - 1) / 2, (img.shape[1] - 1) / 2,
-                                 (img.shape[2] - 1) / 2])
+    centre = img.index_to_world(
+        [(img.shape[0] - 1) / 2, (img.shape[1] - 1) / 2, (img.shape[2] - 1) / 2]
+    )
     np.testing.assert_allclose(centre, 0.0, atol=1e-9)
 
 
@@ -77,8 +78,9 @@ def test_tumours_inside_liver(seed, p0, p1):
         k, j, i = np.rint(img.world_to_index(t["center_lps"])).astype(int)
         assert lab.array[k, j, i] == TUMOUR
     # at least one tumour is >= 15 mm across, measured on the label map (x extent in mm)
-    widths = [np.ptp(np.nonzero(comps == c)[2]) * img.spacing[2] + img.spacing[2]
-              for c in range(1, n + 1)]
+    widths = [
+        np.ptp(np.nonzero(comps == c)[2]) * img.spacing[2] + img.spacing[2] for c in range(1, n + 1)
+    ]
     assert max(widths) >= 15.0
 
 
@@ -117,8 +119,7 @@ def test_hu_per_label(p0):
 def test_anatomy_sides_and_lung_bases(p0):
     img, lab = p0
     L = lab.array
-    x_of = {v: img.index_to_world(np.argwhere(lab.array == v).mean(axis=0))[0]
-            for v in (1, 3, 4)}
+    x_of = {v: img.index_to_world(np.argwhere(lab.array == v).mean(axis=0))[0] for v in (1, 3, 4)}
     assert x_of[LIVER] < 0 < x_of[SPLEEN]  # LPS: patient's right is -x
     kid, n = ndimage.label(L == KIDNEY)
     assert n == 2

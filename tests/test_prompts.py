@@ -104,8 +104,9 @@ def test_point_and_box_round_trip(shape, size, spacing):
     f = ModelFrame(shape, size, spacing)
     rng = np.random.default_rng(0)
     pts = rng.uniform(0, 1, (20, 2)) * (np.array(shape) - 1)
-    np.testing.assert_allclose(f.points_from_model(f.points_to_model(pts)), pts, rtol=1e-5,
-                               atol=1e-4)
+    np.testing.assert_allclose(
+        f.points_from_model(f.points_to_model(pts)), pts, rtol=1e-5, atol=1e-4
+    )
     box = (2.0, 3.0, shape[0] - 5.0, shape[1] - 7.0)
     np.testing.assert_allclose(f.box_from_model(f.box_to_model(box)), box, rtol=1e-5, atol=1e-4)
     # the far corner of the slice lands inside the unpadded part of the model input
@@ -169,7 +170,7 @@ def test_mask_prompt_round_trip():
     assert low.shape == (256, 256) and low.dtype == np.float32
     assert low.max() == pytest.approx(MASK_PROMPT_LOGIT, rel=1e-4)
     _, nw = f.resized_shape
-    assert (low[:, nw + 1 :] == pytest.approx(-MASK_PROMPT_LOGIT, rel=1e-4))
+    assert low[:, nw + 1 :] == pytest.approx(-MASK_PROMPT_LOGIT, rel=1e-4)
     back = f.logits_to_slice(low)[0] > 0
     dice = 2 * np.count_nonzero(back & disc) / (back.sum() + disc.sum())
     assert dice > 0.98

@@ -102,16 +102,35 @@ def test_mask_box_expand_and_interior_point():
 
 
 def _rec(**kw) -> SliceRecord:
-    base: dict = {"index": 3, "source": 2, "distance": 1, "accepted": True, "iou_pred": 0.9,
-                  "stability": 0.9, "area_px": 100, "area_ratio": 1.0, "similarity": 0.9,
-                  "intensity": 0.5, "intensity_shift": 0.02, "overlap": 0.8, "extent": 0.3}
+    base: dict = {
+        "index": 3,
+        "source": 2,
+        "distance": 1,
+        "accepted": True,
+        "iou_pred": 0.9,
+        "stability": 0.9,
+        "area_px": 100,
+        "area_ratio": 1.0,
+        "similarity": 0.9,
+        "intensity": 0.5,
+        "intensity_shift": 0.02,
+        "overlap": 0.8,
+        "extent": 0.3,
+    }
     base.update(kw)
     return SliceRecord(**base)
 
 
 def test_stop_reason_checks_each_signal():
-    cfg = PropagationConfig(**{**NO_STOP, "min_iou": 0.8, "min_similarity": 0.5,
-                               "min_consistency": 0.3, "max_area_ratio": 2.0})
+    cfg = PropagationConfig(
+        **{
+            **NO_STOP,
+            "min_iou": 0.8,
+            "min_similarity": 0.5,
+            "min_consistency": 0.3,
+            "max_area_ratio": 2.0,
+        }
+    )
     assert stop_reason(_rec(), cfg) is None
     assert stop_reason(_rec(area_px=2), cfg) == "vanished"
     assert stop_reason(_rec(iou_pred=0.7), cfg) == "iou_pred<0.8"
@@ -177,8 +196,7 @@ def test_review_sorted_by_stated_score(single):
 
 def test_several_key_slices_fill_between(predictor, blob):
     gt = blob[1]
-    keys = [box_from_gt(gt[:4], "z", 3), box_from_gt(np.concatenate([0 * gt[:7], gt[7:]]),
-                                                     "z", 3)]
+    keys = [box_from_gt(gt[:4], "z", 3), box_from_gt(np.concatenate([0 * gt[:7], gt[7:]]), "z", 3)]
     assert [k.index for k in keys] == [3, 7]
     res = propagate(predictor, keys)
     assert res.key_slices == [3, 7]
@@ -202,8 +220,9 @@ def test_no_propagation_and_key_mask(predictor, blob):
     key = box_from_gt(gt, "z", 3)
     res = propagate(predictor, [key], PropagationConfig(max_slices=0))
     assert res.slices == [key.index]
-    res2 = propagate(predictor, [KeyPrompt(key.index, mask=gt[key.index])],
-                     PropagationConfig(max_slices=1))
+    res2 = propagate(
+        predictor, [KeyPrompt(key.index, mask=gt[key.index])], PropagationConfig(max_slices=1)
+    )
     assert np.array_equal(res2.mask[key.index], gt[key.index])  # a given mask is used as is
     assert set(res2.slices) <= {key.index - 1, key.index, key.index + 1}
 
@@ -216,8 +235,11 @@ def test_axis_y_matches_axial_on_transposed_volume(model, predictor, blob, singl
     from medseg.predict.sam import VolumePredictor
 
     vol, gt = blob
-    vol_t = Volume(np.ascontiguousarray(vol.array.transpose(1, 0, 2)), spacing=(1.0, 2.5, 1.0),
-                   meta=dict(vol.meta))
+    vol_t = Volume(
+        np.ascontiguousarray(vol.array.transpose(1, 0, 2)),
+        spacing=(1.0, 2.5, 1.0),
+        meta=dict(vol.meta),
+    )
     gt_t = gt.transpose(1, 0, 2)
     pred_y = VolumePredictor(vol_t, model, axis="y")
     key = box_from_gt(gt_t, "y", 3)

@@ -61,8 +61,14 @@ def tiny(tmp_path_factory):
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("tiny") / "tiny_vit_b.pth"
     torch.save(build_sam_model("sam_vit_b", small=True).state_dict(), path)
-    spec = dataclasses.replace(get_spec("sam_vit_b"), name="tiny_vit_b", filename=path.name,
-                               sha256=None, url=None, arch=dict(SMALL_VIT_B))
+    spec = dataclasses.replace(
+        get_spec("sam_vit_b"),
+        name="tiny_vit_b",
+        filename=path.name,
+        sha256=None,
+        url=None,
+        arch=dict(SMALL_VIT_B),
+    )
     return load_sam_model(spec, weights=path, precision="fp32")
 
 
@@ -73,7 +79,8 @@ def phantom():
     _, yy, xx = np.mgrid[:4, :48, :40]
     inside = (yy - 24) ** 2 / 12**2 + (xx - 18) ** 2 / 9**2 <= 1
     arr = np.where(inside, 60, -900).astype(np.int16) + rng.integers(-20, 20, (4, 48, 40)).astype(
-        np.int16)
+        np.int16
+    )
     return Volume(arr, spacing=(3.0, 1.0, 1.0), meta={"modality": "CT"})
 
 
@@ -191,8 +198,9 @@ def test_tiny_vit_b_prompts_and_shapes(tiny, phantom):
     assert p.frame.input_size == 1024 and p.frame.resized_shape == (1024, 853)
     emb = p.embed(1)
     assert tuple(emb.shape) == (1, 256, 64, 64) and emb.dtype == torch.float32
-    out = p.predict(1, points_rc=[[24, 18], [2, 2]], point_labels=[1, 0], box_rc=(12, 9, 36, 27),
-                    multimask=True)
+    out = p.predict(
+        1, points_rc=[[24, 18], [2, 2]], point_labels=[1, 0], box_rc=(12, 9, 36, 27), multimask=True
+    )
     assert out.masks.shape == (3, 48, 40) and out.iou_pred.shape == (3,)
     # the masks are the thresholded slice-frame logits of the returned low-res logits
     logits = p.frame.logits_to_slice(out.low_res_logits)
@@ -314,8 +322,10 @@ def test_matches_segment_anything_sam_predictor(tiny, phantom):
     box_rc = (12, 9, 36, 27)
     ours = p.predict(2, box_rc=box_rc, points_rc=[[24, 18], [40, 3]], point_labels=[1, 0])
     masks, iou, low = ref.predict(
-        point_coords=np.array([[18.0, 24.0], [3.0, 40.0]]), point_labels=np.array([1, 0]),
-        box=np.array([9.0, 12.0, 27.0, 36.0]), multimask_output=False,
+        point_coords=np.array([[18.0, 24.0], [3.0, 40.0]]),
+        point_labels=np.array([1, 0]),
+        box=np.array([9.0, 12.0, 27.0, 36.0]),
+        multimask_output=False,
     )
     np.testing.assert_allclose(ours.low_res_logits, low, rtol=1e-3, atol=2e-3)
     np.testing.assert_allclose(ours.iou_pred, iou, rtol=1e-3, atol=1e-3)

@@ -30,9 +30,25 @@ def main_run(breast, cache_dir, tmp_path_factory):
     """The README's main job on breast1: box from GT, metrics, oracle, JSON and label map."""
     img, lab = breast
     out = tmp_path_factory.mktemp("seg")
-    rc = main(["segment", str(img), "--model", "litemedsam", "--box-from-gt", str(lab),
-               "--gt", str(lab), "--json", str(out / "r.json"), "--out", str(out / "seg.nrrd"),
-               "--cache-dir", str(cache_dir), "--quiet"])
+    rc = main(
+        [
+            "segment",
+            str(img),
+            "--model",
+            "litemedsam",
+            "--box-from-gt",
+            str(lab),
+            "--gt",
+            str(lab),
+            "--json",
+            str(out / "r.json"),
+            "--out",
+            str(out / "seg.nrrd"),
+            "--cache-dir",
+            str(cache_dir),
+            "--quiet",
+        ]
+    )
     return rc, out
 
 
@@ -44,15 +60,32 @@ def test_main_job_report_and_label_map(main_run, breast, capsys):
     assert rc == 0
     img, lab = breast
     rep = json.loads((out / "r.json").read_text())
-    for key in ("model", "config", "prompts", "propagation", "metrics", "oracle", "timings",
-                "dice", "cache"):
+    for key in (
+        "model",
+        "config",
+        "prompts",
+        "propagation",
+        "metrics",
+        "oracle",
+        "timings",
+        "dice",
+        "cache",
+    ):
         assert key in rep, key
     assert rep["model"]["name"] == "litemedsam"
     assert len(rep["model"]["weights_sha256"]) == 64
     assert rep["prompts"][0]["index"] == 9 and len(rep["prompts"][0]["box_rc"]) == 4
     recs = rep["propagation"]["records"]
-    assert {"index", "iou_pred", "stability", "area_px", "similarity", "source", "stopped",
-            "review_score"} <= set(recs[0])
+    assert {
+        "index",
+        "iou_pred",
+        "stability",
+        "area_px",
+        "similarity",
+        "source",
+        "stopped",
+        "review_score",
+    } <= set(recs[0])
     assert [r["index"] for r in recs] == sorted(r["index"] for r in recs)
     scores = [r["review_score"] for r in rep["propagation"]["review"]]
     assert scores == sorted(scores, reverse=True)
@@ -76,8 +109,19 @@ def test_main_job_report_and_label_map(main_run, breast, capsys):
 def test_refuses_to_overwrite_before_work(main_run, breast, cache_dir, capsys):
     img, lab = breast
     _, out = main_run
-    rc = main(["segment", str(img), "--box-from-gt", str(lab), "--out", str(out / "seg.nrrd"),
-               "--cache-dir", str(cache_dir), "--quiet"])
+    rc = main(
+        [
+            "segment",
+            str(img),
+            "--box-from-gt",
+            str(lab),
+            "--out",
+            str(out / "seg.nrrd"),
+            "--cache-dir",
+            str(cache_dir),
+            "--quiet",
+        ]
+    )
     assert rc == 2
     assert "already exists" in capsys.readouterr().err
     rc = main(["segment", str(img), "--box-from-gt", str(lab), "--out", str(img), "--quiet"])
@@ -89,8 +133,22 @@ def test_box_prompt_file_and_no_propagate(breast, cache_dir, tmp_path, capsys):
     img, lab = breast
     prompts = tmp_path / "p.json"
     prompts.write_text(json.dumps({"axis": "z", "boxes": [{"slice": 9, "box": [62, 19, 77, 31]}]}))
-    rc = main(["segment", str(img), "--prompts", str(prompts), "--no-propagate", "--gt", str(lab),
-               "--json", str(tmp_path / "r.json"), "--cache-dir", str(cache_dir), "--quiet"])
+    rc = main(
+        [
+            "segment",
+            str(img),
+            "--prompts",
+            str(prompts),
+            "--no-propagate",
+            "--gt",
+            str(lab),
+            "--json",
+            str(tmp_path / "r.json"),
+            "--cache-dir",
+            str(cache_dir),
+            "--quiet",
+        ]
+    )
     assert rc == 0
     printed = capsys.readouterr().out
     assert "Dice" in printed

@@ -31,8 +31,22 @@ from medseg.volume import Volume  # noqa: E402
 
 SHAPE = (16, 48, 48)
 SPACING = (9.0, 4.0, 4.0)  # about the default phantom's field of view, coarsely sampled
-TRAIN = ["train-unet", "--patch", "8,16,16", "--spacing", "9,8,8", "--channels", "4,8",
-         "--val-fraction", "0.34", "--seed", "3", "--lr-schedule", "constant", "--quiet"]
+TRAIN = [
+    "train-unet",
+    "--patch",
+    "8,16,16",
+    "--spacing",
+    "9,8,8",
+    "--channels",
+    "4,8",
+    "--val-fraction",
+    "0.34",
+    "--seed",
+    "3",
+    "--lr-schedule",
+    "constant",
+    "--quiet",
+]
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +56,13 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     ds = write_msd_dataset(root / "ds", cases, name="t", description="t", labels=PHANTOM_LABELS)
     model = root / "m.pt"
     assert main([*TRAIN, "--data", str(ds.root), "--out", str(model), "--epochs", "2"]) == 0
-    return {"root": root, "ds": ds.root, "model": model, "last": root / "m.last.pt",
-            "log": root / "m.log.jsonl"}
+    return {
+        "root": root,
+        "ds": ds.root,
+        "model": model,
+        "last": root / "m.last.pt",
+        "log": root / "m.log.jsonl",
+    }
 
 
 def _load(p: Path) -> dict:
@@ -78,8 +97,19 @@ def test_checkpoint_has_config_hash_split_history(trained: dict[str, Path]) -> N
 
 def test_resume_continues_epochs(trained: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "r.pt"
-    rc = main([*TRAIN, "--data", str(trained["ds"]), "--out", str(out), "--epochs", "3",
-               "--resume", str(trained["last"])])
+    rc = main(
+        [
+            *TRAIN,
+            "--data",
+            str(trained["ds"]),
+            "--out",
+            str(out),
+            "--epochs",
+            "3",
+            "--resume",
+            str(trained["last"]),
+        ]
+    )
     assert rc == 0
     ck = _load(tmp_path / "r.last.pt")
     first = _load(trained["last"])
@@ -94,8 +124,22 @@ def test_resume_continues_epochs(trained: dict[str, Path], tmp_path: Path) -> No
     for k, v in ref["state_dict"].items():
         torch.testing.assert_close(ck["state_dict"][k], v, atol=1e-4, rtol=1e-4)
     # resuming a finished run is refused with a clear message
-    assert main([*TRAIN, "--data", str(trained["ds"]), "--out", str(tmp_path / "x.pt"),
-                 "--epochs", "3", "--resume", str(tmp_path / "r.last.pt")]) == 2
+    assert (
+        main(
+            [
+                *TRAIN,
+                "--data",
+                str(trained["ds"]),
+                "--out",
+                str(tmp_path / "x.pt"),
+                "--epochs",
+                "3",
+                "--resume",
+                str(tmp_path / "r.last.pt"),
+            ]
+        )
+        == 2
+    )
 
 
 def test_inference_grid_labels_probabilities_orientation(trained: dict[str, Path]) -> None:
@@ -111,8 +155,13 @@ def test_inference_grid_labels_probabilities_orientation(trained: dict[str, Path
     d = np.eye(3)[:, [0, 2, 1]] * np.array([-1.0, 1.0, 1.0])[None, :]  # ITK cols: -x, z, y
     arr = np.transpose(img.array[:, :, ::-1], (1, 0, 2))  # (y, z, x flipped)
     x_last = img.index_to_world([0, 0, img.shape[2] - 1])
-    other = Volume(arr, spacing=(img.spacing[1], img.spacing[0], img.spacing[2]),
-                   origin=tuple(x_last), direction=d, meta=dict(img.meta))
+    other = Volume(
+        arr,
+        spacing=(img.spacing[1], img.spacing[0], img.spacing[2]),
+        origin=tuple(x_last),
+        direction=d,
+        meta=dict(img.meta),
+    )
     nx = img.shape[2]
     assert np.allclose(other.index_to_world([3, 5, 7]), img.index_to_world([5, 3, nx - 8]))
     lm2 = seg.segment(other, overlap=0.5)
@@ -152,8 +201,22 @@ def test_refuses_config_it_cannot_honour(trained: dict[str, Path], tmp_path: Pat
     table = {"labels": {"0": "background", "1": "liver"}}
     (tmp_path / "dataset.json").write_text(json.dumps(table))
     out = tmp_path / "seg.nii.gz"
-    assert main(["segment", str(tmp_path / "img.nii.gz"), "--model", str(trained["model"]),
-                 "--gt", str(tmp_path / "gt.nrrd"), "--out", str(out), "--quiet"]) == 2
+    assert (
+        main(
+            [
+                "segment",
+                str(tmp_path / "img.nii.gz"),
+                "--model",
+                str(trained["model"]),
+                "--gt",
+                str(tmp_path / "gt.nrrd"),
+                "--out",
+                str(out),
+                "--quiet",
+            ]
+        )
+        == 2
+    )
     assert not out.exists()
 
 
@@ -164,8 +227,9 @@ def test_resampling_matches_simpleitk_and_hand_values() -> None:
     z, y, x = np.meshgrid(np.arange(10), np.arange(12), np.arange(9), indexing="ij")
     ramp = (2.0 * z + 3.0 * y - x).astype(np.float32)
     out = resample_image(ramp, (1.0, 1.0, 1.0), (3.0, 2.0, 0.5)).numpy()
-    zz, yy, xx = np.meshgrid(np.arange(4) * 3.0, np.arange(6) * 2.0,
-                             np.minimum(np.arange(17) * 0.5, 8), indexing="ij")
+    zz, yy, xx = np.meshgrid(
+        np.arange(4) * 3.0, np.arange(6) * 2.0, np.minimum(np.arange(17) * 0.5, 8), indexing="ij"
+    )
     np.testing.assert_allclose(out, 2 * zz + 3 * yy - xx, atol=1e-4)
     # agreement with SimpleITK's linear resampler on a random image (same output grid)
     rng = np.random.default_rng(0)
@@ -173,17 +237,32 @@ def test_resampling_matches_simpleitk_and_hand_values() -> None:
     vol = Volume(a, spacing=(2.5, 0.9, 1.1), origin=(3.0, -4.0, 7.0))
     target = (4.0, 1.7, 2.2)
     shp = model_grid_shape(a.shape, vol.spacing, target)
-    ref = sitk.Resample(vol.to_sitk(), (shp[2], shp[1], shp[0]), sitk.Transform(),
-                        sitk.sitkLinear, vol.origin, (target[2], target[1], target[0]),
-                        tuple(np.eye(3).ravel()), 0.0, sitk.sitkFloat32)
-    np.testing.assert_allclose(resample_image(a, vol.spacing, target).numpy(),
-                               sitk.GetArrayFromImage(ref), atol=1e-4)
+    ref = sitk.Resample(
+        vol.to_sitk(),
+        (shp[2], shp[1], shp[0]),
+        sitk.Transform(),
+        sitk.sitkLinear,
+        vol.origin,
+        (target[2], target[1], target[0]),
+        tuple(np.eye(3).ravel()),
+        0.0,
+        sitk.sitkFloat32,
+    )
+    np.testing.assert_allclose(
+        resample_image(a, vol.spacing, target).numpy(), sitk.GetArrayFromImage(ref), atol=1e-4
+    )
     lab = (a > 0).astype(np.uint8)
-    ref_nn = sitk.Resample(sitk.GetImageFromArray(lab), (shp[2], shp[1], shp[0]),
-                           sitk.Transform(), sitk.sitkNearestNeighbor, (0.0, 0.0, 0.0),
-                           tuple(t / s for t, s in zip(target[::-1], vol.spacing[::-1],
-                                                       strict=True)),
-                           tuple(np.eye(3).ravel()), 0, sitk.sitkUInt8)
+    ref_nn = sitk.Resample(
+        sitk.GetImageFromArray(lab),
+        (shp[2], shp[1], shp[0]),
+        sitk.Transform(),
+        sitk.sitkNearestNeighbor,
+        (0.0, 0.0, 0.0),
+        tuple(t / s for t, s in zip(target[::-1], vol.spacing[::-1], strict=True)),
+        tuple(np.eye(3).ravel()),
+        0,
+        sitk.sitkUInt8,
+    )
     nn = resample_labels_nearest(lab, vol.spacing, target)
     assert (nn == sitk.GetArrayFromImage(ref_nn)).mean() > 0.99  # .5 ties may round apart
 

@@ -29,13 +29,33 @@ def case(tmp_path_factory: pytest.TempPathFactory) -> dict:
     write_volume(img, root / "img.nii.gz")
     write_labels(gt, root / "gt.nii.gz")
     out = root / "seg.nii.gz"
-    rc = main(["segment", str(root / "img.nii.gz"), "--model", "unet-demo",
-               "--gt", str(root / "gt.nii.gz"), "--json", str(root / "r.json"),
-               "--out", str(out), "--instances", str(root / "lesions.nii.gz"),
-               "--probabilities", str(root / "probs.nii.gz"), "--quiet"])
+    rc = main(
+        [
+            "segment",
+            str(root / "img.nii.gz"),
+            "--model",
+            "unet-demo",
+            "--gt",
+            str(root / "gt.nii.gz"),
+            "--json",
+            str(root / "r.json"),
+            "--out",
+            str(out),
+            "--instances",
+            str(root / "lesions.nii.gz"),
+            "--probabilities",
+            str(root / "probs.nii.gz"),
+            "--quiet",
+        ]
+    )
     assert rc == 0
-    return {"root": root, "img": img, "gt": gt, "out": out,
-            "report": json.loads((root / "r.json").read_text())}
+    return {
+        "root": root,
+        "img": img,
+        "gt": gt,
+        "out": out,
+        "report": json.loads((root / "r.json").read_text()),
+    }
 
 
 def test_demo_model_is_small_and_labelled() -> None:

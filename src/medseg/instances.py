@@ -169,8 +169,16 @@ def semantic_to_panoptic(
         m = sem == cls
         out[m] = cls
         names[cls] = semantic.name(cls)
-        table.append({"id": cls, "class": cls, "class_name": semantic.name(cls), "instance": 0,
-                      "kind": "stuff", "voxels": int(np.count_nonzero(m))})
+        table.append(
+            {
+                "id": cls,
+                "class": cls,
+                "class_name": semantic.name(cls),
+                "instance": 0,
+                "kind": "stuff",
+                "voxels": int(np.count_nonzero(m)),
+            }
+        )
     for cls in things:
         inst = label_lesions(sem == cls, semantic.spacing, min_volume_mm3)
         n = int(inst.max(initial=0))
@@ -185,8 +193,16 @@ def semantic_to_panoptic(
         for k in range(1, n + 1):
             pid = cls * PANOPTIC_DIVISOR + k
             names[pid] = f"{semantic.name(cls)}_{k}"
-            table.append({"id": pid, "class": cls, "class_name": semantic.name(cls),
-                          "instance": k, "kind": "thing", "voxels": int(sizes[k])})
+            table.append(
+                {
+                    "id": pid,
+                    "class": cls,
+                    "class_name": semantic.name(cls),
+                    "instance": k,
+                    "kind": "thing",
+                    "voxels": int(sizes[k]),
+                }
+            )
     pan = LabelMap(array=out, labels=names, meta=dict(semantic.meta), **semantic.copy_geometry())
     table.sort(key=lambda r: r["id"])
     return pan, table
@@ -236,8 +252,18 @@ def write_lesion_table(
     for r in flat:
         cols.extend(k for k in r if k not in cols)
     if not cols:
-        cols = ["id", "voxels", "volume_mm3", "centroid_x_mm", "centroid_y_mm", "centroid_z_mm",
-                "centroid_z_vox", "centroid_y_vox", "centroid_x_vox", "max_diameter_mm"]
+        cols = [
+            "id",
+            "voxels",
+            "volume_mm3",
+            "centroid_x_mm",
+            "centroid_y_mm",
+            "centroid_z_mm",
+            "centroid_z_vox",
+            "centroid_y_vox",
+            "centroid_x_vox",
+            "max_diameter_mm",
+        ]
     o = check_output_path(path_csv, inputs, overwrite)
     with atomic_path(o) as tmp, open(tmp, "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=cols)

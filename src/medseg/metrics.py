@@ -289,8 +289,10 @@ def _label_names(
         return {
             v: table.get(v) or gt.labels.get(v) or pred.name(v) for v in sorted(table) if v != 0
         }
-    values = sorted({int(v) for v in labels}) if labels is not None else sorted(
-        set(present) | set(gt.labels)
+    values = (
+        sorted({int(v) for v in labels})
+        if labels is not None
+        else sorted(set(present) | set(gt.labels))
     )
     return {v: gt.labels.get(v) or pred.name(v) for v in values if v != 0}
 
@@ -591,8 +593,15 @@ def panoptic_quality(
         sg_ = _segments(gs, gin, cls, thing)
         n_p, n_g = int(sp_.max(initial=0)), int(sg_.max(initial=0))
         if n_p == 0 and n_g == 0:
-            per[cls] = {"kind": "thing" if thing else "stuff", "pq": None, "sq": None, "rq": None,
-                        "tp": 0, "fp": 0, "fn": 0}
+            per[cls] = {
+                "kind": "thing" if thing else "stuff",
+                "pq": None,
+                "sq": None,
+                "rq": None,
+                "tp": 0,
+                "fp": 0,
+                "fn": 0,
+            }
             continue
         size_p = np.bincount(sp_.ravel(), minlength=n_p + 1)
         size_g = np.bincount(sg_.ravel(), minlength=n_g + 1)

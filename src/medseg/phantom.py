@@ -81,11 +81,7 @@ class _Field:
         for (fx, fy, fz), (px, py, pz), w in zip(
             self.freqs, self.phases, self.weights, strict=True
         ):
-            term = (
-                (w * np.sin(fz * z + pz))
-                * np.sin(fy * y + py)
-                * np.sin(fx * x + px)
-            )
+            term = (w * np.sin(fz * z + pz)) * np.sin(fy * y + py) * np.sin(fx * x + px)
             out = term if out is None else out + term
         # a product of three sines has std ~0.35; x2 makes the field's std ~0.7 (|field| <= 2)
         return out * 2.0
@@ -161,9 +157,7 @@ class _Anatomy:
     vertebra_phase: float
 
 
-def _random_anatomy(
-    rng: np.random.Generator, spacing, shape, origin
-) -> _Anatomy:
+def _random_anatomy(rng: np.random.Generator, spacing, shape, origin) -> _Anatomy:
     nz, ny, nx = shape
     fov_x, fov_y = nx * spacing[2], ny * spacing[1]
     z0 = origin[2]
@@ -211,14 +205,18 @@ def _random_anatomy(
     }
     # vessels and spine: cylinders (ellipsoids much longer than the volume)
     long = 10.0
-    organs["aorta"] = _Ellipsoid((bx + 0.08 * ax, by + 0.42 * ay, t(0.5)), (0.09 * ax, 0.1 * ay,
-                                 long * zlen))
-    organs["ivc"] = _Ellipsoid((bx - 0.14 * ax, by + 0.38 * ay, t(0.5)), (0.1 * ax, 0.08 * ay,
-                               long * zlen))
-    organs["vertebra"] = _Ellipsoid((bx, by + 0.68 * ay, t(0.5)), (0.17 * ax, 0.2 * ay,
-                                    long * zlen))
-    organs["spinous"] = _Ellipsoid((bx, by + 0.92 * ay, t(0.5)), (0.05 * ax, 0.12 * ay,
-                                   long * zlen))
+    organs["aorta"] = _Ellipsoid(
+        (bx + 0.08 * ax, by + 0.42 * ay, t(0.5)), (0.09 * ax, 0.1 * ay, long * zlen)
+    )
+    organs["ivc"] = _Ellipsoid(
+        (bx - 0.14 * ax, by + 0.38 * ay, t(0.5)), (0.1 * ax, 0.08 * ay, long * zlen)
+    )
+    organs["vertebra"] = _Ellipsoid(
+        (bx, by + 0.68 * ay, t(0.5)), (0.17 * ax, 0.2 * ay, long * zlen)
+    )
+    organs["spinous"] = _Ellipsoid(
+        (bx, by + 0.92 * ay, t(0.5)), (0.05 * ax, 0.12 * ay, long * zlen)
+    )
     for side, sgn in (("r", -1), ("l", 1)):
         organs[f"paraspinal_{side}"] = _Ellipsoid(
             (bx + sgn * 0.24 * ax, by + 0.8 * ay, t(0.5)), (0.14 * ax, 0.16 * ay, long * zlen)
@@ -235,8 +233,14 @@ def _random_anatomy(
 
 
 def _paint(
-    hu: np.ndarray, lab: np.ndarray | None, grid: _Grid, ell: _Ellipsoid, value: Any,
-    label: int | None = None, within: np.ndarray | None = None, scale: float = 1.0,
+    hu: np.ndarray,
+    lab: np.ndarray | None,
+    grid: _Grid,
+    ell: _Ellipsoid,
+    value: Any,
+    label: int | None = None,
+    within: np.ndarray | None = None,
+    scale: float = 1.0,
 ) -> np.ndarray | None:
     """Set voxels inside ``ell`` (optionally shrunk by ``scale``) to ``value``; return the mask
     window (slices, mask) for further use. ``value`` may be a callable(x, y, z) -> HU."""
@@ -272,8 +276,8 @@ def _render(
     x2 = grid.x[None, None, :]
     y2 = grid.y[None, :, None]
     z2 = grid.z[:, None, None]
-    dx = (x2 - b["center"][0])
-    dy = (y2 - b["center"][1])
+    dx = x2 - b["center"][0]
+    dy = y2 - b["center"][1]
     ax, ay = b["semi"]
     deform = 1 + b["amp"] * b["field"](x2, y2, z2)
 
@@ -341,7 +345,11 @@ def _paint_tumours(
 
 
 def _place_tumours(
-    anat: _Anatomy, rng: np.random.Generator, liver: np.ndarray, spacing, origin,
+    anat: _Anatomy,
+    rng: np.random.Generator,
+    liver: np.ndarray,
+    spacing,
+    origin,
     n_tumours: tuple[int, int],
 ) -> int:
     """Choose tumour ellipsoids inside ``liver`` (the slice-centre liver mask), the first one
@@ -385,8 +393,11 @@ def _place_tumours(
         aspect = rng.uniform(0.85, 1.15, size=3)
         semi = tuple(float(r * a) for a in aspect / aspect.max())
         ell = _Ellipsoid(
-            center=tuple(float(v) for v in pick), semi=semi, angle=rng.uniform(0, np.pi),
-            amp=0.08, field=_Field.random(rng, (8.0, 25.0)),
+            center=tuple(float(v) for v in pick),
+            semi=semi,
+            angle=rng.uniform(0, np.pi),
+            amp=0.08,
+            field=_Field.random(rng, (8.0, 25.0)),
         )
         anat.tumours.append((ell, float(rng.uniform(10.0, 30.0))))
         centres.append((pick, r))
@@ -466,7 +477,9 @@ def make_phantom(
         "description": "synthetic abdominal CT phantom",
         "phantom_seed": int(seed),
         "tumours": tumours,
-        "warnings": [] if len(tumours) == wanted else [
+        "warnings": []
+        if len(tumours) == wanted
+        else [
             f"only {len(tumours)} of {wanted} tumours fit in this liver; use a larger shape/spacing"
         ],
     }

@@ -125,9 +125,7 @@ class Volume:
         """A volume on this grid holding ``array`` (shape must match)."""
         array = np.asarray(array)
         if array.shape != self.array.shape:
-            raise GeometryError(
-                f"array shape {array.shape} does not match grid {self.array.shape}"
-            )
+            raise GeometryError(f"array shape {array.shape} does not match grid {self.array.shape}")
         return replace(self, array=array, meta={**self.meta, **meta})
 
     def copy_geometry(self) -> dict[str, Any]:

@@ -38,8 +38,15 @@ class EmbeddingsWidget(Container):
         self._cancel_btn = PushButton(text="Cancel")
         self._state = status_label("cache: not checked")
         super().__init__(
-            widgets=[self._image, self._model, self._window, self._run_btn, self._check_btn,
-                     self._cancel_btn, self._state],
+            widgets=[
+                self._image,
+                self._model,
+                self._window,
+                self._run_btn,
+                self._check_btn,
+                self._cancel_btn,
+                self._state,
+            ],
             labels=True,
         )
         self.job = Job(status=self._set_state)
@@ -68,8 +75,11 @@ class EmbeddingsWidget(Container):
         key = (id(layer), id(layer.data), name, window)
         if self.predictor is None or self._key != key:
             self.predictor = VolumePredictor(
-                volume_from_layer(layer), model=self._models.get(name, name), axis="z",
-                window=window, cache_dir=default_cache_dir(),
+                volume_from_layer(layer),
+                model=self._models.get(name, name),
+                axis="z",
+                window=window,
+                cache_dir=default_cache_dir(),
             )
             self._models[name] = self.predictor.model
             self._key = key
@@ -87,8 +97,10 @@ class EmbeddingsWidget(Container):
         self.cached = [i for i in range(pred.n_slices) if pred.is_cached(i)]
         info = pred.cache_info()
         where = info.get("disk_dir") or info.get("dir") or "memory"
-        return (f"cache: {len(self.cached)}/{pred.n_slices} slices embedded "
-                f"({pred.spec.name}, {pred.intensity.name}) in {where}")
+        return (
+            f"cache: {len(self.cached)}/{pred.n_slices} slices embedded "
+            f"({pred.spec.name}, {pred.intensity.name}) in {where}"
+        )
 
     def check(self) -> None:
         """Count the cached slices of the chosen image (loads the model once)."""

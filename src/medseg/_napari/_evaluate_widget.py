@@ -34,8 +34,18 @@ if TYPE_CHECKING:
     import napari
 
 #: Columns shown and exported, in order.
-COLUMNS = ("label", "name", "dice", "iou", "hd95", "hd", "msd", "surface_dice", "voxels_pred",
-           "voxels_gt")
+COLUMNS = (
+    "label",
+    "name",
+    "dice",
+    "iou",
+    "hd95",
+    "hd",
+    "msd",
+    "surface_dice",
+    "voxels_pred",
+    "voxels_gt",
+)
 
 
 def _fmt(v: Any) -> Any:
@@ -65,8 +75,7 @@ class EvaluateWidget(Container):
         self._viewer = viewer
         self._pred = ComboBox(label="prediction", choices=layer_choices(viewer, "labels"))
         self._gt = ComboBox(label="ground truth", choices=layer_choices(viewer, "labels"))
-        self._tol = FloatSpinBox(label="surface tol. (mm)", value=1.0, min=0.0, max=100.0,
-                                 step=0.5)
+        self._tol = FloatSpinBox(label="surface tol. (mm)", value=1.0, min=0.0, max=100.0, step=0.5)
         self._run_btn = PushButton(text="Evaluate")
         self._table = Table(value={c: [] for c in COLUMNS})
         self._copy_btn = PushButton(text="Copy as CSV")
@@ -74,8 +83,17 @@ class EvaluateWidget(Container):
         self._export_btn = PushButton(text="Export CSV")
         self._status = status_label("")
         super().__init__(
-            widgets=[self._pred, self._gt, self._tol, self._run_btn, self._table, self._copy_btn,
-                     self._csv_path, self._export_btn, self._status],
+            widgets=[
+                self._pred,
+                self._gt,
+                self._tol,
+                self._run_btn,
+                self._table,
+                self._copy_btn,
+                self._csv_path,
+                self._export_btn,
+                self._status,
+            ],
             labels=True,
         )
         self.job = Job(status=self._set_status)

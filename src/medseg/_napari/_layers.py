@@ -70,9 +70,7 @@ def label_features(labels: dict[int, str], present: list[int] | None = None) -> 
     Rows: background (0), every value in ``labels`` and every value in ``present``.
     """
     values = sorted({0, *(int(k) for k in labels), *(int(v) for v in present or [])})
-    names = [
-        "background" if v == 0 else labels.get(v, f"label_{v}") for v in values
-    ]
+    names = ["background" if v == 0 else labels.get(v, f"label_{v}") for v in values]
     return {"index": values, "name": names}
 
 
@@ -206,7 +204,8 @@ def labels_kwargs_like(image_layer: Any, name: str, labels: dict[int, str] | Non
     if "spacing" not in meta:
         g = grid_kwargs_from_layer(image_layer)
         meta.update(
-            spacing=list(g["spacing"]), origin=list(g["origin"]),
+            spacing=list(g["spacing"]),
+            origin=list(g["origin"]),
             direction=np.asarray(g["direction"]).tolist(),
         )
     meta["source"] = None  # a new layer has no file yet; the writer must not take it for one

@@ -126,7 +126,9 @@ def slice_prompts(
 
 
 def prompt_slices(
-    image_layer: Any, points_layer: Any = None, negative_layer: Any = None,
+    image_layer: Any,
+    points_layer: Any = None,
+    negative_layer: Any = None,
     shapes_layer: Any = None,
 ) -> list[int]:
     """Sorted slice indices (axis 0) of ``image_layer`` that hold a point or a whole shape from

@@ -78,9 +78,7 @@ def _weights_present(spec: Any) -> bool:
         return False
     if top is None or not top.submodule_search_locations:
         return False
-    return any(
-        Path(loc, *parts[1:], rel).is_file() for loc in top.submodule_search_locations
-    )
+    return any(Path(loc, *parts[1:], rel).is_file() for loc in top.submodule_search_locations)
 
 
 def available_models() -> list[str]:
@@ -155,7 +153,11 @@ class SamWidget(Container):
         self._cancel_btn = PushButton(text="Cancel")
         default_iou = _default_min_iou()
         self._min_iou = FloatSpinBox(
-            label="stop below IoU", value=default_iou, min=0.0, max=1.0, step=0.05,
+            label="stop below IoU",
+            value=default_iou,
+            min=0.0,
+            max=1.0,
+            step=0.05,
             tooltip="propagation stops at the first slice whose predicted IoU is below this "
             "(0 = only when the object vanishes)",
         )
@@ -170,10 +172,24 @@ class SamWidget(Container):
         self._status = status_label("draw a box (Shapes) or points, then Segment slice")
         super().__init__(
             widgets=[
-                self._image, self._model, self._window, self._points, self._neg_points,
-                self._shapes, self._add_prompt_layers, self._segment_btn, self._min_iou,
-                self._propagate_btn, self._cancel_btn, self._target, self._label_value,
-                self._label_name, self._accept_btn, self._undo_btn, self._review, self._status,
+                self._image,
+                self._model,
+                self._window,
+                self._points,
+                self._neg_points,
+                self._shapes,
+                self._add_prompt_layers,
+                self._segment_btn,
+                self._min_iou,
+                self._propagate_btn,
+                self._cancel_btn,
+                self._target,
+                self._label_value,
+                self._label_name,
+                self._accept_btn,
+                self._undo_btn,
+                self._review,
+                self._status,
             ],
             labels=True,
         )
@@ -312,8 +328,11 @@ class SamWidget(Container):
             progress(1, 2)
             single_point = pr.box_rc is None and pr.points_rc is not None and len(pr.points_rc) == 1
             out = pred.predict(
-                pr.index, points_rc=pr.points_rc, point_labels=pr.point_labels,
-                box_rc=pr.box_rc, mask_logits=mask_logits,
+                pr.index,
+                points_rc=pr.points_rc,
+                point_labels=pr.point_labels,
+                box_rc=pr.box_rc,
+                mask_logits=mask_logits,
                 multimask=single_point and mask_logits is None,
             )
             progress(2, 2)
@@ -326,8 +345,10 @@ class SamWidget(Container):
             self.proposal = Proposal(mask=mask, slices=[pr.index])
             self.last_result = out
             self._last_slice = {
-                "image": (id(img), id(img.data), *settings), "index": pr.index,
-                "signature": signature, "logits": out.low_res_logits[k],
+                "image": (id(img), id(img.data), *settings),
+                "index": pr.index,
+                "signature": signature,
+                "logits": out.low_res_logits[k],
             }
             self._show_proposal(img)
             how = "refined" if refine else "segmented"
@@ -377,12 +398,12 @@ class SamWidget(Container):
 
             pred = self._get_predictor(img, *settings)
             keys = [
-                KeyPrompt(pr.index, box_rc=pr.box_rc, points_rc=pr.points_rc,
-                          point_labels=pr.point_labels)
+                KeyPrompt(
+                    pr.index, box_rc=pr.box_rc, points_rc=pr.points_rc, point_labels=pr.point_labels
+                )
                 for pr in prompts
             ]
-            return core_propagate(pred, keys, PropagationConfig(min_iou=min_iou),
-                                  progress=progress)
+            return core_propagate(pred, keys, PropagationConfig(min_iou=min_iou), progress=progress)
 
         def done(res: Any) -> None:
             notes = {}
@@ -391,11 +412,14 @@ class SamWidget(Container):
                 if rec.stopped:
                     text += f", stop: {rec.stopped}"
                 notes[rec.index] = text
-            slices = [int(i) for i in np.flatnonzero(res.mask.reshape(res.mask.shape[0], -1)
-                                                     .any(axis=1))]
+            slices = [
+                int(i) for i in np.flatnonzero(res.mask.reshape(res.mask.shape[0], -1).any(axis=1))
+            ]
             self.proposal = Proposal(
-                mask=np.asarray(res.mask, dtype=bool), slices=slices,
-                review=[int(i) for i in res.review], notes=notes,
+                mask=np.asarray(res.mask, dtype=bool),
+                slices=slices,
+                review=[int(i) for i in res.review],
+                notes=notes,
             )
             self.last_result = res
             self._show_proposal(img)

@@ -38,8 +38,14 @@ class UNetWidget(Container):
         self._cancel_btn = PushButton(text="Cancel")
         self._status = status_label("")
         super().__init__(
-            widgets=[self._image, self._model, self._checkpoint, self._run_btn, self._cancel_btn,
-                     self._status],
+            widgets=[
+                self._image,
+                self._model,
+                self._checkpoint,
+                self._run_btn,
+                self._cancel_btn,
+                self._status,
+            ],
             labels=True,
         )
         self.job = Job(status=self._set_status)

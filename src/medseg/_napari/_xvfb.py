@@ -51,7 +51,9 @@ def ensure_display(timeout_s: float = 20.0) -> str | None:
     rfd, wfd = os.pipe()
     proc = subprocess.Popen(
         [exe, "-displayfd", str(wfd), "-screen", "0", SCREEN, "-nolisten", "tcp", "-noreset"],
-        pass_fds=(wfd,), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        pass_fds=(wfd,),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
         preexec_fn=_die_with_parent,
     )
     os.close(wfd)

@@ -30,23 +30,46 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--pred", required=True, help="predicted label map (NIfTI/NRRD/MHA or DICOM)")
     p.add_argument("--gt", required=True, help="ground-truth label map on the same grid")
-    p.add_argument("--labels", metavar="1=liver,2=tumor",
-                   help="labels to score and their names (default: all labels present)")
+    p.add_argument(
+        "--labels",
+        metavar="1=liver,2=tumor",
+        help="labels to score and their names (default: all labels present)",
+    )
     p.add_argument("--json", dest="json_out", metavar="REPORT.json", help="write a JSON report")
     p.add_argument("--overwrite", action="store_true", help="replace an existing JSON report")
-    p.add_argument("--resample", action="store_true",
-                   help="resample the prediction onto the ground truth's grid (nearest neighbour) "
-                        "when the grids differ")
-    p.add_argument("--tolerance", type=float, default=1.0, metavar="MM",
-                   help="surface Dice tolerance in mm (default 1.0)")
+    p.add_argument(
+        "--resample",
+        action="store_true",
+        help="resample the prediction onto the ground truth's grid (nearest neighbour) "
+        "when the grids differ",
+    )
+    p.add_argument(
+        "--tolerance",
+        type=float,
+        default=1.0,
+        metavar="MM",
+        help="surface Dice tolerance in mm (default 1.0)",
+    )
     g = p.add_argument_group("lesions")
-    g.add_argument("--lesions", metavar="LABEL",
-                   help="also score lesion-wise detection and panoptic quality for this label "
-                        "(value or name)")
-    g.add_argument("--lesion-iou", type=float, default=0.1, metavar="IOU",
-                   help="IoU a predicted component needs to detect a lesion (default 0.1)")
-    g.add_argument("--min-lesion-mm3", type=float, default=0.0, metavar="MM3",
-                   help="ignore connected components smaller than this (mm3)")
+    g.add_argument(
+        "--lesions",
+        metavar="LABEL",
+        help="also score lesion-wise detection and panoptic quality for this label (value or name)",
+    )
+    g.add_argument(
+        "--lesion-iou",
+        type=float,
+        default=0.1,
+        metavar="IOU",
+        help="IoU a predicted component needs to detect a lesion (default 0.1)",
+    )
+    g.add_argument(
+        "--min-lesion-mm3",
+        type=float,
+        default=0.0,
+        metavar="MM3",
+        help="ignore connected components smaller than this (mm3)",
+    )
     p.set_defaults(func=run)
 
 
@@ -135,13 +158,19 @@ def evaluate_files(
     }
     if lesion_label is not None:
         value = _lesion_value(lesion_label, gt, pred)
-        det = lesion_detection(pred.array == value, gt.array == value, gt.spacing,
-                               iou_threshold=lesion_iou, min_volume_mm3=min_lesion_mm3)
+        det = lesion_detection(
+            pred.array == value,
+            gt.array == value,
+            gt.spacing,
+            iou_threshold=lesion_iou,
+            min_volume_mm3=min_lesion_mm3,
+        )
         det["label"] = value
         det["name"] = gt.name(value) if value in gt.labels else pred.name(value)
         report["lesions"] = det
-        stuff = sorted(({r["label"] for r in rows} | set(gt.present()) | set(pred.present()))
-                       - {value})
+        stuff = sorted(
+            ({r["label"] for r in rows} | set(gt.present()) | set(pred.present())) - {value}
+        )
         pq = panoptic_quality(pred.array, gt.array, stuff_labels=stuff, thing_labels=[value])
         pq["per_class"] = {str(k): v for k, v in pq["per_class"].items()}
         report["panoptic"] = pq
@@ -159,18 +188,42 @@ def _fmt(v: Any, digits: int = 4) -> str:
 def format_table(report: dict[str, Any]) -> str:
     """The per-label table (and lesion summary) as printed by the command."""
     tol = report["tolerance_mm"]
-    head = ["label", "name", "dice", "iou", "hd95_mm", "hd_mm", "msd_mm", f"nsd@{tol:g}mm",
-            "vox_gt", "vox_pred"]
+    head = [
+        "label",
+        "name",
+        "dice",
+        "iou",
+        "hd95_mm",
+        "hd_mm",
+        "msd_mm",
+        f"nsd@{tol:g}mm",
+        "vox_gt",
+        "vox_pred",
+    ]
     lines = [head]
     for r in report["labels"]:
-        lines.append([
-            str(r["label"]), str(r["name"]), _fmt(r["dice"]), _fmt(r["iou"]), _fmt(r["hd95"], 2),
-            _fmt(r["hd"], 2), _fmt(r["msd"], 2), _fmt(r["surface_dice"]), str(r["voxels_gt"]),
-            str(r["voxels_pred"]),
-        ])
+        lines.append(
+            [
+                str(r["label"]),
+                str(r["name"]),
+                _fmt(r["dice"]),
+                _fmt(r["iou"]),
+                _fmt(r["hd95"], 2),
+                _fmt(r["hd"], 2),
+                _fmt(r["msd"], 2),
+                _fmt(r["surface_dice"]),
+                str(r["voxels_gt"]),
+                str(r["voxels_pred"]),
+            ]
+        )
     widths = [max(len(row[i]) for row in lines) for i in range(len(head))]
-    out = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in
-                     enumerate(zip(row, widths, strict=True))) for row in lines]
+    out = [
+        "  ".join(
+            c.ljust(w) if i < 2 else c.rjust(w)
+            for i, (c, w) in enumerate(zip(row, widths, strict=True))
+        )
+        for row in lines
+    ]
     if any(r.get("note") for r in report["labels"]):
         out.append("inf: the label is empty in exactly one of prediction / ground truth")
     les = report.get("lesions")
@@ -195,14 +248,21 @@ def run(args: argparse.Namespace) -> int:
     if args.json_out:  # fail on a bad output path before any work
         check_output_path(args.json_out, [args.pred, args.gt], overwrite=args.overwrite)
     report = evaluate_files(
-        args.pred, args.gt, labels=table, tolerance_mm=args.tolerance, resample=args.resample,
-        lesion_label=args.lesions, lesion_iou=args.lesion_iou, min_lesion_mm3=args.min_lesion_mm3,
+        args.pred,
+        args.gt,
+        labels=table,
+        tolerance_mm=args.tolerance,
+        resample=args.resample,
+        lesion_label=args.lesions,
+        lesion_iou=args.lesion_iou,
+        min_lesion_mm3=args.min_lesion_mm3,
     )
     for note in report["notes"]:
         print(f"medseg evaluate: note: {note}", file=sys.stderr)
     print(format_table(report))
     if args.json_out:
-        out = write_json(report, args.json_out, inputs=[args.pred, args.gt],
-                         overwrite=args.overwrite)
+        out = write_json(
+            report, args.json_out, inputs=[args.pred, args.gt], overwrite=args.overwrite
+        )
         print(f"report written to {Path(out)}", file=sys.stderr)
     return 0

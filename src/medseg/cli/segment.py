@@ -34,20 +34,39 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--weights", help="checkpoint file for a SAM-Med model (overrides the cache)")
     p.add_argument("--window", help="CT window preset (abdomen, liver, lung, brain, bone) or LO,HI")
     g = p.add_argument_group("prompts (SAM-Med models)")
-    g.add_argument("--box", action="append", default=[], metavar="Z,Y0,X0,Y1,X1",
-                   help="box on slice Z in voxel coordinates (repeatable: several key slices)")
-    g.add_argument("--point", action="append", default=[], metavar="Z,Y,X[,0|1]",
-                   help="point prompt in voxels; last value 1 = positive (default), 0 = negative")
+    g.add_argument(
+        "--box",
+        action="append",
+        default=[],
+        metavar="Z,Y0,X0,Y1,X1",
+        help="box on slice Z in voxel coordinates (repeatable: several key slices)",
+    )
+    g.add_argument(
+        "--point",
+        action="append",
+        default=[],
+        metavar="Z,Y,X[,0|1]",
+        help="point prompt in voxels; last value 1 = positive (default), 0 = negative",
+    )
     g.add_argument("--prompts", metavar="FILE.json", help="prompts from a JSON file")
-    g.add_argument("--box-from-gt", metavar="GT",
-                   help="simulate the interactive protocol: one box from GT on its largest slice")
+    g.add_argument(
+        "--box-from-gt",
+        metavar="GT",
+        help="simulate the interactive protocol: one box from GT on its largest slice",
+    )
     g.add_argument(
         "--label", type=int, help="label value in GT used by --box-from-gt (default: 1 / all)"
     )
-    g.add_argument("--box-margin", type=float, default=3.0, metavar="PX",
-                   help="margin in pixels of the --box-from-gt and oracle boxes (default 3)")
-    g.add_argument("--axis", choices=["z", "y", "x"], default="z",
-                   help="propagation axis (default z: axial)")
+    g.add_argument(
+        "--box-margin",
+        type=float,
+        default=3.0,
+        metavar="PX",
+        help="margin in pixels of the --box-from-gt and oracle boxes (default 3)",
+    )
+    g.add_argument(
+        "--axis", choices=["z", "y", "x"], default="z", help="propagation axis (default z: axial)"
+    )
     g.add_argument("--no-propagate", action="store_true", help="segment the key slice(s) only")
     g.add_argument(
         "--oracle",
@@ -67,8 +86,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     o.add_argument("--json", dest="json_out", metavar="REPORT.json", help="write a JSON report")
     o.add_argument("--overwrite", action="store_true", help="replace existing output files")
     o.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    o.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
-                   help="auto: bf16 where the CPU has native bf16, else fp32")
+    o.add_argument(
+        "--precision",
+        choices=["auto", "fp32", "bf16"],
+        default="auto",
+        help="auto: bf16 where the CPU has native bf16, else fp32",
+    )
     o.add_argument("--cache-dir", help="embedding disk cache folder (default: $MEDSEG_HOME/cache)")
     o.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)

@@ -113,7 +113,7 @@ def _parse_labels(raw: Any, where: str) -> dict[int, str]:
     nnU-Net region entries (``"whole_tumor": [1, 2]``) are not single values and are skipped.
     """
     if not isinstance(raw, dict):
-        raise InputError(f"{where}: 'labels' must be an object like {{\"1\": \"liver\"}}")
+        raise InputError(f'{where}: \'labels\' must be an object like {{"1": "liver"}}')
     table: dict[int, str] = {}
     for key, value in raw.items():
         k = str(key).strip()
@@ -147,7 +147,7 @@ def label_table_from_dataset_json(path: str | os.PathLike[str]) -> dict[int, str
     p = Path(path)
     data = _read_json(p)
     if "labels" not in data:
-        raise InputError(f"{p}: no 'labels' entry; add e.g. \"labels\": {{\"1\": \"liver\"}}")
+        raise InputError(f'{p}: no \'labels\' entry; add e.g. "labels": {{"1": "liver"}}')
     return _parse_labels(data["labels"], str(p))
 
 
@@ -156,7 +156,7 @@ def _channels(data: dict[str, Any], key: str, where: str) -> dict[int, str]:
     if raw is None:
         return {}
     if not isinstance(raw, dict):
-        raise InputError(f"{where}: '{key}' must be an object like {{\"0\": \"CT\"}}")
+        raise InputError(f'{where}: \'{key}\' must be an object like {{"0": "CT"}}')
     try:
         return {int(k): str(v) for k, v in sorted(raw.items(), key=lambda kv: int(kv[0]))}
     except ValueError:
@@ -194,8 +194,9 @@ def _resolve(root: Path, rel: Any, where: str) -> Path:
 
 
 def _missing_error(root: Path, missing: list[Path]) -> InputError:
-    shown = ", ".join(str(m.relative_to(root)) if m.is_relative_to(root) else str(m)
-                      for m in missing[:3])
+    shown = ", ".join(
+        str(m.relative_to(root)) if m.is_relative_to(root) else str(m) for m in missing[:3]
+    )
     more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
     return InputError(
         f"{root}: {len(missing)} file(s) listed in dataset.json do not exist ({shown}{more}); "
@@ -217,7 +218,7 @@ def _load_msd(root: Path, data: dict[str, Any]) -> Dataset:
     channels = _channels(data, "modality", where)
     raw_train = data.get("training", [])
     if not isinstance(raw_train, list):
-        raise InputError(f"{where}: 'training' must be a list of {{\"image\", \"label\"}} objects")
+        raise InputError(f'{where}: \'training\' must be a list of {{"image", "label"}} objects')
     training: list[tuple[Path, Path]] = []
     for i, item in enumerate(raw_train):
         if not isinstance(item, dict) or "image" not in item or "label" not in item:
@@ -243,9 +244,16 @@ def _load_msd(root: Path, data: dict[str, Any]) -> Dataset:
             f"{where}: numTraining is {n} but 'training' lists {len(training)} cases; fix the file"
         )
     return Dataset(
-        root=root, labels=labels, modality=channels.get(0, ""), training=training, test=test,
-        layout="msd", name=str(data.get("name", "")), channels=channels,
-        case_ids=[_msd_case_id(img) for img, _ in training], meta=data,
+        root=root,
+        labels=labels,
+        modality=channels.get(0, ""),
+        training=training,
+        test=test,
+        layout="msd",
+        name=str(data.get("name", "")),
+        channels=channels,
+        case_ids=[_msd_case_id(img) for img, _ in training],
+        meta=data,
     )
 
 
@@ -256,7 +264,7 @@ def _load_nnunet(root: Path, data: dict[str, Any]) -> Dataset:
     labels = _parse_labels(data["labels"], where)
     channels = _channels(data, "channel_names", where)
     if not channels:
-        raise InputError(f"{where}: no 'channel_names' entry (e.g. {{\"0\": \"CT\"}})")
+        raise InputError(f'{where}: no \'channel_names\' entry (e.g. {{"0": "CT"}})')
     ending = data.get("file_ending")
     if not isinstance(ending, str) or not ending.startswith("."):
         raise InputError(
@@ -299,9 +307,16 @@ def _load_nnunet(root: Path, data: dict[str, Any]) -> Dataset:
     test_cases = cases_in(root / "imagesTs")
     test = [chans[0] for _, chans in sorted(test_cases.items()) if 0 in chans]
     return Dataset(
-        root=root, labels=labels, modality=channels.get(0, ""), training=training, test=test,
-        layout="nnunet", name=str(data.get("name", "")), channels=channels,
-        case_ids=sorted(train_cases), meta=data,
+        root=root,
+        labels=labels,
+        modality=channels.get(0, ""),
+        training=training,
+        test=test,
+        layout="nnunet",
+        name=str(data.get("name", "")),
+        channels=channels,
+        case_ids=sorted(train_cases),
+        meta=data,
     )
 
 

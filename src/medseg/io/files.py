@@ -77,7 +77,11 @@ def read_labels(
     vol = read_volume(path)
     table = dict(labels or {}) or _label_table_near(Path(path)) or vol.meta.get("labels", {})
     lm = LabelMap(
-        array=vol.array, labels=table, meta=vol.meta, spacing=vol.spacing, origin=vol.origin,
+        array=vol.array,
+        labels=table,
+        meta=vol.meta,
+        spacing=vol.spacing,
+        origin=vol.origin,
         direction=vol.direction,
     )
     if reference is not None:

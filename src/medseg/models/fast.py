@@ -130,10 +130,12 @@ def _onednn_ok() -> bool:
         w = torch.randn(6, 8, generator=g)
         b = torch.randn(6, generator=g)
         o = torch.randn(5, 6, generator=g)
-        ok = torch.allclose(mk._linear_pointwise(x, w, b, "gelu", [], "none"),
-                            F.gelu(F.linear(x, w, b)), atol=1e-5)
-        ok &= torch.allclose(mk._linear_pointwise.binary(x, o, w, b, "add"),
-                             F.linear(x, w, b) + o, atol=1e-5)
+        ok = torch.allclose(
+            mk._linear_pointwise(x, w, b, "gelu", [], "none"), F.gelu(F.linear(x, w, b)), atol=1e-5
+        )
+        ok &= torch.allclose(
+            mk._linear_pointwise.binary(x, o, w, b, "add"), F.linear(x, w, b) + o, atol=1e-5
+        )
         xc = torch.randn(1, 4, 5, 5, generator=g).contiguous(memory_format=torch.channels_last)
         wc = torch.randn(4, 1, 3, 3, generator=g)
         bc = torch.randn(4, generator=g)
@@ -144,8 +146,13 @@ def _onednn_ok() -> bool:
         return False
 
 
-def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, gelu: bool = False,
-            add: torch.Tensor | None = None) -> torch.Tensor:
+def _linear(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    b: torch.Tensor | None,
+    gelu: bool = False,
+    add: torch.Tensor | None = None,
+) -> torch.Tensor:
     """``gelu?(x @ w.T + b) (+ add)`` over the last axis of ``x`` (any leading shape).
 
     ``x``, ``w``, ``b`` share a dtype; ``add`` has the output's shape and dtype.
@@ -179,8 +186,9 @@ def _mlp_residual(h: Any, m: Any, w: dict[str, Any], p: str) -> Any:
     return h + _linear(m, w[p + ".fc2.w"], w[p + ".fc2.b"]).float()
 
 
-def _dwconv(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, stride: int, pad: int,
-            gelu: bool) -> torch.Tensor:
+def _dwconv(
+    x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, stride: int, pad: int, gelu: bool
+) -> torch.Tensor:
     """Depthwise (or any grouped) conv on a channels-last tensor ``x`` ``(B, H, W, C)``.
 
     Returns ``(B, H', W', C_out)`` (a channels-last view, no copy).
@@ -192,8 +200,17 @@ def _dwconv(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, stride: in
     groups = x.shape[-1] // w.shape[1]
     if _onednn_ok():
         y = torch.ops.mkldnn._convolution_pointwise(
-            xc, w, b, [pad, pad], [stride, stride], [1, 1], groups, "gelu" if gelu else "none",
-            [], "none")
+            xc,
+            w,
+            b,
+            [pad, pad],
+            [stride, stride],
+            [1, 1],
+            groups,
+            "gelu" if gelu else "none",
+            [],
+            "none",
+        )
     else:
         y = F.conv2d(xc, w, b, stride=stride, padding=pad, groups=groups)
         if gelu:
@@ -307,8 +324,9 @@ def _pack_tinyvit(enc: Any, dtype: torch.dtype) -> _Packed:
     return pk
 
 
-def _tinyvit_attention(x: torch.Tensor, blk: Any, pk: _Packed, p: str, H: int,
-                       W: int) -> torch.Tensor:
+def _tinyvit_attention(
+    x: torch.Tensor, blk: Any, pk: _Packed, p: str, H: int, W: int
+) -> torch.Tensor:
     """Window attention of one TinyViT block on tokens ``x`` ``(B, H*W, C)`` (float32 stream).
 
     Zero padding to whole windows before the block's LayerNorm, exactly as the stock model does
@@ -386,8 +404,14 @@ def _tinyvit_forward(enc: Any, x: torch.Tensor) -> torch.Tensor:
                 p = f"l{li}.b{bi}"
                 h = h + _tinyvit_attention(h, blk, pk, p, Hc, Wc)
                 C = h.shape[-1]
-                t = _dwconv(h.view(B, Hc, Wc, C).to(dt), w[p + ".local.w"], w[p + ".local.b"],
-                            1, blk.local_conv.c.padding[0], gelu=False)
+                t = _dwconv(
+                    h.view(B, Hc, Wc, C).to(dt),
+                    w[p + ".local.w"],
+                    w[p + ".local.b"],
+                    1,
+                    blk.local_conv.c.padding[0],
+                    gelu=False,
+                )
                 h = t.reshape(B, Hc * Wc, C).float()
                 h = _mlp_residual(h, _layer_norm(h, blk.mlp.norm).to(dt), w, p)
         ds = layer.downsample
@@ -424,8 +448,12 @@ def _pack_vit(enc: Any, dtype: torch.dtype) -> _Packed:
     with torch.no_grad():
         for i, blk in enumerate(enc.blocks):
             p = f"b{i}"
-            for nm, m in (("qkv", blk.attn.qkv), ("proj", blk.attn.proj), ("fc1", blk.mlp.lin1),
-                          ("fc2", blk.mlp.lin2)):
+            for nm, m in (
+                ("qkv", blk.attn.qkv),
+                ("proj", blk.attn.proj),
+                ("fc1", blk.mlp.lin1),
+                ("fc2", blk.mlp.lin2),
+            ):
                 pk.w[f"{p}.{nm}.w"] = m.weight.detach().to(dtype).contiguous()
                 pk.w[f"{p}.{nm}.b"] = None if m.bias is None else m.bias.detach().to(dtype)
         pe = enc.patch_embed.proj
@@ -532,8 +560,9 @@ def _vit_forward(enc: Any, x: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------------
 
 
-def _decoder_attention_forward(self: Any, q: torch.Tensor, k: torch.Tensor,
-                               v: torch.Tensor) -> torch.Tensor:
+def _decoder_attention_forward(
+    self: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+) -> torch.Tensor:
     """SAM decoder attention through SDPA: ``(B, Nq, C)``, ``(B, Nk, C)`` -> ``(B, Nq, C)``."""
     import torch.nn.functional as F
 
@@ -554,8 +583,13 @@ def _is_sam_upscaling(seq: Any) -> bool:
     names = [type(m).__name__ for m in seq] if hasattr(seq, "__iter__") else []
     if names != ["ConvTranspose2d", "LayerNorm2d", "GELU", "ConvTranspose2d", "GELU"]:
         return False
-    ok = all(tuple(seq[i].kernel_size) == (2, 2) and tuple(seq[i].stride) == (2, 2)
-             and tuple(seq[i].padding) == (0, 0) and seq[i].groups == 1 for i in (0, 3))
+    ok = all(
+        tuple(seq[i].kernel_size) == (2, 2)
+        and tuple(seq[i].stride) == (2, 2)
+        and tuple(seq[i].padding) == (0, 0)
+        and seq[i].groups == 1
+        for i in (0, 3)
+    )
     return ok and all(getattr(seq[i], "approximate", "none") == "none" for i in (2, 4))
 
 
@@ -642,8 +676,11 @@ def restore(model: Any, *, keep_cache: bool = False) -> Any:
     keys = ("forward", "get_dense_pe", "_medseg_pe_cache")
     if not keep_cache:
         keys += ("_medseg_fast",)
-    for mod in (getattr(model, "image_encoder", None), getattr(model, "mask_decoder", None),
-                getattr(model, "prompt_encoder", None)):
+    for mod in (
+        getattr(model, "image_encoder", None),
+        getattr(model, "mask_decoder", None),
+        getattr(model, "prompt_encoder", None),
+    ):
         if mod is None or not hasattr(mod, "modules"):
             continue
         for m in mod.modules():
@@ -686,7 +723,10 @@ def accelerate(model: Any, precision: str = "auto", *, decoder: bool = True) -> 
                 old = enc.__dict__.get("_medseg_fast")
                 packs = old["packs"] if old is not None else {}
                 enc.__dict__["_medseg_fast"] = {
-                    "impl": impl, "packer": packer, "dtype": dtype, "precision": prec,
+                    "impl": impl,
+                    "packer": packer,
+                    "dtype": dtype,
+                    "precision": prec,
                     "packs": packs,
                 }
                 enc.forward = types.MethodType(_encoder_forward, enc)
@@ -695,8 +735,8 @@ def accelerate(model: Any, precision: str = "auto", *, decoder: bool = True) -> 
         if dec is not None:
             for m in dec.modules():
                 if type(m).__name__ == "Attention" and all(
-                        hasattr(m, a) for a in ("q_proj", "k_proj", "v_proj", "out_proj",
-                                                "num_heads")):
+                    hasattr(m, a) for a in ("q_proj", "k_proj", "v_proj", "out_proj", "num_heads")
+                ):
                     m.forward = types.MethodType(_decoder_attention_forward, m)
             up = getattr(dec, "output_upscaling", None)
             if up is not None and _is_sam_upscaling(up):

@@ -43,10 +43,19 @@ SMALL_TINY_VIT: dict[str, Any] = {
     "window_sizes": [7, 7, 14, 7],
 }
 
-_VIT_B = {"embed_dim": 768, "depth": 12, "num_heads": 12, "global_attn_indexes": (2, 5, 8, 11),
-          "window_size": 14}
-_TINY_VIT = {"embed_dims": [64, 128, 160, 320], "depths": [2, 2, 6, 2],
-             "num_heads": [2, 4, 5, 10], "window_sizes": [7, 7, 14, 7]}
+_VIT_B = {
+    "embed_dim": 768,
+    "depth": 12,
+    "num_heads": 12,
+    "global_attn_indexes": (2, 5, 8, 11),
+    "window_size": 14,
+}
+_TINY_VIT = {
+    "embed_dims": [64, 128, 160, 320],
+    "depths": [2, 2, 6, 2],
+    "num_heads": [2, 4, 5, 10],
+    "window_sizes": [7, 7, 14, 7],
+}
 
 
 class SamModel(nn.Module):
@@ -60,7 +69,10 @@ class SamModel(nn.Module):
     """
 
     def __init__(
-        self, spec: ModelSpec, image_encoder: nn.Module, prompt_encoder: nn.Module,
+        self,
+        spec: ModelSpec,
+        image_encoder: nn.Module,
+        prompt_encoder: nn.Module,
         mask_decoder: nn.Module,
     ) -> None:
         super().__init__()
@@ -175,22 +187,37 @@ def build_sam_model(spec_or_name: ModelSpec | str, *, small: bool = False, **arc
         cfg = {**_VIT_B, **(SMALL_VIT_B if small else {}), **spec.arch, **arch}
         patch = s // spec.embedding_size
         encoder: nn.Module = ImageEncoderViT(
-            depth=cfg["depth"], embed_dim=cfg["embed_dim"], img_size=s, mlp_ratio=4,
-            norm_layer=partial(nn.LayerNorm, eps=1e-6), num_heads=cfg["num_heads"],
-            patch_size=patch, qkv_bias=True, use_rel_pos=True,
+            depth=cfg["depth"],
+            embed_dim=cfg["embed_dim"],
+            img_size=s,
+            mlp_ratio=4,
+            norm_layer=partial(nn.LayerNorm, eps=1e-6),
+            num_heads=cfg["num_heads"],
+            patch_size=patch,
+            qkv_bias=True,
+            use_rel_pos=True,
             global_attn_indexes=tuple(cfg["global_attn_indexes"]),
-            window_size=cfg["window_size"], out_chans=256,
+            window_size=cfg["window_size"],
+            out_chans=256,
         )
     elif spec.encoder == "tiny_vit":
         if s != 256:
             raise WeightsError(f"model {spec.name!r}: TinyViT needs input_size 256, got {s}")
         cfg = {**_TINY_VIT, **(SMALL_TINY_VIT if small else {}), **spec.arch, **arch}
         encoder = _tiny_vit_class()(
-            img_size=s, in_chans=3, embed_dims=list(cfg["embed_dims"]),
-            depths=list(cfg["depths"]), num_heads=list(cfg["num_heads"]),
-            window_sizes=list(cfg["window_sizes"]), mlp_ratio=4.0, drop_rate=0.0,
-            drop_path_rate=0.0, use_checkpoint=False, mbconv_expand_ratio=4.0,
-            local_conv_size=3, layer_lr_decay=0.8,
+            img_size=s,
+            in_chans=3,
+            embed_dims=list(cfg["embed_dims"]),
+            depths=list(cfg["depths"]),
+            num_heads=list(cfg["num_heads"]),
+            window_sizes=list(cfg["window_sizes"]),
+            mlp_ratio=4.0,
+            drop_rate=0.0,
+            drop_path_rate=0.0,
+            use_checkpoint=False,
+            mbconv_expand_ratio=4.0,
+            local_conv_size=3,
+            layer_lr_decay=0.8,
         )
     else:
         raise WeightsError(f"model {spec.name!r}: unknown encoder kind {spec.encoder!r}")
@@ -232,8 +259,16 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     p = Path(path)
     try:
         obj = torch.load(p, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, zipfile.BadZipFile,
-            OSError, AttributeError, TypeError) as exc:
+    except (
+        pickle.UnpicklingError,
+        RuntimeError,
+        EOFError,
+        ValueError,
+        zipfile.BadZipFile,
+        OSError,
+        AttributeError,
+        TypeError,
+    ) as exc:
         first = _load_error_reason(exc)
         raise WeightsError(
             f"{p}: not a readable PyTorch checkpoint (truncated or corrupted download?): {first}; "
@@ -243,12 +278,14 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
         if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
             obj = obj[wrapper]
             break
-    if not isinstance(obj, dict) or not obj or not all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
+    if (
+        not isinstance(obj, dict)
+        or not obj
+        or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
     ):
         raise WeightsError(f"{p}: does not hold a model state dict (a dict of named tensors)")
     if all(k.startswith("module.") for k in obj):
-        obj = {k[len("module."):]: v for k, v in obj.items()}
+        obj = {k[len("module.") :]: v for k, v in obj.items()}
     return obj
 
 
@@ -388,12 +425,19 @@ def get_sam_model(
     path = resolve_weights(spec, weights)
     st = Path(path).stat()
     dev = resolve_device(device)
-    key = (repr(spec), str(Path(path).resolve()), st.st_size, st.st_mtime_ns, str(dev),
-           resolve_precision(precision, dev))
+    key = (
+        repr(spec),
+        str(Path(path).resolve()),
+        st.st_size,
+        st.st_mtime_ns,
+        str(dev),
+        resolve_precision(precision, dev),
+    )
     hit = _MODEL_MEMO.get(key)
     if hit is None:
-        hit = load_sam_model(spec, weights=path if weights is not None else None, device=dev,
-                             precision=precision)
+        hit = load_sam_model(
+            spec, weights=path if weights is not None else None, device=dev, precision=precision
+        )
         _MODEL_MEMO[key] = hit
         while len(_MODEL_MEMO) > _MODEL_MEMO_MAX:
             _MODEL_MEMO.pop(next(iter(_MODEL_MEMO)))

@@ -108,8 +108,13 @@ class EmbeddingCache:
         self.base_key = dict(base_key or {})
         self._mem: OrderedDict[int, np.ndarray] = OrderedDict()
         self._lock = threading.RLock()
-        self.stats = {"memory_hits": 0, "disk_hits": 0, "misses": 0, "disk_writes": 0,
-                      "disk_errors": 0}
+        self.stats = {
+            "memory_hits": 0,
+            "disk_hits": 0,
+            "misses": 0,
+            "disk_writes": 0,
+            "disk_errors": 0,
+        }
 
     # ----------------------------------------------------------------- keys
     def key(self, index: int) -> str:

@@ -91,8 +91,13 @@ def refine_with_sam(
         zs = np.flatnonzero((comps == c).any(axis=(1, 2)))
         jobs += [(c, int(z)) for z in zs]
     keep_meta = {k: v for k, v in labelmap.meta.items() if k not in {"labels", "refined"}}
-    meta = {"model": str(model), "label": label, "components": n_comp, "prompts": len(jobs),
-            "mask_prompt": bool(use_mask_prompt)}
+    meta = {
+        "model": str(model),
+        "label": label,
+        "components": n_comp,
+        "prompts": len(jobs),
+        "mask_prompt": bool(use_mask_prompt),
+    }
     if not jobs:
         return LabelMap.like(labelmap, out, labelmap.labels, **keep_meta, refined=meta)
     if predictor is None:
@@ -104,16 +109,22 @@ def refine_with_sam(
     for i, (c, z) in enumerate(jobs):
         cm = comps[z] == c
         r0, c0, r1, c1 = _bbox2d(cm)
-        box = (max(r0 - margin, 0), max(c0 - margin, 0), min(r1 + margin, h - 1),
-               min(c1 + margin, w - 1))
+        box = (
+            max(r0 - margin, 0),
+            max(c0 - margin, 0),
+            min(r1 + margin, h - 1),
+            min(c1 + margin, w - 1),
+        )
         kw: dict[str, Any] = {"box_rc": box}
         if use_mask_prompt:
             kw["mask_logits"] = predictor.mask_prompt(cm)
         pred = predictor.predict(z, **kw)
         sam = pred.masks[pred.best()]
         keep = np.zeros_like(cm)
-        keep[max(box[0] - margin, 0) : box[2] + margin + 1,
-             max(box[1] - margin, 0) : box[3] + margin + 1] = True
+        keep[
+            max(box[0] - margin, 0) : box[2] + margin + 1,
+            max(box[1] - margin, 0) : box[3] + margin + 1,
+        ] = True
         sam = sam & keep
         sl = out[z]
         sl[cm & ~sam] = fills[c]

@@ -206,15 +206,28 @@ DEFAULT_CONFIG = PropagationConfig()
 
 #: The naive loop the issue started from: box from the previous mask, stop at predicted IoU < 0.5.
 NAIVE_CONFIG = PropagationConfig(
-    carry="box", alternatives=(), select="iou", min_iou=0.5, max_intensity_shift=None,
-    min_margin=None, max_extent=None, patience=0,
+    carry="box",
+    alternatives=(),
+    select="iou",
+    min_iou=0.5,
+    max_intensity_shift=None,
+    min_margin=None,
+    max_extent=None,
+    patience=0,
 )
 
 #: No stop check except "the mask vanished" (used to record whole chains in the benchmark).
 NO_STOP = {
-    "min_iou": None, "min_stability": None, "min_area_ratio": None, "max_area_ratio": None,
-    "min_similarity": None, "max_intensity_shift": None, "min_overlap": None, "max_extent": None,
-    "min_consistency": None, "min_margin": None,
+    "min_iou": None,
+    "min_stability": None,
+    "min_area_ratio": None,
+    "max_area_ratio": None,
+    "min_similarity": None,
+    "max_intensity_shift": None,
+    "min_overlap": None,
+    "max_extent": None,
+    "min_consistency": None,
+    "min_margin": None,
 }
 
 
@@ -504,8 +517,11 @@ class _Walker:
 
     def pick(self, pred: SlicePrediction) -> tuple[np.ndarray, np.ndarray, float, float]:
         k = pred.best() if pred.masks.shape[0] > 1 else 0
-        return pred.masks[k], pred.low_res_logits[k], float(pred.iou_pred[k]), float(
-            pred.stability[k]
+        return (
+            pred.masks[k],
+            pred.low_res_logits[k],
+            float(pred.iou_pred[k]),
+            float(pred.stability[k]),
         )
 
     def key_step(self, kp: KeyPrompt) -> tuple[_Step, _Ref]:
@@ -523,7 +539,10 @@ class _Walker:
             n_pts = 0 if kp.points_rc is None else int(np.asarray(kp.points_rc).size // 2)
             multimask = kp.box_rc is None and n_pts <= 1  # one click is ambiguous
             pred = self.p.predict(
-                idx, points_rc=kp.points_rc, point_labels=kp.point_labels, box_rc=kp.box_rc,
+                idx,
+                points_rc=kp.points_rc,
+                point_labels=kp.point_labels,
+                box_rc=kp.box_rc,
                 multimask=multimask,
             )
             mask, logits, iou, stab = self.pick(pred)
@@ -534,9 +553,20 @@ class _Walker:
         bg = self.p.object_embedding(idx, surroundings(mask))
         ref = _Ref(idx, emb, bg, inten, diameter)
         rec = SliceRecord(
-            index=idx, source=idx, distance=0, accepted=area > 0, iou_pred=iou, stability=stab,
-            area_px=area, area_ratio=1.0, similarity=1.0, intensity=inten, intensity_shift=0.0,
-            overlap=1.0, extent=0.0, bg_similarity=_cos(emb, bg),
+            index=idx,
+            source=idx,
+            distance=0,
+            accepted=area > 0,
+            iou_pred=iou,
+            stability=stab,
+            area_px=area,
+            area_ratio=1.0,
+            similarity=1.0,
+            intensity=inten,
+            intensity_shift=0.0,
+            overlap=1.0,
+            extent=0.0,
+            bg_similarity=_cos(emb, bg),
             stopped=None if area > 0 else "vanished",
         )
         rec.review_score = review_score(rec)
@@ -586,14 +616,14 @@ class _Walker:
                 if cfg.select == "similarity" or len(cfg.alternatives) == 0:
                     sim = (
                         _cos(self.p.object_embedding(index, mask), ref.embedding)
-                        if mask.any() else 0.0
+                        if mask.any()
+                        else 0.0
                     )
                 else:
                     sim = float("nan")
                 score = (sim, iou) if cfg.select == "similarity" else (iou, 0.0)
                 if best is None or score > best[0]:
-                    best = (score, mask, pred.low_res_logits[k], iou, float(pred.stability[k]),
-                            sim)
+                    best = (score, mask, pred.low_res_logits[k], iou, float(pred.stability[k]), sim)
         assert best is not None
         _, mask, logits, iou, stab, sim = best
         bg_sim = 0.0
@@ -615,10 +645,20 @@ class _Walker:
         )
         prev_area = max(1, prev.record.area_px)
         rec = SliceRecord(
-            index=index, source=ref.index, distance=distance, accepted=True, iou_pred=iou,
-            stability=stab, area_px=area, area_ratio=area / prev_area, similarity=sim,
-            intensity=inten, intensity_shift=shift, overlap=_iou2d(mask, prev.mask),
-            extent=extent, bg_similarity=bg_sim,
+            index=index,
+            source=ref.index,
+            distance=distance,
+            accepted=True,
+            iou_pred=iou,
+            stability=stab,
+            area_px=area,
+            area_ratio=area / prev_area,
+            similarity=sim,
+            intensity=inten,
+            intensity_shift=shift,
+            overlap=_iou2d(mask, prev.mask),
+            extent=extent,
+            bg_similarity=bg_sim,
         )
         return _Step(rec, mask, logits)
 
@@ -677,12 +717,17 @@ def _merge_keys(keys: Sequence[KeyPrompt]) -> list[KeyPrompt]:
             raise PromptError(f"two boxes on key slice {idx}; give one box per slice")
         if kp.mask is not None and cur.mask is not None:
             raise PromptError(f"two masks on key slice {idx}; give one mask per slice")
-        pts = [np.asarray(x.points_rc, float).reshape(-1, 2) for x in (cur, kp)
-               if x.points_rc is not None]
+        pts = [
+            np.asarray(x.points_rc, float).reshape(-1, 2)
+            for x in (cur, kp)
+            if x.points_rc is not None
+        ]
         labs = [
             np.ones(len(np.asarray(x.points_rc).reshape(-1, 2)), int)
-            if x.point_labels is None else np.asarray(x.point_labels, int).reshape(-1)
-            for x in (cur, kp) if x.points_rc is not None
+            if x.point_labels is None
+            else np.asarray(x.point_labels, int).reshape(-1)
+            for x in (cur, kp)
+            if x.points_rc is not None
         ]
         by[idx] = KeyPrompt(
             idx,
@@ -754,7 +799,11 @@ def propagate(
             st, ref, -1, below, full=j == 0 or cfg.between_keys_stop == "full", tick=tick
         )
         chains[st.record.index] += walker.walk(
-            st, ref, +1, above, full=j + 1 == len(keys) or cfg.between_keys_stop == "full",
+            st,
+            ref,
+            +1,
+            above,
+            full=j + 1 == len(keys) or cfg.between_keys_stop == "full",
             tick=tick,
         )
 
@@ -786,23 +835,24 @@ def propagate(
     for idx, st in winners.items():
         set_slice(mask, walker.ax, idx, st.mask)
     key_set = {kp.index for kp in keys}
-    scored = [
-        (st.record.review_score, idx) for idx, st in winners.items() if idx not in key_set
-    ]
+    scored = [(st.record.review_score, idx) for idx, st in winners.items() if idx not in key_set]
     scored.sort(key=lambda t: (-t[0], t[1]))
     review = [idx for _, idx in scored[: max(0, cfg.review_count)]]
     if progress is not None:
         progress(total, total)
     return PropagationResult(
-        mask=mask, records=records, review=review, axis=predictor.axis,
-        key_slices=sorted(key_set), config=cfg, seconds=time.perf_counter() - t0,
+        mask=mask,
+        records=records,
+        review=review,
+        axis=predictor.axis,
+        key_slices=sorted(key_set),
+        config=cfg,
+        seconds=time.perf_counter() - t0,
     )
 
 
 # --------------------------------------------------------------------------- protocols
-def box_from_gt(
-    gt_mask: np.ndarray, axis: str | int = "z", margin_px: float = 3.0
-) -> KeyPrompt:
+def box_from_gt(gt_mask: np.ndarray, axis: str | int = "z", margin_px: float = 3.0) -> KeyPrompt:
     """The standard interactive protocol: one box around the ground truth on its largest slice.
 
     Args:
@@ -849,7 +899,8 @@ class OracleResult:
     def to_json(self) -> dict[str, Any]:
         """Summary without the mask."""
         return {
-            "dice": round(self.dice, 4), "margin_px": self.margin_px,
+            "dice": round(self.dice, 4),
+            "margin_px": self.margin_px,
             "per_slice": self.per_slice,
         }
 
@@ -866,7 +917,9 @@ def dice3d(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def oracle_dice(
-    predictor: VolumePredictor, gt_mask: np.ndarray, margin_px: float = 3.0,
+    predictor: VolumePredictor,
+    gt_mask: np.ndarray,
+    margin_px: float = 3.0,
     progress: ProgressCallback | None = None,
 ) -> OracleResult:
     """The oracle protocol: a box from the ground truth (plus ``margin_px``) on every GT slice.
@@ -897,8 +950,13 @@ def oracle_dice(
         pred = predictor.predict(idx, box_rc=expand_box(bbox, sl.shape, 0.0, margin_px))
         m = pred.masks[0]
         set_slice(out, ax, idx, m)
-        per.append({"index": idx, "dice": round(dice3d(m, sl), 4),
-                    "iou_pred": round(float(pred.iou_pred[0]), 4)})
+        per.append(
+            {
+                "index": idx,
+                "dice": round(dice3d(m, sl), 4),
+                "iou_pred": round(float(pred.iou_pred[0]), 4),
+            }
+        )
         if progress is not None:
             progress(j + 1, len(idxs))
     return OracleResult(out, dice3d(out, gt), per, float(margin_px))

@@ -243,8 +243,12 @@ class VolumePredictor:
                     raise PromptError(
                         f"points must be (N, 2) (row, col) numbers, got {points_rc!r}"
                     )
-                bad = ((pts[:, 0] < -_EDGE) | (pts[:, 0] > h - 1 + _EDGE) | (pts[:, 1] < -_EDGE)
-                       | (pts[:, 1] > w - 1 + _EDGE))
+                bad = (
+                    (pts[:, 0] < -_EDGE)
+                    | (pts[:, 0] > h - 1 + _EDGE)
+                    | (pts[:, 1] < -_EDGE)
+                    | (pts[:, 1] > w - 1 + _EDGE)
+                )
                 if np.any(bad):
                     r, c = pts[int(np.argmax(bad))]
                     raise PromptError(
@@ -277,8 +281,14 @@ class VolumePredictor:
                     f"box (r0 {r0:g}, c0 {c0:g}, r1 {r1:g}, c1 {c1:g}) is outside the {h}x{w} "
                     f"slice; rows 0..{h - 1}, cols 0..{w - 1}"
                 )
-            box = np.array([np.clip(r0, 0, h - 1), np.clip(c0, 0, w - 1), np.clip(r1, 0, h - 1),
-                            np.clip(c1, 0, w - 1)])
+            box = np.array(
+                [
+                    np.clip(r0, 0, h - 1),
+                    np.clip(c0, 0, w - 1),
+                    np.clip(r1, 0, h - 1),
+                    np.clip(c1, 0, w - 1),
+                ]
+            )
         if mask_logits is not None:
             m = _as_numpy(mask_logits).astype(np.float32)
             m = m.reshape(m.shape[-2:]) if m.ndim > 2 and m.size == m.shape[-1] ** 2 else m

@@ -124,7 +124,7 @@ def load_prompts_file(
             r0, c0, r1, c1 = (float(v) for v in b["box"])
         except (KeyError, TypeError, ValueError):
             raise InputError(
-                f"{p}: boxes[{i}] must be {{\"slice\": I, \"box\": [R0, C0, R1, C1]}}"
+                f'{p}: boxes[{i}] must be {{"slice": I, "box": [R0, C0, R1, C1]}}'
             ) from None
         boxes.append(parse_box(f"{idx},{r0},{c0},{r1},{c1}"))
     points = []
@@ -134,7 +134,7 @@ def load_prompts_file(
             lab = q.get("label", 1)
         except (KeyError, TypeError, ValueError, AttributeError):
             raise InputError(
-                f"{p}: points[{i}] must be {{\"zyx\": [Z, Y, X], \"label\": 1|0}}"
+                f'{p}: points[{i}] must be {{"zyx": [Z, Y, X], "label": 1|0}}'
             ) from None
         points.append(parse_point(f"{z},{y},{x},{lab}"))
     if not boxes and not points:
@@ -223,8 +223,17 @@ def run(args: argparse.Namespace) -> int:
     timings: dict[str, float] = {}
     axis = str(getattr(args, "axis", "z") or "z")
     margin = float(getattr(args, "box_margin", None) or DEFAULT_BOX_MARGIN)
-    inputs = [p for p in (args.image, args.gt, args.box_from_gt, args.prompts,
-                          getattr(args, "weights", None)) if p]
+    inputs = [
+        p
+        for p in (
+            args.image,
+            args.gt,
+            args.box_from_gt,
+            args.prompts,
+            getattr(args, "weights", None),
+        )
+        if p
+    ]
 
     # 1. outputs and prompt strings first: fail before any slow work
     out_path = json_path = None
@@ -294,8 +303,14 @@ def run(args: argparse.Namespace) -> int:
     t = time.perf_counter()
     cache_dir = predictor_cache_dir(args.cache_dir if args.cache_dir else True)
     predictor = VolumePredictor(
-        image, args.model, axis=axis, window=args.window, weights=args.weights,
-        cache_dir=cache_dir, precision=args.precision, device=args.device,
+        image,
+        args.model,
+        axis=axis,
+        window=args.window,
+        weights=args.weights,
+        cache_dir=cache_dir,
+        precision=args.precision,
+        device=args.device,
     )
     timings["model_load_s"] = time.perf_counter() - t
 
@@ -328,8 +343,9 @@ def run(args: argparse.Namespace) -> int:
         from medseg.volume import LabelMap
 
         gmask, _, _ = _label_selection(gt, args.label)
-        gt_bin = LabelMap.like(image, gmask.astype(np.uint8) * np.uint8(label_value),
-                               {label_value: label_name})
+        gt_bin = LabelMap.like(
+            image, gmask.astype(np.uint8) * np.uint8(label_value), {label_value: label_name}
+        )
         t = time.perf_counter()
         rows = evaluate(pred_lm, gt_bin, labels={label_value: label_name})
         timings["metrics_s"] = time.perf_counter() - t
@@ -356,8 +372,10 @@ def run(args: argparse.Namespace) -> int:
     if dice is not None:
         line = f"Dice {dice:.4f}"
         if oracle is not None:
-            line += (f"   (per-slice oracle-box Dice {_fmt(oracle['dice'])}, ratio "
-                     f"{_fmt(oracle['ratio'], 3)})")
+            line += (
+                f"   (per-slice oracle-box Dice {_fmt(oracle['dice'])}, ratio "
+                f"{_fmt(oracle['ratio'], 3)})"
+            )
         lines.append(line)
     if out_path is not None:
         lines.append(f"wrote {out_path}")

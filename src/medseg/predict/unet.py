@@ -202,7 +202,8 @@ def resolve_config_intensity(volume: Volume, config: dict[str, Any]) -> Intensit
     if it.get("kind") == "window":
         return resolve_intensity(volume, f"{float(it['lo'])},{float(it['hi'])}")
     if it.get("kind") == "percentile" and (
-        float(it.get("lo_pct", -1)), float(it.get("hi_pct", -1))
+        float(it.get("lo_pct", -1)),
+        float(it.get("hi_pct", -1)),
     ) == tuple(float(p) for p in MR_PERCENTILES):
         return resolve_intensity(volume, "percentile")
     raise CheckpointConfigError(f"the checkpoint's intensity preprocessing {it!r} is not supported")
@@ -536,8 +537,9 @@ class UNetSegmenter:
         net = net.to(device).eval()
         prec = resolve_precision(precision)
         info = {k: v for k, v in ckpt.items() if k not in {"state_dict", "optimizer"}}
-        return cls(network=net, config=cfg, source=str(path), precision=prec, device=device,
-                   info=info)
+        return cls(
+            network=net, config=cfg, source=str(path), precision=prec, device=device, info=info
+        )
 
     @property
     def labels(self) -> dict[int, str]:
@@ -622,8 +624,14 @@ class UNetSegmenter:
                 return out
 
             probs = sliding_window_inference(
-                x[None, None].to(self.device), roi, sw_batch_size, predictor, overlap=overlap,
-                mode=blend, sigma_scale=0.125, device="cpu",
+                x[None, None].to(self.device),
+                roi,
+                sw_batch_size,
+                predictor,
+                overlap=overlap,
+                mode=blend,
+                sigma_scale=0.125,
+                device="cpu",
             )
             del x
             probs = probs[0].float().cpu()  # (C, Z, Y, X) on the model grid
@@ -642,8 +650,11 @@ class UNetSegmenter:
                 pz = probs[:, i0[k0:k1]].transpose(0, 1) * (1 - ww)  # (k, C, Hm, Wm)
                 pz += probs[:, i1[k0:k1]].transpose(0, 1) * ww
                 p = torch.nn.functional.grid_sample(
-                    pz, plane.expand(k1 - k0, -1, -1, -1), mode="bilinear",
-                    padding_mode="border", align_corners=True,
+                    pz,
+                    plane.expand(k1 - k0, -1, -1, -1),
+                    mode="bilinear",
+                    padding_mode="border",
+                    align_corners=True,
                 ).transpose(0, 1)  # (C, k, H, W)
                 out[k0:k1] = _argmax0(p).numpy()
                 if prob_out is not None:
@@ -655,9 +666,7 @@ class UNetSegmenter:
         lm = LabelMap.like(volume, arr, self.labels, model=Path(self.source).name)
         if prob_out is None:
             return lm
-        prob = np.ascontiguousarray(
-            np.stack([can.undo(prob_out[c]) for c in range(n_cls)])
-        )
+        prob = np.ascontiguousarray(np.stack([can.undo(prob_out[c]) for c in range(n_cls)]))
         return lm, prob
 
 

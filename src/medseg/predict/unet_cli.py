@@ -93,32 +93,48 @@ def run(args: argparse.Namespace) -> int:
             "--refine-with takes a SAM-Med model (litemedsam, sam_vit_b, medsam_vit_b)"
         )
     if args.window and not args.refine_with:
-        print("medseg segment: note: --window is ignored by the U-Net (its checkpoint fixes the "
-              "intensity preprocessing); it only sets the window of --refine-with",
-              file=sys.stderr)
+        print(
+            "medseg segment: note: --window is ignored by the U-Net (its checkpoint fixes the "
+            "intensity preprocessing); it only sets the window of --refine-with",
+            file=sys.stderr,
+        )
 
     t0 = time.perf_counter()
     vol = read_volume(args.image, series=getattr(args, "series", None))
     gt = read_labels(args.gt, reference=vol) if args.gt else None
     seg = UNetSegmenter.load(
-        args.model, labels=(gt.labels or None) if gt is not None else None,
-        precision=args.precision, device=args.device,
+        args.model,
+        labels=(gt.labels or None) if gt is not None else None,
+        precision=args.precision,
+        device=args.device,
     )
     refine_label = None
     if args.refine_with:
         refine_label = lesion_label(seg.labels, args.refine_label)
     quiet = bool(getattr(args, "quiet", False))
     with tqdm_progress("unet", enabled=not quiet) as cb:
-        res = seg.segment(vol, overlap=args.overlap, blend=args.blend, progress=cb,
-                          return_probabilities=bool(args.probabilities))
+        res = seg.segment(
+            vol,
+            overlap=args.overlap,
+            blend=args.blend,
+            progress=cb,
+            return_probabilities=bool(args.probabilities),
+        )
     labels, probs = res if isinstance(res, tuple) else (res, None)
     t_seg = time.perf_counter() - t0
     report: dict[str, Any] = {
-        "image": str(args.image), "model": args.model, "checkpoint": seg.source,
-        "config_sha256": config_sha256(seg.config), "labels": seg.labels,
-        "target_spacing": seg.config["target_spacing"], "precision": seg.precision,
-        "overlap": args.overlap, "blend": args.blend, "shape": list(vol.shape),
-        "spacing": list(vol.spacing), "seconds_segment": round(t_seg, 3),
+        "image": str(args.image),
+        "model": args.model,
+        "checkpoint": seg.source,
+        "config_sha256": config_sha256(seg.config),
+        "labels": seg.labels,
+        "target_spacing": seg.config["target_spacing"],
+        "precision": seg.precision,
+        "overlap": args.overlap,
+        "blend": args.blend,
+        "shape": list(vol.shape),
+        "spacing": list(vol.spacing),
+        "seconds_segment": round(t_seg, 3),
         "voxels": {seg.labels[v]: int(np.count_nonzero(labels.array == v)) for v in seg.labels},
     }
     if gt is not None:
@@ -129,18 +145,26 @@ def run(args: argparse.Namespace) -> int:
         t1 = time.perf_counter()
         with tqdm_progress("refine", enabled=not quiet) as cb:
             refined = refine_with_sam(
-                vol, labels, refine_label, model=args.refine_with, progress=cb,
+                vol,
+                labels,
+                refine_label,
+                model=args.refine_with,
+                progress=cb,
                 window=args.window or _unet_window(seg.config),
-                precision=args.precision, device=args.device,
+                precision=args.precision,
+                device=args.device,
             )
-        report["refine"] = {**refined.meta.get("refined", {}),
-                            "seconds": round(time.perf_counter() - t1, 3)}
+        report["refine"] = {
+            **refined.meta.get("refined", {}),
+            "seconds": round(time.perf_counter() - t1, 3),
+        }
         if gt is not None:
             report["metrics_unet"] = report.pop("metrics")
             report["metrics"] = _metrics(refined, gt)
         report["voxels_unet"] = report["voxels"]
-        report["voxels"] = {seg.labels[v]: int(np.count_nonzero(refined.array == v))
-                            for v in seg.labels}
+        report["voxels"] = {
+            seg.labels[v]: int(np.count_nonzero(refined.array == v)) for v in seg.labels
+        }
         labels = refined
     if args.out:
         write_labels(labels, args.out, reference=vol, inputs=inputs, overwrite=ow)
@@ -188,13 +212,17 @@ def _write_instances(
     write_labels(lm, paths[0], inputs=inputs, overwrite=ow)
     write_lesion_table(rows, paths[1], inputs=inputs, overwrite=ow)
     _, pan_table = semantic_to_panoptic(labels, [value])
-    return {"label": value, "lesions": n, "map": str(paths[0]), "table": str(paths[1]),
-            "rows": rows, "panoptic": pan_table}
+    return {
+        "label": value,
+        "lesions": n,
+        "map": str(paths[0]),
+        "table": str(paths[1]),
+        "rows": rows,
+        "panoptic": pan_table,
+    }
 
 
-def _write_probabilities(
-    probs: Any, vol: Any, out: Path, inputs: list[Any], ow: bool
-) -> None:
+def _write_probabilities(probs: Any, vol: Any, out: Path, inputs: list[Any], ow: bool) -> None:
     import numpy as np
     import SimpleITK as sitk
 
@@ -210,12 +238,17 @@ def _write_probabilities(
 
 
 def _print_summary(report: dict[str, Any]) -> None:
-    lines = [f"segmented {report['image']} with {report['model']} in "
-             f"{report['seconds_segment']:.1f} s ({report['precision']})"]
+    lines = [
+        f"segmented {report['image']} with {report['model']} in "
+        f"{report['seconds_segment']:.1f} s ({report['precision']})"
+    ]
     for row in report.get("metrics", []):
         d = row.get("dice")
-        lines.append(f"  {row['name']:>12}: dice {d:.4f}" if d is not None else
-                     f"  {row['name']:>12}: dice n/a")
+        lines.append(
+            f"  {row['name']:>12}: dice {d:.4f}"
+            if d is not None
+            else f"  {row['name']:>12}: dice n/a"
+        )
     if "instances" in report:
         lines.append(f"  lesions: {report['instances']['lesions']}")
     print("\n".join(lines))

@@ -157,12 +157,26 @@ def train_unet(
         torch.set_num_threads(int(threads))
         try:
             return train_unet(
-                dataset_root, out, epochs=epochs, patch_size=patch_size,
-                target_spacing=target_spacing, channels=channels, seed=seed,
-                val_fraction=val_fraction, resume=resume, progress=progress, window=window,
-                num_res_units=num_res_units, lr=lr, batch_cases=batch_cases,
-                samples_per_case=samples_per_case, flip=flip, overwrite=overwrite,
-                on_epoch=on_epoch, threads=None, lr_schedule=lr_schedule,
+                dataset_root,
+                out,
+                epochs=epochs,
+                patch_size=patch_size,
+                target_spacing=target_spacing,
+                channels=channels,
+                seed=seed,
+                val_fraction=val_fraction,
+                resume=resume,
+                progress=progress,
+                window=window,
+                num_res_units=num_res_units,
+                lr=lr,
+                batch_cases=batch_cases,
+                samples_per_case=samples_per_case,
+                flip=flip,
+                overwrite=overwrite,
+                on_epoch=on_epoch,
+                threads=None,
+                lr_schedule=lr_schedule,
             )
         finally:
             torch.set_num_threads(old)
@@ -204,15 +218,24 @@ def train_unet(
             )
     else:
         config = make_config(
-            labels=ds.labels, target_spacing=tuple(target_spacing), patch_size=tuple(patch_size),
-            channels=tuple(channels), num_res_units=num_res_units,
-            modality=ds.modality or "CT", window=window,
+            labels=ds.labels,
+            target_spacing=tuple(target_spacing),
+            patch_size=tuple(patch_size),
+            channels=tuple(channels),
+            num_res_units=num_res_units,
+            modality=ds.modality or "CT",
+            window=window,
         )
         split = split_cases(case_ids, val_fraction, seed)
     sha = config_sha256(config)
-    train_args = {"lr": float(lr), "batch_cases": int(batch_cases),
-                  "samples_per_case": int(samples_per_case), "flip": bool(flip),
-                  "epochs": int(epochs), "lr_schedule": lr_schedule}
+    train_args = {
+        "lr": float(lr),
+        "batch_cases": int(batch_cases),
+        "samples_per_case": int(samples_per_case),
+        "flip": bool(flip),
+        "epochs": int(epochs),
+        "lr_schedule": lr_schedule,
+    }
     if lr_schedule not in {"poly", "constant"}:
         raise InputError(f"lr_schedule must be poly or constant, got {lr_schedule!r}")
     labels = labels_of(config)
@@ -278,7 +301,9 @@ def train_unet(
             if progress is not None:
                 progress(step, total)
         record: dict[str, Any] = {
-            "epoch": epoch, "loss": float(np.mean(losses)), "lr": float(opt.param_groups[0]["lr"]),
+            "epoch": epoch,
+            "loss": float(np.mean(losses)),
+            "lr": float(opt.param_groups[0]["lr"]),
         }
         if split["val"]:
             net.eval()
@@ -304,9 +329,17 @@ def train_unet(
         history.append(record)
         state = {k: v.detach().clone() for k, v in net.state_dict().items()}
         ck = {
-            "state_dict": state, "config": config, "config_sha256": sha, "history": history,
-            "split": split, "epoch": epoch, "seed": int(seed), "best_metric": float(best_metric),
-            "best_epoch": best_epoch, "optimizer": opt.state_dict(), "train_args": train_args,
+            "state_dict": state,
+            "config": config,
+            "config_sha256": sha,
+            "history": history,
+            "split": split,
+            "epoch": epoch,
+            "seed": int(seed),
+            "best_metric": float(best_metric),
+            "best_epoch": best_epoch,
+            "optimizer": opt.state_dict(),
+            "train_args": train_args,
         }
         save_checkpoint(ck, last_path)
         if is_best:
@@ -318,9 +351,15 @@ def train_unet(
     if not out.exists():  # resumed and never improved into a new file: keep the latest
         save_checkpoint(ck, out)
     return {
-        "out": str(out), "last": str(last_path), "log": str(log_path), "epochs": epochs,
-        "best_epoch": best_epoch, "best_metric": float(best_metric), "split": split,
-        "config_sha256": sha, "history": history,
+        "out": str(out),
+        "last": str(last_path),
+        "log": str(log_path),
+        "epochs": epochs,
+        "best_epoch": best_epoch,
+        "best_metric": float(best_metric),
+        "split": split,
+        "config_sha256": sha,
+        "history": history,
     }
 
 
@@ -338,8 +377,13 @@ def _train_transforms(patch: tuple[int, ...], n_cls: int, samples: int, flip: bo
     t: list[Any] = [
         SpatialPadd(keys=keys, spatial_size=patch),
         RandCropByLabelClassesd(
-            keys=keys, label_key="label", spatial_size=patch, ratios=[1] * n_cls,
-            num_classes=n_cls, num_samples=samples, warn=False,
+            keys=keys,
+            label_key="label",
+            spatial_size=patch,
+            ratios=[1] * n_cls,
+            num_classes=n_cls,
+            num_samples=samples,
+            warn=False,
         ),
         RandScaleIntensityd(keys="image", factors=0.1, prob=0.5),
         RandShiftIntensityd(keys="image", offsets=0.05, prob=0.5),
