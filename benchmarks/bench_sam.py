@@ -3,7 +3,7 @@
 Prints one JSON document (and writes it with ``--out``):
 
 * ``vit_b_1024``: image-embedding seconds per slice, SAM ViT-B at 1024 (random weights: timing
-  only), stock fp32 vs ``medseg.models.fast`` at the resolved precision.
+  only), stock fp32 vs ``medseg.models.accelerated`` at the resolved precision.
 * ``litemedsam``: embedding seconds per slice at 256 (real weights): stock fp32, stock with bf16
   autocast (the previous quick trial), fast fp32, fast bf16 (where native), and fast with batches.
 * ``click_to_mask``: prompt encoder + mask decoder on a cached embedding (one box), ms.
@@ -137,7 +137,7 @@ def bench_vit(reps: int, precision: str) -> dict[str, Any]:
     """ViT-B at 1024: stock fp32 vs fast (same module, forward swapped between runs)."""
     import torch
 
-    from medseg.models import fast
+    from medseg.models import accelerated as fast
 
     enc = _vit_b()
     stock = _Sam(enc, None, None)
@@ -172,7 +172,7 @@ def bench_lite(reps: int, batch: int) -> dict[str, Any]:
     """LiteMedSAM embedding per slice: stock fp32 / stock bf16 autocast / fast fp32 / fast bf16."""
     import torch
 
-    from medseg.models import fast
+    from medseg.models import accelerated as fast
 
     m = _fresh_lite()
     enc = m.image_encoder
@@ -232,7 +232,7 @@ def bench_click(reps: int) -> dict[str, Any]:
     """Box prompt -> low-res logits on a cached LiteMedSAM embedding: stock vs fast decoder."""
     import torch
 
-    from medseg.models import fast
+    from medseg.models import accelerated as fast
 
     m = _fresh_lite()
     emb = torch.randn(1, 256, 64, 64, generator=torch.Generator().manual_seed(0))
@@ -333,7 +333,7 @@ def bench_agreement(max_slices: int | None) -> dict[str, Any]:
     """Per case: Dice(fast, stock) and Dice vs truth, for fast fp32 and fast auto precision."""
     import torch
 
-    from medseg.models import fast
+    from medseg.models import accelerated as fast
 
     m = _fresh_lite()
     auto = fast.precision_for("auto")
@@ -405,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from medseg.models import fast
+    from medseg.models import accelerated as fast
 
     torch.set_num_threads(args.threads)
     q = args.quick

