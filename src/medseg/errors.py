@@ -31,3 +31,7 @@ class PromptError(MedsegError):
 
 class CheckpointConfigError(MedsegError):
     """A checkpoint's configuration cannot be honoured by this inference request."""
+
+
+class Cancelled(MedsegError):
+    """The caller cancelled the work (``cancel=`` of :func:`medseg.segment`, Cancel in napari)."""

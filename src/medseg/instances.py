@@ -271,3 +271,31 @@ def write_lesion_table(
         for r in flat:
             w.writerow(r)
     return o
+
+
+#: Label names that mean "lesion" (the label whose components are instances).
+LESION_NAMES = ("tumour", "tumor", "lesion", "cancer", "metastasis", "nodule")
+
+
+def lesion_label(labels: Mapping[int, str], requested: int | None = None) -> int:
+    """The label treated as lesions: ``requested``, else the one named like a tumour.
+
+    Args:
+        labels: the label table ``{value: name}``.
+        requested: an explicit value (must be in the table).
+
+    Raises:
+        InputError: requested value not in the table, or no tumour-like name.
+    """
+    if requested is not None:
+        if int(requested) not in labels:
+            raise InputError(
+                f"label {requested} is not in the label table {dict(labels)}; pick one of them"
+            )
+        return int(requested)
+    for v, name in sorted(labels.items()):
+        if name.strip().lower() in LESION_NAMES:
+            return int(v)
+    if len(labels) == 1:
+        return int(next(iter(labels)))
+    raise InputError(f"no tumour label in {dict(labels)}; name the lesion label's value")

@@ -70,6 +70,18 @@ class Volume:
             raise InputError(f"direction must be a finite 3x3 matrix, got {self.direction!r}")
         self.direction = d
 
+    def __repr__(self) -> str:
+        """One line: shape, spacing, orientation code and dtype (never the array)."""
+        sp = ", ".join(f"{v:.4g}" for v in self.spacing)
+        return (
+            f"{type(self).__name__}(shape={self.shape}, spacing=({sp}) mm, "
+            f"orientation={orientation_code(self.direction)}, dtype={self.array.dtype}"
+            f"{self._repr_extra()})"
+        )
+
+    def _repr_extra(self) -> str:
+        return ""
+
     # ----------------------------------------------------------------- geometry
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -164,7 +176,7 @@ class Volume:
         )
 
 
-@dataclass
+@dataclass(repr=False)
 class LabelMap(Volume):
     """An integer label volume on an image's grid.
 
@@ -193,6 +205,10 @@ class LabelMap(Volume):
         self.array = _smallest_uint(arr)
         self.labels = {int(k): str(v) for k, v in self.labels.items() if int(k) != 0}
 
+    def _repr_extra(self) -> str:
+        table = ", ".join(f"{k}: {v}" for k, v in sorted(self.labels.items()))
+        return f", labels={{{table}}}"
+
     def present(self) -> list[int]:
         """Sorted non-zero label values present in the array."""
         return [int(v) for v in np.unique(self.array) if v != 0]
@@ -210,6 +226,23 @@ class LabelMap(Volume):
         if array.shape != ref.shape:
             raise GeometryError(f"label array shape {array.shape} does not match grid {ref.shape}")
         return cls(array=array, labels=dict(labels or {}), meta=dict(meta), **ref.copy_geometry())
+
+
+def orientation_code(direction: Any) -> str:
+    """Three letters naming where the array's x, y and z index axes point in the patient.
+
+    Each letter is the LPS pole the axis is closest to: ``L``/``R`` (x), ``P``/``A`` (y),
+    ``S``/``I`` (z), as in nibabel's axis codes. The identity direction gives ``"LPS"``; brain1's
+    flipped y axis gives ``"LAS"``. Oblique axes take their dominant component.
+    """
+    d = np.asarray(direction, dtype=float).reshape(3, 3)
+    poles = (("L", "R"), ("P", "A"), ("S", "I"))
+    out = []
+    for col in range(3):  # ITK index axes x, y, z
+        v = d[:, col]
+        k = int(np.argmax(np.abs(v)))
+        out.append(poles[k][0] if v[k] > 0 else poles[k][1])
+    return "".join(out)
 
 
 def _smallest_uint(arr: np.ndarray) -> np.ndarray:

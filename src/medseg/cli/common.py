@@ -1,11 +1,7 @@
-"""Helpers shared by the sub-commands: parsing and atomic JSON output."""
+"""Helpers shared by the sub-commands: parsing option strings."""
 
 from __future__ import annotations
 
-import json
-import os
-from collections.abc import Iterable
-from pathlib import Path
 from typing import Any
 
 from medseg.errors import InputError
@@ -48,30 +44,3 @@ def parse_triple(text: str, option: str, kind: type = float) -> tuple[Any, Any, 
     if len(vals) != 3 or min(vals) <= 0:
         raise InputError(f"{option} must be three positive numbers Z,Y,X, got {text!r}")
     return vals  # type: ignore[return-value]
-
-
-def write_json(
-    data: Any,
-    out: str | os.PathLike[str],
-    inputs: Iterable[str | os.PathLike[str]] = (),
-    overwrite: bool = True,
-) -> Path:
-    """Write ``data`` as indented JSON atomically (temp file + rename)."""
-    from medseg.io.files import atomic_path, check_output_path
-
-    o = check_output_path(out, inputs, overwrite=overwrite)
-    with atomic_path(o) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, default=_default) + "\n")
-    return o
-
-
-def _default(obj: Any) -> Any:
-    import numpy as np
-
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, Path):
-        return str(obj)
-    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")

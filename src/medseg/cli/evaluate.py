@@ -241,8 +241,8 @@ def format_table(report: dict[str, Any]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from medseg.cli.common import parse_label_table, write_json
-    from medseg.io.files import check_output_path
+    from medseg.cli.common import parse_label_table
+    from medseg.io.files import check_output_path, write_json
 
     table = parse_label_table(args.labels)
     if args.json_out:  # fail on a bad output path before any work

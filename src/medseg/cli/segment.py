@@ -1,23 +1,45 @@
-"""``medseg segment``: one command for both engines.
+"""``medseg segment``: one command for every engine; parses, calls :func:`medseg.segment`, prints.
 
-* SAM-Med models (``litemedsam`` default, ``sam_vit_b``, ``medsam_vit_b``): prompts (box / points /
-  prompt file / box from ground truth) on a key slice, then 3D propagation.
-  Implemented in :func:`medseg.predict.sam_cli.run`.
-* U-Net (``unet-demo`` or a ``.pt`` checkpoint): whole-volume automatic segmentation, optional
-  refinement with a SAM-Med model. Implemented in :func:`medseg.predict.unet_cli.run`.
+* SAM-Med models (``litemedsam`` default, ``sam_vit_b``, ``medsam_vit_b``): prompts on one or more
+  key slices, then 3D propagation. Prompt coordinates are voxel indices of the image array
+  ``(z, y, x)`` (a flipped direction matrix, as in brain1, does not change them):
+
+  * ``--box I,R0,C0,R1,C1``: a box on slice ``I`` along ``--axis``; axial: ``Z,Y0,X0,Y1,X1``
+    (inclusive). Repeat it for several key slices.
+  * ``--point Z,Y,X[,L]``: a volume point; ``L`` = 1 foreground (default) or 0 background.
+  * ``--prompts FILE.json``: ``{"axis": "z", "boxes": [{"slice": I, "box": [R0, C0, R1, C1]}],
+    "points": [{"zyx": [Z, Y, X], "label": 1}], "masks": [{"slice": I, "file": "m.npy"}]}``.
+  * ``--box-from-gt GT``: the interactive protocol: one box (``--box-margin`` pixels, default 3)
+    around the ground truth on its slice of largest area (``--label`` selects a value); the
+    per-slice oracle is reported too.
+
+* U-Net (``unet-demo`` or a checkpoint path): whole-volume automatic segmentation, optional
+  refinement of the tumour label with a SAM-Med model (``--refine-with``), lesion instances
+  (``--instances OUT``: label map + ``.csv``) and probabilities (``--probabilities OUT``).
+
+``--out LABELS`` writes the label map and its report beside it (``pred.nii.gz`` → ``pred.json``,
+or ``--json PATH``). Every output is checked before any work and written atomically. Bad input:
+one line, exit status 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
+from typing import Any
 
+import numpy as np
 
-def is_unet_model(name: str) -> bool:
-    """True for the U-Net engine (``unet-demo``, ``unet-*`` or a ``.pt`` checkpoint path)."""
-    return name.startswith("unet") or name.endswith(".pt")
+from medseg.errors import InputError, PromptError
+
+BOX_USAGE = "I,R0,C0,R1,C1 (axial: Z,Y0,X0,Y1,X1) in voxels"
+POINT_USAGE = "Z,Y,X or Z,Y,X,L with L = 1 (foreground) or 0 (background)"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from medseg.models.registry import known_models
+
     p = sub.add_parser(
         "segment",
         help="segment an image (SAM-Med prompts + 3D propagation, or automatic U-Net)",
@@ -27,9 +49,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("image", help="image file (NIfTI/NRRD/MHA) or DICOM folder")
     p.add_argument("--series", help="SeriesInstanceUID when the DICOM folder holds several")
     p.add_argument(
-        "--model",
-        default="litemedsam",
-        help="litemedsam (default) | sam_vit_b | medsam_vit_b | unet-demo | PATH.pt",
+        "--model", default="litemedsam", help=f"{' | '.join(known_models())} | CHECKPOINT.pt"
     )
     p.add_argument("--weights", help="checkpoint file for a SAM-Med model (overrides the cache)")
     p.add_argument("--window", help="CT window preset (abdomen, liver, lung, brain, bone) or LO,HI")
@@ -55,7 +75,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="simulate the interactive protocol: one box from GT on its largest slice",
     )
     g.add_argument(
-        "--label", type=int, help="label value in GT used by --box-from-gt (default: 1 / all)"
+        "--label",
+        type=int,
+        help="label value in GT used by --box-from-gt and scored (default: 1 / all)",
     )
     g.add_argument(
         "--box-margin",
@@ -82,8 +104,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     u.add_argument("--instances", metavar="OUT", help="write lesion instances (label map + .csv)")
     o = p.add_argument_group("output")
     o.add_argument("--gt", help="ground-truth label map: add metrics to the report")
-    o.add_argument("--out", help="label map to write (.nii.gz, .nrrd, ...)")
-    o.add_argument("--json", dest="json_out", metavar="REPORT.json", help="write a JSON report")
+    o.add_argument(
+        "--out", help="label map to write (.nii.gz, .nrrd, ...); its report goes beside it"
+    )
+    o.add_argument(
+        "--json",
+        dest="json_out",
+        metavar="REPORT.json",
+        help="the report's path (default: beside --out)",
+    )
     o.add_argument("--overwrite", action="store_true", help="replace existing output files")
     o.add_argument("--device", default="auto", help="auto | cpu | cuda")
     o.add_argument(
@@ -97,11 +126,198 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+# --------------------------------------------------------------------------- parsing
+def _numbers(text: str, option: str, usage: str) -> list[float]:
+    try:
+        vals = [float(v) for v in str(text).split(",")]
+    except ValueError:
+        raise PromptError(f"malformed {option} {text!r}; expected {usage}") from None
+    if not all(np.isfinite(vals)):
+        raise PromptError(f"malformed {option} {text!r}; expected {usage}")
+    return vals
+
+
+def parse_box(text: str, axis: str = "z") -> Any:
+    """``"I,R0,C0,R1,C1"`` → :class:`medseg.Box` on slice ``I`` along ``axis``.
+
+    Raises:
+        PromptError: not five numbers, a fractional slice, reversed or zero-size corners.
+    """
+    from medseg.prompts import Box
+
+    vals = _numbers(text, "--box", BOX_USAGE)
+    if len(vals) != 5 or vals[0] != round(vals[0]):
+        raise PromptError(f"malformed --box {text!r}; expected {BOX_USAGE}")
+    try:
+        return Box(int(vals[0]), *vals[1:], axis=axis)
+    except PromptError as exc:
+        raise PromptError(f"--box {text!r}: {exc}") from None
+
+
+def parse_point(text: str) -> Any:
+    """``"Z,Y,X[,L]"`` → :class:`medseg.Point` (``L`` 1 foreground, 0 background).
+
+    Raises:
+        PromptError: not 3 or 4 numbers, or a label other than 0/1.
+    """
+    from medseg.prompts import Point
+
+    vals = _numbers(text, "--point", POINT_USAGE)
+    if len(vals) not in (3, 4):
+        raise PromptError(f"malformed --point {text!r}; expected {POINT_USAGE}")
+    if len(vals) == 4 and vals[3] not in (0.0, 1.0):
+        raise PromptError(f"--point {text!r}: the label must be 1 or 0")
+    return Point(vals[0], vals[1], vals[2], positive=len(vals) == 3 or vals[3] == 1.0)
+
+
+def _prompts(args: argparse.Namespace, image: Any) -> list[Any]:
+    """Every prompt the options give, in order: boxes, points, the file, the GT box."""
+    from medseg.prompts import box_from_gt, load_prompts
+
+    prompts = [parse_box(b, args.axis) for b in args.box]
+    prompts += [parse_point(q) for q in args.point]
+    if args.prompts:
+        prompts += load_prompts(args.prompts, axis=args.axis)
+    if args.box_from_gt:
+        from medseg.io.files import read_labels
+
+        gt = read_labels(args.box_from_gt, reference=image)
+        prompts.append(box_from_gt(gt, label=args.label, axis=args.axis, margin=args.box_margin))
+    return prompts
+
+
+# --------------------------------------------------------------------------- main
 def run(args: argparse.Namespace) -> int:
-    if is_unet_model(args.model):
-        from medseg.predict.unet_cli import run as run_unet
+    """Run ``medseg segment``. Returns the exit status (0)."""
+    import medseg
+    from medseg.io.files import check_output_path, image_suffix
+    from medseg.models.registry import resolve_model
+    from medseg.pipeline import instance_paths
+    from medseg.progress import tqdm_progress
+    from medseg.report import report_path_for
 
-        return run_unet(args)
-    from medseg.predict.sam_cli import run as run_sam
+    engine = resolve_model(args.model).engine
+    inputs = [p for p in (args.image, args.gt, args.box_from_gt, args.prompts, args.weights) if p]
+    # outputs first: fail before any slow work
+    outs: list[Path] = []
+    if args.out:
+        if image_suffix(args.out) is None:
+            raise InputError(
+                f"{args.out}: unknown label-map type; use .nii.gz, .nii, .nrrd, .mha or .mhd"
+            )
+        outs += [Path(args.out), Path(args.json_out or report_path_for(args.out))]
+    elif args.json_out:
+        outs.append(Path(args.json_out))
+    if args.probabilities:
+        outs.append(Path(args.probabilities))
+    if args.instances:
+        outs += list(instance_paths(args.instances))
+    if len({p.resolve() for p in outs}) != len(outs):
+        raise InputError(
+            "--out, --json and the other outputs name the same file; give each its own"
+        )
+    for o in outs:
+        check_output_path(o, inputs, overwrite=args.overwrite)
 
-    return run_sam(args)
+    prompts: list[Any] = []
+    image: Any = args.image
+    if engine == "sam":
+        if args.oracle and not args.gt:
+            raise InputError("--oracle needs --gt (the oracle boxes come from the ground truth)")
+        if args.box_from_gt:  # the GT box needs the image's grid before the model loads
+            from medseg.io.files import read_volume
+
+            image = read_volume(args.image, series=args.series)
+            image.meta.setdefault("source", str(args.image))
+        prompts = _prompts(args, image)
+    elif args.box or args.point or args.prompts or args.box_from_gt:
+        raise InputError(f"{args.model} is an automatic U-Net: prompts are for SAM-Med models")
+    elif args.window and not args.refine_with:
+        print(
+            "medseg segment: note: --window is ignored by the U-Net (its checkpoint fixes the "
+            "intensity preprocessing); it only sets the window of --refine-with",
+            file=sys.stderr,
+        )
+    oracle = engine == "sam" and bool(args.gt) and (args.oracle or bool(args.box_from_gt))
+    with tqdm_progress("segment", enabled=not args.quiet) as cb:
+        seg = medseg.segment(
+            image,
+            model=args.model,
+            prompts=prompts or None,
+            gt=args.gt,
+            label=args.label,
+            weights=args.weights,
+            series=args.series,
+            axis=args.axis,
+            window=args.window,
+            propagate=not args.no_propagate,
+            oracle=oracle,
+            box_margin=args.box_margin,
+            refine_with=args.refine_with,
+            refine_label=args.refine_label,
+            overlap=args.overlap,
+            blend=args.blend,
+            probabilities=bool(args.probabilities),
+            instances=bool(args.instances),
+            precision=args.precision,
+            device=args.device,
+            cache_dir=args.cache_dir or True,
+            provenance={"argv": sys.argv[1:]},
+            progress=cb,
+        )
+    written: dict[str, Path] = {}
+    if args.out:
+        written = seg.save(
+            args.out,
+            report=args.json_out,
+            probabilities=args.probabilities,
+            instances=args.instances,
+            overwrite=args.overwrite,
+            inputs=inputs,
+        )
+    else:
+        if args.probabilities or args.instances:
+            raise InputError("--probabilities and --instances need --out (the label map)")
+        if args.json_out:
+            written["report"] = seg.save_report(args.json_out, overwrite=args.overwrite)
+    print("\n".join([*summary(seg.report), *(f"wrote {p}" for p in written.values())]))
+    return 0
+
+
+def summary(report: dict[str, Any]) -> list[str]:
+    """A few lines a person reads after a run (from the report alone)."""
+    fmt = lambda v, nd=4: "n/a" if v is None else f"{v:.{nd}f}"  # noqa: E731
+    t = report["timings"]
+    lines: list[str] = []
+    if report["engine"] == "sam":
+        sam = report["sam"]
+        prop = sam["propagation"]
+        voxels = sum(e["voxels"] for e in report["labels"])
+        lines.append(
+            f"segmented {voxels} voxels on {len(prop['slices'])} slice(s) along {sam['axis']} "
+            f"(key slice(s) {prop['key_slices']}) in {t.get('segment_s', 0):.1f} s"
+        )
+        if prop["review"]:
+            worst = ", ".join(f"{r['index']} ({r['review_score']:.2f})" for r in prop["review"][:3])
+            lines.append(f"review first: slice {worst}")
+        if sam["dice"] is not None:
+            line = f"Dice {sam['dice']:.4f}"
+            if sam["oracle"] is not None:
+                orc = sam["oracle"]
+                line += (
+                    f"   (per-slice oracle-box Dice {fmt(orc['dice'])}, ratio "
+                    f"{fmt(orc['ratio'], 3)})"
+                )
+            lines.append(line)
+    else:
+        m = report["model"]
+        lines.append(
+            f"segmented {report['image']['path']} with {m['name']} in "
+            f"{t.get('segment_s', 0):.1f} s ({m['precision']})"
+        )
+        for row in report.get("metrics") or []:
+            lines.append(f"  {row['name']:>12}: dice {fmt(row.get('dice'))}")
+        inst = report["unet"].get("instances")
+        if inst:
+            lines.append(f"  lesions: {inst['lesions']}")
+    return lines

@@ -7,6 +7,7 @@ import os
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 from medseg.errors import InputError, OutputError
 from medseg.volume import LabelMap, Volume, check_same_grid
@@ -199,3 +200,34 @@ def write_labels(
     if labels.array.dtype.kind not in "iu":
         raise InputError("labels must be integer")
     return write_volume(labels, out, inputs=inputs, overwrite=overwrite)
+
+
+def write_json(
+    data: Any,
+    out: str | os.PathLike[str],
+    inputs: Iterable[str | os.PathLike[str]] = (),
+    overwrite: bool = False,
+) -> Path:
+    """Write ``data`` as indented JSON atomically (temp file + rename).
+
+    Raises:
+        OutputError: bad/unwritable output path, an input, or existing without ``overwrite``.
+    """
+    import json
+
+    o = check_output_path(out, inputs, overwrite=overwrite)
+    with atomic_path(o) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, default=_json_default) + "\n")
+    return o
+
+
+def _json_default(obj: Any) -> Any:
+    import numpy as np
+
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")

@@ -1,17 +1,26 @@
-"""Registry of the promptable SAM-family models: name → architecture, input frame and weights.
+"""The one model registry: a name or a checkpoint path → which engine runs it, and how.
 
-All three share segment-anything's prompt encoder and mask decoder; the image encoder is either
-segment-anything's ViT-B (1024x1024 input) or LiteMedSAM's TinyViT (256x256 input). Each produces
-a ``(B, 256, 64, 64)`` image embedding. This module imports nothing heavy.
+* SAM family (engine ``"sam"``): promptable slice models sharing segment-anything's prompt encoder
+  and mask decoder; the image encoder is segment-anything's ViT-B (1024x1024 input) or
+  LiteMedSAM's TinyViT (256x256 input). Each produces a ``(B, 256, 64, 64)`` image embedding.
+  :data:`MODELS` holds their :class:`ModelSpec`.
+* U-Net (engine ``"unet"``): automatic whole-volume models; ``unet-demo`` ships in the package
+  and any checkpoint written by ``medseg train-unet`` is accepted by path.
+
+:func:`resolve_model` is what :func:`medseg.segment` calls. This module imports nothing heavy
+(a checkpoint path is opened with torch only to tell which engine it is for).
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 from medseg.errors import WeightsError
 
+Engine = Literal["sam", "unet"]
 EncoderKind = Literal["vit_b", "tiny_vit"]
 Normalisation = Literal["unit", "sam_rgb"]
 
@@ -121,3 +130,93 @@ def get_spec(name: str | ModelSpec) -> ModelSpec:
             f"unknown SAM-family model {name!r}; choose one of {', '.join(sorted(MODELS))}"
         )
     return MODELS[key]
+
+
+#: Automatic (U-Net) models shipped in the package: name → file under ``medseg/assets``.
+UNET_MODELS: dict[str, str] = {"unet-demo": "unet_demo.pt"}
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """What a model name or path resolved to.
+
+    Attributes:
+        engine: ``"sam"`` (prompts + propagation) or ``"unet"`` (automatic).
+        name: registry name, or the checkpoint's file name.
+        path: the U-Net checkpoint file (``None`` for SAM models: their weights are resolved by
+            :func:`medseg.models.weights.resolve_weights`).
+        spec: the SAM :class:`ModelSpec` (``None`` for U-Nets).
+    """
+
+    engine: Engine
+    name: str
+    path: Path | None = None
+    spec: ModelSpec | None = None
+
+
+def known_models() -> list[str]:
+    """Every registry name, SAM family first."""
+    return [*MODELS, *UNET_MODELS]
+
+
+def resolve_model(model: str | os.PathLike[str] | ModelSpec) -> ModelRef:
+    """A registry name, a :class:`ModelSpec` or a checkpoint path → :class:`ModelRef`.
+
+    A path is opened (``weights_only``) to tell a U-Net checkpoint (``config`` +
+    ``config_sha256``) from a SAM-family state dict, which must be given as ``weights`` with its
+    architecture's name instead.
+
+    Raises:
+        WeightsError: unknown name, missing file, or a file that is no medseg U-Net checkpoint.
+    """
+    if isinstance(model, ModelSpec):
+        return ModelRef("sam", model.name, None, model)
+    text = str(model).strip()
+    key = text.lower()
+    if key in MODELS:
+        return ModelRef("sam", key, None, MODELS[key])
+    if key in UNET_MODELS:
+        path = Path(__file__).resolve().parent.parent / "assets" / UNET_MODELS[key]
+        if not path.is_file():
+            raise WeightsError(f"the {key} model is missing from the installation ({path})")
+        return ModelRef("unet", key, path, None)
+    path = Path(text).expanduser()
+    if not path.exists():
+        looks_like_file = os.sep in text or path.suffix in {".pt", ".pth", ".ckpt"}
+        if looks_like_file:
+            raise WeightsError(f"{path}: no such checkpoint file")
+        raise WeightsError(
+            f"unknown model {text!r}; choose one of {', '.join(known_models())} or give the path "
+            "of a checkpoint trained with `medseg train-unet`"
+        )
+    if not path.is_file():
+        raise WeightsError(f"{path}: is a folder, not a checkpoint file")
+    kind = _checkpoint_kind(path)
+    if kind == "unet":
+        return ModelRef("unet", path.name, path, None)
+    raise WeightsError(
+        f"{path}: this is a SAM-family weights file, not a U-Net checkpoint; pass it as weights "
+        f"with its architecture, e.g. model='sam_vit_b', weights='{path}' "
+        "(command line: --model sam_vit_b --weights FILE)"
+    )
+
+
+def _checkpoint_kind(path: Path) -> str:
+    """``"unet"`` for a medseg U-Net checkpoint, ``"state_dict"`` for a bare tensor dict."""
+    import torch
+
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:  # pickle errors, truncated or non-zip files
+        raise WeightsError(
+            f"{path}: cannot read as a safe (weights_only) checkpoint: "
+            f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+        ) from None
+    if isinstance(obj, dict) and {"config", "config_sha256", "state_dict"} <= set(obj):
+        return "unet"
+    if isinstance(obj, dict) and obj and all(hasattr(v, "shape") for v in obj.values()):
+        return "state_dict"
+    raise WeightsError(
+        f"{path}: not a medseg U-Net checkpoint (needs state_dict, config, config_sha256); "
+        "train one with `medseg train-unet`"
+    )
