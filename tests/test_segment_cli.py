@@ -60,22 +60,16 @@ def test_main_job_report_and_label_map(main_run, breast, capsys):
     assert rc == 0
     img, lab = breast
     rep = json.loads((out / "r.json").read_text())
-    for key in (
-        "model",
-        "config",
-        "prompts",
-        "propagation",
-        "metrics",
-        "oracle",
-        "timings",
-        "dice",
-        "cache",
-    ):
+    for key in ("schema", "engine", "image", "model", "labels", "metrics", "timings", "provenance"):
         assert key in rep, key
+    assert rep["engine"] == "sam"
+    sam = rep["sam"]
+    for key in ("config", "key_prompts", "propagation", "oracle", "dice", "cache"):
+        assert key in sam, key
     assert rep["model"]["name"] == "litemedsam"
     assert len(rep["model"]["weights_sha256"]) == 64
-    assert rep["prompts"][0]["index"] == 9 and len(rep["prompts"][0]["box_rc"]) == 4
-    recs = rep["propagation"]["records"]
+    assert sam["key_prompts"][0]["index"] == 9 and len(sam["key_prompts"][0]["box_rc"]) == 4
+    recs = sam["propagation"]["records"]
     assert {
         "index",
         "iou_pred",
@@ -87,20 +81,20 @@ def test_main_job_report_and_label_map(main_run, breast, capsys):
         "review_score",
     } <= set(recs[0])
     assert [r["index"] for r in recs] == sorted(r["index"] for r in recs)
-    scores = [r["review_score"] for r in rep["propagation"]["review"]]
+    scores = [r["review_score"] for r in sam["propagation"]["review"]]
     assert scores == sorted(scores, reverse=True)
     # the written label map is on the image grid and scores what the report says
     image = read_volume(img)
     pred = read_labels(out / "seg.nrrd", reference=image)
     gt = read_labels(lab, reference=image)
     d = dice3d(pred.array > 0, gt.array > 0)
-    assert rep["dice"] == pytest.approx(d, abs=1e-6)
+    assert sam["dice"] == pytest.approx(d, abs=1e-6)
     assert rep["metrics"][0]["dice"] == pytest.approx(d, abs=1e-6)
     assert set(np.unique(pred.array)) <= {0, 1}
-    assert rep["propagation"]["slices"] == [
+    assert sam["propagation"]["slices"] == [
         int(i) for i in np.flatnonzero((pred.array > 0).any(axis=(1, 2)))
     ]
-    orc = rep["oracle"]
+    orc = sam["oracle"]
     assert 0.3 < orc["dice"] <= 1 and orc["ratio"] == pytest.approx(d / orc["dice"], abs=1e-3)
     assert [p["index"] for p in orc["per_slice"]] == [8, 9, 10]
     assert d > 0.3  # breast1's tumour is 3 tiny slices; the oracle itself reaches ~0.55
@@ -153,9 +147,9 @@ def test_box_prompt_file_and_no_propagate(breast, cache_dir, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "Dice" in printed
     rep = json.loads((tmp_path / "r.json").read_text())
-    assert rep["propagation"]["slices"] == [9]
-    assert rep["prompts"] == [{"index": 9, "box_rc": [62.0, 19.0, 77.0, 31.0]}]
-    assert rep["oracle"] is None and 0 < rep["dice"] < 1
+    assert rep["sam"]["propagation"]["slices"] == [9]
+    assert rep["sam"]["key_prompts"] == [{"index": 9, "box_rc": [62.0, 19.0, 77.0, 31.0]}]
+    assert rep["sam"]["oracle"] is None and 0 < rep["sam"]["dice"] < 1
 
 
 @pytest.mark.parametrize(
@@ -166,6 +160,8 @@ def test_box_prompt_file_and_no_propagate(breast, cache_dir, tmp_path, capsys):
         (["--box", "9,10,10,20"], "malformed --box"),
         (["--box", "9,a,10,20,20"], "malformed --box"),
         (["--box", "9,20,10,10,20"], "R0 <= R1"),
+        (["--box", "9,10,10,10,30"], "zero height or width"),
+        (["--box", "9,10,10,20,10"], "zero height or width"),
         (["--point", "9,10"], "malformed --point"),
         (["--point", "9,10,10,2"], "label must be 1 or 0"),
         (["--point", "9,130,10"], "outside the image"),
@@ -203,3 +199,93 @@ def test_bad_prompts_file(breast, tmp_path, capsys):
     p.write_text(json.dumps({"axis": "y", "boxes": []}))
     assert main(["segment", str(img), "--prompts", str(p), "--quiet"]) == 2
     assert "axis" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- the Python API
+def test_api_equals_cli_and_reports_follow_the_schema(main_run, breast, cache_dir, tmp_path):
+    """The API example on the same input gives the CLI's Dice to 1e-6 and the same mask."""
+    import medseg
+    from medseg.io.files import read_labels as read_file_labels
+
+    _, out = main_run
+    img_path, lab_path = breast
+    cli = json.loads((out / "r.json").read_text())
+    medseg.validate_report(cli)
+
+    img = medseg.read_volume(img_path)
+    gt = medseg.read_labels(lab_path, reference=img)
+    seg = medseg.segment(
+        img, model="litemedsam", prompts=medseg.box_from_gt(gt, label=1), cache_dir=cache_dir
+    )
+    rows = medseg.evaluate(seg.labels, gt)
+    assert rows[0]["dice"] == pytest.approx(cli["metrics"][0]["dice"], abs=1e-6)
+    cli_mask = read_file_labels(out / "seg.nrrd", reference=img).array
+    assert np.array_equal(seg.labels.array > 0, cli_mask > 0)
+    assert seg.labels.same_grid(img)
+    medseg.validate_report(seg.report)
+    assert seg.report["metrics"] is None  # no gt given to segment: no metrics
+    assert seg.report["provenance"]["prompts"] == [
+        {"kind": "box", "axis": "z", "slice": 9, "box": cli["sam"]["key_prompts"][0]["box_rc"]}
+    ]
+    assert seg.report["image"]["sha256"] == cli["image"]["sha256"]
+
+    # save: sidecar report, refuses to overwrite, refuses an input
+    written = seg.save(tmp_path / "pred.nii.gz")
+    assert written["report"] == tmp_path / "pred.json"
+    rep = json.loads((tmp_path / "pred.json").read_text())
+    assert rep["outputs"]["labels"] == str(tmp_path / "pred.nii.gz")
+    medseg.validate_report(rep)
+    with pytest.raises(medseg.MedsegError, match="already exists"):
+        seg.save(tmp_path / "pred.nii.gz")
+    with pytest.raises(medseg.MedsegError, match="input"):
+        seg.save(tmp_path / "x.nii.gz", report=img_path, overwrite=True)
+    assert not (tmp_path / "x.nii.gz").exists()  # checked before anything was written
+
+
+def test_api_refuses_bad_requests_before_work(breast, tmp_path):
+    import medseg
+    from medseg.errors import InputError, PromptError, WeightsError
+
+    img_path, _ = breast
+    img = medseg.read_volume(img_path)
+    with pytest.raises(PromptError, match="no prompt"):
+        medseg.segment(img, model="litemedsam")
+    with pytest.raises(InputError, match="takes no prompts"):
+        medseg.segment(img, model="unet-demo", prompts=medseg.Point(9, 60, 20))
+    with pytest.raises(WeightsError, match="unknown model"):
+        medseg.segment(img, model="sam_vit_h", prompts=medseg.Point(9, 60, 20))
+    with pytest.raises(PromptError, match="outside the image"):
+        medseg.segment(img, prompts=medseg.Box(9, 10, 10, 200, 20))
+    with pytest.raises(PromptError, match="out of range"):
+        medseg.segment(img, prompts=[medseg.Box(30, 10, 10, 20, 20)])
+    with pytest.raises(PromptError, match=r"medseg\.Box"):
+        medseg.segment(img, prompts=["9,10,10,20,20"])
+    with pytest.raises(InputError, match="U-Net options"):
+        medseg.segment(img, prompts=medseg.Point(9, 60, 20), refine_with="litemedsam")
+    sam_state = tmp_path / "sam.pth"
+    import torch
+
+    torch.save({"image_encoder.w": torch.zeros(2)}, sam_state)
+    with pytest.raises(WeightsError, match="SAM-family weights file"):
+        medseg.segment(img, model=sam_state)
+
+
+def test_cancel_stops_with_cancelled(breast, cache_dir):
+    import threading
+
+    import medseg
+    from medseg.errors import Cancelled
+
+    img_path, _ = breast
+    seen: list[tuple[int, int]] = []
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(Cancelled):
+        medseg.segment(
+            img_path,
+            prompts=medseg.Box(9, 62, 19, 77, 31),
+            cache_dir=cache_dir,
+            progress=lambda d, t: seen.append((d, t)),
+            cancel=stop,
+        )
+    assert seen == []  # stopped at the first step, before any slice was reported done
