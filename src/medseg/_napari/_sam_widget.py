@@ -198,7 +198,8 @@ class SamWidget(Container):
         self._predictor_key: tuple | None = None
         self._models: dict[str, Any] = {}
         self.proposal: Proposal | None = None
-        self.last_result: Any = None
+        self.last_result: Any = None  # the last propagation (per-slice records)
+        self.last_segmentation: Any = None  # the last medseg.segment result (labels + report)
         self._undo: list[_UndoStep] = []
         self._preview: Any = None
         self._last_slice: dict[str, Any] | None = None  # for refinement on the same slice
@@ -393,19 +394,23 @@ class SamWidget(Container):
         min_iou = float(self._min_iou.value) or None
 
         def work(progress: Any) -> Any:
-            from medseg.predict.propagate import KeyPrompt, PropagationConfig
-            from medseg.predict.propagate import propagate as core_propagate
+            import medseg
+            from medseg.predict.propagate import PropagationConfig
 
             pred = self._get_predictor(img, *settings)
-            keys = [
-                KeyPrompt(
-                    pr.index, box_rc=pr.box_rc, points_rc=pr.points_rc, point_labels=pr.point_labels
-                )
-                for pr in prompts
-            ]
-            return core_propagate(pred, keys, PropagationConfig(min_iou=min_iou), progress=progress)
+            return medseg.segment(
+                pred.volume,
+                model=pred.spec.name,
+                prompts=_as_prompts(prompts),
+                predictor=pred,
+                window=settings[1],
+                config=PropagationConfig(min_iou=min_iou),
+                progress=progress,
+            )
 
-        def done(res: Any) -> None:
+        def done(seg: Any) -> None:
+            res = seg.propagation
+            self.last_segmentation = seg
             notes = {}
             for rec in res.records:
                 text = f"IoU {rec.iou_pred:.2f}"
@@ -507,3 +512,20 @@ class SamWidget(Container):
             return
         index = int(value[0] if isinstance(value, (list, tuple)) else value)
         goto_slice(self._viewer, img, index)
+
+
+def _as_prompts(slices: list[Any]) -> list[Any]:
+    """The panel's per-slice prompts (axial ``(row, col)`` = ``(y, x)``) as medseg prompts."""
+    import medseg
+
+    out: list[Any] = []
+    for pr in slices:
+        if pr.box_rc is not None:
+            out.append(medseg.Box(pr.index, *pr.box_rc))
+        if pr.points_rc is not None:
+            labels = pr.point_labels if pr.point_labels is not None else [1] * len(pr.points_rc)
+            out += [
+                medseg.Point(pr.index, r, c, positive=bool(lab))
+                for (r, c), lab in zip(pr.points_rc, labels, strict=True)
+            ]
+    return out

@@ -49,8 +49,7 @@ class UNetWidget(Container):
             labels=True,
         )
         self.job = Job(status=self._set_status)
-        self.segmenter: Any = None
-        self._segmenter_source: str | None = None
+        self.last_segmentation: Any = None  # the last medseg.segment result (labels + report)
         self.result_layer: Any = None
         self._run_btn.changed.connect(self.run)
         self._cancel_btn.changed.connect(self.job.cancel)
@@ -82,15 +81,15 @@ class UNetWidget(Container):
             return
 
         def work(progress: Any) -> Any:
-            from medseg.predict.unet import UNetSegmenter
+            import medseg
 
-            if self.segmenter is None or self._segmenter_source != source:
-                self.segmenter = UNetSegmenter.load(source)
-                self._segmenter_source = source
-            return self.segmenter.segment(vol, progress=progress)
+            return medseg.segment(vol, model=source, progress=progress)
 
-        def done(lm: Any) -> None:
+        def done(seg: Any) -> None:
+            lm = seg.labels
+            self.last_segmentation = seg
             kw = labels_kwargs_like(img, f"{img.name} unet", lm.labels)
+            kw.setdefault("metadata", {})["medseg_report"] = seg.report
             from medseg._napari._layers import label_features
 
             kw["features"] = label_features(lm.labels, lm.present())
