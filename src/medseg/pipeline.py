@@ -66,6 +66,9 @@ class Segmentation:
         lesions: one row per lesion (:func:`medseg.instances.lesion_table`) with ``instances``.
         propagation: the SAM engine's per-slice records (``None`` for the U-Net).
         oracle: the per-slice oracle-box result when asked for (SAM with ground truth).
+        predictor: the SAM engine's :class:`~medseg.predict.sam.VolumePredictor`, holding the
+            slices it embedded; pass it as ``segment(..., predictor=seg.predictor)`` to prompt
+            the same image again without embedding any slice twice (``None`` for the U-Net).
     """
 
     labels: LabelMap
@@ -76,6 +79,7 @@ class Segmentation:
     lesions: list[dict[str, Any]] | None = field(default=None, repr=False)
     propagation: PropagationResult | None = field(default=None, repr=False)
     oracle: OracleResult | None = field(default=None, repr=False)
+    predictor: VolumePredictor | None = field(default=None, repr=False)
 
     @property
     def dice(self) -> float | None:
@@ -556,6 +560,7 @@ def _segment_sam(
         image=image,
         propagation=result,
         oracle=orc,
+        predictor=pred,
         instances=inst[0] if inst else None,
         lesions=inst[1] if inst else None,
     )
