@@ -297,6 +297,7 @@ def test_embeddings_widget_precomputes_for_sam(
 ):
     from medseg._napari._common import goto_slice
     from medseg._napari._embeddings_widget import EmbeddingsWidget
+    from medseg._napari._layers import layer_geometry
     from medseg._napari._sam_widget import SamWidget
 
     viewer = make_napari_viewer()
@@ -305,7 +306,7 @@ def test_embeddings_widget_precomputes_for_sam(
     z = int(np.argmax(gt.reshape(gt.shape[0], -1).sum(1)))
     # a 5-slice crop around the lesion keeps the test short; precompute encodes batches of 4
     lo = max(z - 2, 0)
-    geo = vol.layer_geometry()
+    geo = layer_geometry(vol)
     translate = list(geo["translate"])
     translate[0] += lo * vol.spacing[0]
     img = viewer.add_image(
