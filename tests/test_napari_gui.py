@@ -668,8 +668,10 @@ def test_evaluate_widget_guard_paths(make_napari_viewer, qtbot, shown_errors, tm
     _click(ev._run_btn)
     _wait(qtbot, ev.job)
     assert ev.rows[0]["dice"] == pytest.approx(2 * 4 / (4 + 6))
-    assert str(ev._csv_path.value) == "."  # nothing chosen yet
     files_before = sorted(tmp_path.rglob("*"))
+    assert shown_errors(lambda: _click(ev._export_btn)) == ["choose a CSV file to export to"]
+    ev._csv_path.value = tmp_path / "m.csv"
+    ev._csv_path.line_edit.value = ""  # the user cleared the box (FileEdit.value reads the cwd)
     assert shown_errors(lambda: _click(ev._export_btn)) == ["choose a CSV file to export to"]
     assert sorted(tmp_path.rglob("*")) == files_before
 
@@ -718,10 +720,12 @@ def test_dicom_widget_guard_paths(make_napari_viewer, qtbot, shown_errors, tmp_p
 
     viewer = make_napari_viewer()
     w = DicomSeriesWidget(viewer)
-    assert str(w._folder.value) == "."  # nothing chosen yet
-    assert shown_errors(lambda: _click(w._scan_btn)) == [
-        "choose the folder holding the DICOM files first"
-    ]
+    no_folder = ["choose the folder holding the DICOM files first"]
+    assert shown_errors(lambda: _click(w._scan_btn)) == no_folder
+    w._folder.value = tmp_path
+    w._folder.line_edit.value = ""  # cleared by hand: must not scan the working directory
+    assert shown_errors(lambda: _click(w._scan_btn)) == no_folder
+    assert w.job.worker is None and w.scan is None
     assert shown_errors(lambda: _click(w._open_btn)) == ["scan a folder and choose a series first"]
     folder = tmp_path / "not_dicom"
     folder.mkdir()
