@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -38,9 +39,10 @@ def require_program(name: str, install_hint: str) -> str:
 
 
 def require_display() -> None:
-    """Skip (or fail, see :func:`require_program`) unless Qt can get an X display: ``DISPLAY`` is
-    set, or ``Xvfb`` is installed to start one (:func:`medseg._napari._xvfb.ensure_display`)."""
-    if not os.environ.get("DISPLAY"):
+    """Skip (or fail, see :func:`require_program`) unless Qt can get an X display on Linux:
+    ``DISPLAY`` is set, or ``Xvfb`` is installed to start one
+    (:func:`medseg._napari._xvfb.ensure_display`). Other systems have their own window server."""
+    if sys.platform.startswith("linux") and not os.environ.get("DISPLAY"):
         require_program("Xvfb", f"napari needs an X server: set DISPLAY or {XVFB_HINT}")
 
 

@@ -16,6 +16,10 @@ import pytest
 
 TESTS = Path(__file__).resolve().parent
 
+pytestmark = pytest.mark.skipif(
+    not sys.platform.startswith("linux"), reason="the X display rule (DISPLAY/Xvfb) is Linux's"
+)
+
 PROBE = """
 def test_gui(x_display):
     print("DISPLAY in use:", x_display)
