@@ -52,7 +52,6 @@ def main() -> None:
     ensure_display()
     import warnings
 
-    warnings.filterwarnings("ignore", message="napari support for the PyQt5 backend")
     warnings.filterwarnings("ignore", message="System theme detection")
     import napari
     from napari.utils.colormaps import DirectLabelColormap
@@ -138,7 +137,7 @@ def main() -> None:
     from napari._qt.dialogs.qt_notification import NapariQtNotification
 
     for note in viewer.window._qt_window.findChildren(NapariQtNotification):
-        note.close()  # start-up notices (e.g. the PyQt5 deprecation) would cover the canvas
+        note.close()  # start-up notices (e.g. theme detection) would cover the canvas
     for _ in range(20):
         app.processEvents()
         time.sleep(0.05)

@@ -449,7 +449,7 @@ def test_multiframe_enhanced_matches_single_frame_series(tmp_path: Path) -> None
     np.testing.assert_allclose(vol.direction, ref.direction, atol=1e-7)
 
 
-@pytest.mark.skipif(shutil.which("dcm2niix") is None, reason="dcm2niix not installed")
+@pytest.mark.usefixtures("dcm2niix")  # skips (or fails under MEDSEG_REQUIRE_SYSTEM_TOOLS=1)
 def test_dcm2niix_agrees_on_physical_geometry(tmp_path: Path) -> None:
     """dcm2niix's NIfTI (read back through SimpleITK, LPS) puts each voxel value at the same
     physical point as our reading of the DICOM series (it may flip axes, so compare in world)."""

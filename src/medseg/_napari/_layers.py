@@ -2,8 +2,8 @@
 
 One place says how a volume becomes a layer and back:
 
-* ``data`` is the ``(z, y, x)`` array; ``scale``/``translate`` come from
-  :meth:`medseg.volume.Volume.layer_geometry` (mm, array-axis order).
+* ``data`` is the ``(z, y, x)`` array; ``scale``/``translate`` come from :func:`layer_geometry`
+  (mm, array-axis order).
 * ``metadata`` holds the full geometry so that a layer can be turned back into a volume on the
   exact source grid: ``spacing`` (z, y, x), ``origin`` (LPS x, y, z), ``direction`` (3x3 ITK, as
   nested lists), ``source`` (the file or folder read), ``volume_meta`` (the rest of
@@ -50,6 +50,26 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
+def layer_geometry(vol: Volume) -> dict[str, tuple[float, float, float]]:
+    """napari layer keywords for a volume's grid: ``scale`` and ``translate``, (z, y, x) mm.
+
+    ``scale`` is the spacing; ``translate`` is the LPS origin ``(x, y, z)`` reversed into array-axis
+    order, so image and labels layers built from volumes on one grid overlay exactly and distances
+    are in mm. A non-identity direction (oblique or flipped axes) is not rotated into the layer; it
+    is recorded in ``metadata`` (:func:`geometry_metadata`).
+
+    Args:
+        vol: a :class:`~medseg.volume.Volume` (or :class:`~medseg.volume.LabelMap`).
+
+    Returns:
+        ``{"scale": (sz, sy, sx), "translate": (oz, oy, ox)}`` as plain floats.
+    """
+    return {
+        "scale": tuple(float(v) for v in vol.spacing),
+        "translate": (float(vol.origin[2]), float(vol.origin[1]), float(vol.origin[0])),
+    }
+
+
 def geometry_metadata(vol: Volume) -> dict[str, Any]:
     """Layer ``metadata`` describing ``vol``'s grid and provenance (see module docstring)."""
     meta = dict(vol.meta)
@@ -78,7 +98,7 @@ def image_layer_data(vol: Volume, name: str) -> LayerData:
     """``(data, kwargs, "image")`` for a volume: physical scale/translate, full metadata."""
     kwargs: dict[str, Any] = {
         "name": name,
-        **vol.layer_geometry(),
+        **layer_geometry(vol),
         "metadata": geometry_metadata(vol),
     }
     lo, hi = float(np.min(vol.array)), float(np.max(vol.array))
@@ -95,7 +115,7 @@ def labels_layer_data(lm: LabelMap, name: str, image_source: str | None = None) 
         meta["image_source"] = str(image_source)
     kwargs: dict[str, Any] = {
         "name": name,
-        **lm.layer_geometry(),
+        **layer_geometry(lm),
         "metadata": meta,
         "features": label_features(lm.labels, lm.present()),
     }
