@@ -451,7 +451,7 @@ def _grid_from_frames(
     else:
         sz = float(thickness) if thickness else 1.0
     first = positions[int(np.argmin(dist))]
-    nz = int(round((uniq[-1] - uniq[0]) / sz)) + 1
+    nz = int(np.round((uniq[-1] - uniq[0]) / sz)) + 1
     return Volume(
         np.zeros((nz, *shape_yx), np.uint8),
         spacing=(sz, pixel_spacing[0], pixel_spacing[1]),
