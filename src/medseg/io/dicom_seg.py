@@ -200,6 +200,25 @@ def parse_report_json(text: Any) -> dict[str, Any] | None:
     return obj if isinstance(obj, dict) else None
 
 
+def read_dicom_file(path: str | os.PathLike[str], stop_before_pixels: bool = False) -> Dataset:
+    """One DICOM file (Part 10 or preamble-less) through the project's reader.
+
+    Raises:
+        InputError: missing file, or not DICOM / unreadable (a :class:`DicomError`).
+    """
+    from medseg.io.dicom import _dcmread, is_dicom_file
+
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"{p}: no such file")
+    if not is_dicom_file(p):
+        raise DicomError(f"{p}: not a DICOM file")
+    try:
+        return _dcmread(p, stop_before_pixels=stop_before_pixels)
+    except Exception as exc:
+        raise DicomError(f"{p}: not a readable DICOM file ({type(exc).__name__})") from None
+
+
 @dataclass
 class ReferenceSeries:
     """A DICOM series ready to be referenced by a derived object.
@@ -481,15 +500,8 @@ def read_dicom_seg(
         InputError: not a DICOM-SEG / unreadable.
         GeometryError: frames whose orientation, spacing or position do not fit the reference.
     """
-    import pydicom
-
     p = Path(path)
-    if not p.is_file():
-        raise InputError(f"{p}: no such file")
-    try:
-        ds = pydicom.dcmread(p)
-    except Exception as exc:
-        raise DicomError(f"{p}: not a readable DICOM file ({type(exc).__name__})") from None
+    ds = read_dicom_file(p)
     if str(ds.get("SOPClassUID", "")) != SEG_SOP_CLASS and ds.get("Modality") != "SEG":
         raise InputError(f"{p}: not a DICOM-SEG (Modality {ds.get('Modality', '?')})")
     seg_type = str(ds.get("SegmentationType", "BINARY")).upper()
@@ -623,15 +635,8 @@ def read_provenance(path: str | os.PathLike[str]) -> dict[str, Any] | None:
     Raises:
         InputError: missing or not a DICOM file.
     """
-    import pydicom
-
     p = Path(path)
-    if not p.is_file():
-        raise InputError(f"{p}: no such file")
-    try:
-        ds = pydicom.dcmread(p, stop_before_pixels=True)
-    except Exception as exc:
-        raise DicomError(f"{p}: not a readable DICOM file ({type(exc).__name__})") from None
+    ds = read_dicom_file(p, stop_before_pixels=True)
     sop = str(ds.get("SOPClassUID", ""))
     if sop == SEG_SOP_CLASS or ds.get("Modality") == "SEG":
         return parse_report_json(ds.get("ImageComments"))
