@@ -141,7 +141,8 @@ def fit_report_json(report: dict[str, Any] | None, limit: int) -> str | None:
 
     Bulky keys are dropped in order (``provenance.prompts``, ``provenance.settings``,
     ``timings``, ``metrics``, ``labels``, ``image``, ``provenance.host``) until it fits; the
-    dropped keys are listed under ``"truncated"``. ``None`` when no report is given.
+    dropped keys are listed under ``"truncated"``. ``None`` when no report is given (or not
+    even the model hash fits).
     """
     if not report:
         return None
@@ -177,15 +178,20 @@ def fit_report_json(report: dict[str, Any] | None, limit: int) -> str | None:
     if len(text) > limit:  # still too long: keep only what identifies the result
         model = rep.get("model") if isinstance(rep.get("model"), dict) else {}
         prov = rep.get("provenance") if isinstance(rep.get("provenance"), dict) else {}
+        dropped[:] = ["all but schema, engine, model name and hash, version, created"]
         rep = {
             "schema": rep.get("schema"),
             "engine": rep.get("engine"),
             "model": {k: model.get(k) for k in ("name", "weights_sha256") if k in model},
             "provenance": {k: prov.get(k) for k in ("medseg_version", "created") if k in prov},
         }
-        dropped.append("all but schema, engine, model name/hash, version, created")
         text = dump()
-    return text[:limit] if len(text) > limit else text
+        for key in ("engine", "provenance", "schema", "model"):
+            if len(text) <= limit:
+                break
+            rep.pop(key, None)
+            text = dump()
+    return text if len(text) <= limit else None
 
 
 def parse_report_json(text: Any) -> dict[str, Any] | None:

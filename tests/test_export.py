@@ -1,0 +1,460 @@
+"""DICOM-SEG and RTSTRUCT export/import: geometry, validity, provenance, refusals."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from medseg.errors import GeometryError, InputError, MedsegError, OutputError
+from medseg.export import export
+from medseg.io.dicom import read_dicom_series
+from medseg.io.dicom_seg import (
+    PALETTE,
+    fit_report_json,
+    read_dicom_seg,
+    read_provenance,
+    write_dicom_seg,
+)
+from medseg.io.dicom_write import write_dicom_series
+from medseg.io.rtstruct import read_rtstruct, slice_contours, write_rtstruct
+from medseg.volume import LabelMap, Volume
+
+pytest.importorskip("highdicom")
+pytest.importorskip("skimage")
+
+
+def _rot(ax: float, ay: float, az: float) -> np.ndarray:
+    def r(axis: int, deg: float) -> np.ndarray:
+        c, s = np.cos(np.radians(deg)), np.sin(np.radians(deg))
+        m = np.eye(3)
+        i, j = [a for a in range(3) if a != axis]
+        m[i, i], m[i, j], m[j, i], m[j, j] = c, -s, s, c
+        return m
+
+    return r(2, az) @ r(1, ay) @ r(0, ax)
+
+
+#: Direction matrices (columns: LPS directions of array x, y, z), all right-handed.
+GEOMETRIES = {
+    "axial": np.eye(3),
+    "oblique": _rot(20.0, -15.0, 30.0),
+    "negative_cosines": np.diag([-1.0, -1.0, 1.0]),
+    "sagittal": np.column_stack([(0, 1, 0), (0, 0, -1), (-1, 0, 0)]).astype(float),
+    "coronal": np.column_stack([(1, 0, 0), (0, 0, -1), (0, 1, 0)]).astype(float),
+}
+
+REPORT = {
+    "schema": "medseg-report/1",
+    "engine": "sam-slice",
+    "image": {"shape": [6, 13, 15], "spacing": [2.5, 0.8, 0.9]},
+    "model": {
+        "name": "LiteMedSAM",
+        "weights_sha256": "79d8c9dca6db4d69d3f905579e5250af05e859fff9c1f543e89a513c3028ce76",
+        "decoder_sha256": None,
+        "precision": "bf16",
+        "device": "cpu",
+    },
+    "labels": {"1": "liver", "3": "liver tumour"},
+    "metrics": {"dice": {"1": 0.91}},
+    "timings": {"total_s": 1.5},
+    "provenance": {
+        "medseg_version": "0.1.0",
+        "created": "2026-12-02T14:00:00Z",
+        "host": "test",
+        "settings": {"window": "abdomen"},
+        "prompts": [{"box": [1, 2, 5, 6], "slice": 3}],
+    },
+}
+
+
+def _labels_array(shape: tuple[int, int, int]) -> np.ndarray:
+    """Two asymmetric objects (values 1 and 3), one with a hole; z slices 1..4 only."""
+    lab = np.zeros(shape, np.uint8)
+    lab[1:4, 2:9, 2:7] = 1
+    lab[2, 4:6, 3:5] = 0  # a hole inside label 1 on slice 2
+    lab[2:5, 9:12, 6:13] = 3
+    lab[3, 10, 12] = 0
+    return lab
+
+
+@pytest.fixture(scope="module", params=list(GEOMETRIES))
+def series(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    """(folder, reference volume as read, label map on it) for each geometry."""
+    rng = np.random.default_rng(7)
+    vol = Volume(
+        rng.integers(-200, 200, size=(6, 13, 15)).astype(np.int16),
+        spacing=(2.5, 0.8, 0.9),
+        origin=(12.0, -30.5, 7.25),
+        direction=GEOMETRIES[request.param],
+    )
+    folder = tmp_path_factory.mktemp(f"series_{request.param}") / "dicom"
+    write_dicom_series(vol, folder, uid_seed=request.param)
+    ref = read_dicom_series(folder)
+    assert np.allclose(ref.direction, vol.direction)  # right-handed: read back unchanged
+    lm = LabelMap.like(ref, _labels_array(ref.shape), {1: "liver", 3: "liver tumour"})
+    return folder, ref, lm
+
+
+def _sorted_sop_uids(folder: Path, ref: Volume) -> list[str]:
+    import pydicom
+
+    hs = [pydicom.dcmread(f, stop_before_pixels=True) for f in folder.glob("*.dcm")]
+    n = ref.direction[:, 2]
+    hs.sort(key=lambda h: float(np.dot(n, [float(v) for v in h.ImagePositionPatient])))
+    return [str(h.SOPInstanceUID) for h in hs]
+
+
+# --------------------------------------------------------------------------- DICOM-SEG
+def test_seg_round_trip_voxel_exact(series, tmp_path: Path) -> None:
+    import highdicom as hd
+
+    folder, ref, lm = series
+    out = write_dicom_seg(lm, folder, tmp_path / "seg.dcm", report=REPORT)
+
+    # our reader on the referenced series' grid: voxel for voxel, names, values 1 and 3
+    back = read_dicom_seg(out, folder)
+    assert np.array_equal(back.array, lm.array)
+    assert back.labels == {1: "liver", 3: "liver tumour"}
+    assert not back.meta["warnings"]
+    assert back.same_grid(ref)
+    # the same with the reference as a Volume
+    assert np.array_equal(read_dicom_seg(out, ref).array, lm.array)
+
+    # without a reference: the grid comes from the SEG's own plane positions (slices 1..4)
+    own = read_dicom_seg(out)
+    assert own.shape == (4, *ref.shape[1:])
+    assert np.allclose(own.origin, ref.index_to_world((1, 0, 0)), atol=1e-3)
+    assert np.allclose(own.direction, ref.direction, atol=1e-4)
+    assert np.allclose(own.spacing, ref.spacing, atol=1e-4)
+    assert np.array_equal(own.array, lm.array[1:5])
+
+    # highdicom, by source instance (segment numbers 1, 2 stand for label values 1, 3)
+    seg = hd.seg.segread(out)
+    uids = _sorted_sop_uids(folder, ref)
+    px = seg.get_pixels_by_source_instance(uids, combine_segments=True)
+    lut = np.array([0, 1, 0, 2], dtype=np.uint8)
+    assert np.array_equal(px, lut[lm.array])
+
+    # highdicom's own volume, placed by its affine, lands on the same voxels
+    hv = seg.get_volume(combine_segments=True)
+    idx = np.argwhere(hv.array > 0)
+    world = idx @ hv.affine[:3, :3].T + hv.affine[:3, 3]
+    ours = np.rint(ref.world_to_index(world)).astype(int)
+    assert np.allclose(ref.world_to_index(world), ours, atol=1e-3)
+    assert np.array_equal(lut[lm.array[tuple(ours.T)]], hv.array[tuple(idx.T)])
+    assert len(idx) == np.count_nonzero(lm.array)
+
+
+def test_seg_is_valid_dicom(series, tmp_path: Path) -> None:
+    import highdicom as hd
+    import pydicom
+    from pydicom import config
+
+    folder, ref, lm = series
+    out = write_dicom_seg(lm, folder, tmp_path / "seg.dcm", report=REPORT)
+    old = config.settings.reading_validation_mode
+    config.settings.reading_validation_mode = config.RAISE
+    try:
+        ds = pydicom.dcmread(out)
+        n = 0
+        for elem in ds.iterall():  # every attribute, nested ones too, parses and validates
+            _ = elem.value
+            n += 1
+    finally:
+        config.settings.reading_validation_mode = old
+    assert n > 100
+    hd.seg.Segmentation.from_dataset(ds)  # highdicom's own checks on a SEG
+    assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.66.4"
+    assert ds.Modality == "SEG" and ds.SegmentationType == "BINARY"
+    assert ds.ReferencedSeriesSequence[0].SeriesInstanceUID == ref.meta["series_uid"]
+    referenced = {
+        r.ReferencedSOPInstanceUID
+        for r in ds.ReferencedSeriesSequence[0].ReferencedInstanceSequence
+    }
+    uids = _sorted_sop_uids(folder, ref)
+    assert referenced == set(uids)  # every source slice
+    assert ds.FrameOfReferenceUID == pydicom.dcmread(next(folder.glob("*.dcm"))).FrameOfReferenceUID
+    # frames sit at the source slices' positions
+    srcs = {
+        str(h.SOPInstanceUID): [float(v) for v in h.ImagePositionPatient]
+        for h in (pydicom.dcmread(f, stop_before_pixels=True) for f in folder.glob("*.dcm"))
+    }
+    for fg in ds.PerFrameFunctionalGroupsSequence:
+        src = fg.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
+        pos = [float(v) for v in fg.PlanePositionSequence[0].ImagePositionPatient]
+        assert np.allclose(pos, srcs[src], atol=1e-4)
+    liver, tumour = ds.SegmentSequence
+    assert (liver.SegmentLabel, tumour.SegmentLabel) == ("liver", "liver tumour")
+    assert liver.SegmentedPropertyTypeCodeSequence[0].CodeValue == "10200004"  # SCT Liver
+    assert tumour.SegmentedPropertyTypeCodeSequence[0].CodeValue == "108369006"  # Neoplasm
+    assert tumour.SegmentedPropertyCategoryCodeSequence[0].CodeValue == "49755003"
+    assert tumour.AnatomicRegionSequence[0].CodeValue == "10200004"
+    assert liver.SegmentAlgorithmType == "SEMIAUTOMATIC"  # the report has prompts
+    algo = liver.SegmentationAlgorithmIdentificationSequence[0]
+    assert algo.AlgorithmName == "LiteMedSAM"
+    assert algo.AlgorithmVersion == "medseg 0.1.0"
+    assert REPORT["model"]["weights_sha256"] in algo.AlgorithmParameters
+    rgb = hd.color.CIELabColor.from_dicom_value(liver.RecommendedDisplayCIELabValue).to_rgb()
+    assert np.allclose(rgb, PALETTE[0], atol=2)
+    assert "LiteMedSAM" in ds.ContentDescription
+
+
+def test_seg_left_handed_label_map_is_flipped_onto_the_series(tmp_path: Path) -> None:
+    """A label map on the same physical grid stored with z reversed is accepted."""
+    vol = Volume(np.zeros((5, 8, 9), np.int16), spacing=(2.0, 1.0, 1.0))
+    folder = tmp_path / "dicom"
+    write_dicom_series(vol, folder, uid_seed="lh")
+    ref = read_dicom_series(folder)
+    lab = np.zeros(ref.shape, np.uint8)
+    lab[0, 1:3, 1:4] = 2
+    lab[3, 5:7, 2:8] = 2
+    flipped_dir = ref.direction.copy()
+    flipped_dir[:, 2] *= -1
+    lh = LabelMap(
+        array=lab[::-1].copy(),
+        labels={2: "kidney"},
+        spacing=ref.spacing,
+        origin=tuple(ref.index_to_world((4, 0, 0))),
+        direction=flipped_dir,
+    )
+    out = write_dicom_seg(lh, folder, tmp_path / "lh.dcm")
+    back = read_dicom_seg(out, folder)
+    assert np.array_equal(back.array, lab)
+    assert back.labels == {2: "kidney"}
+    import pydicom
+
+    ds = pydicom.dcmread(out)
+    assert ds.SegmentSequence[0].SegmentAlgorithmType == "MANUAL"  # no report: origin unknown
+    assert "ImageComments" not in ds
+    assert read_provenance(out) is None
+
+
+def test_liver_1frame_opens_on_its_own_geometry(pydicom_test_files: Path) -> None:
+    import pydicom
+
+    path = pydicom_test_files / "liver_1frame.dcm"
+    ds = pydicom.dcmread(path)
+    lm = read_dicom_seg(path)
+    assert lm.shape == (1, 512, 512)
+    assert lm.labels == {1: "Liver"}
+    assert lm.present() == [1]
+    assert np.count_nonzero(lm.array) == np.count_nonzero(ds.pixel_array)
+    assert np.array_equal(lm.array[0] > 0, ds.pixel_array > 0)
+    ipp = ds.PerFrameFunctionalGroupsSequence[0].PlanePositionSequence[0].ImagePositionPatient
+    assert np.allclose(lm.origin, [float(v) for v in ipp])
+    assert lm.meta["referenced_series_uid"]
+    # on a given grid one slice below the frame, the frame lands in slice 1
+    grid = LabelMap(
+        array=np.zeros((3, 512, 512), np.uint8),
+        spacing=lm.spacing,
+        origin=tuple(lm.index_to_world((-1, 0, 0))),
+        direction=lm.direction,
+    )
+    on = read_dicom_seg(path, grid)
+    assert np.array_equal(on.array[1], lm.array[0])
+    assert not on.array[0].any() and not on.array[2].any()
+    # a grid the frame does not fall on is refused
+    shifted = Volume(np.zeros((3, 512, 512)), spacing=lm.spacing, origin=(0.0, 0.0, 0.0))
+    with pytest.raises(GeometryError, match="does not fall on a slice"):
+        read_dicom_seg(path, shifted)
+
+
+# --------------------------------------------------------------------------- RTSTRUCT
+def test_rtstruct_round_trip_within_one_voxel(series, tmp_path: Path) -> None:
+    import pydicom
+    from scipy import ndimage
+
+    folder, ref, lm = series
+    out = write_rtstruct(lm, folder, tmp_path / "rt.dcm", report=REPORT)
+    back = read_rtstruct(out, folder)
+    assert back.same_grid(ref)
+    assert back.labels == {1: "liver", 3: "liver tumour"}
+    for v in (1, 3):
+        a, b = lm.array == v, back.array == v
+        dice = 2 * np.count_nonzero(a & b) / (np.count_nonzero(a) + np.count_nonzero(b))
+        assert dice > 0.9
+        # any disagreement lies on the label's boundary (within one voxel in-plane)
+        edge = np.zeros_like(a)
+        for k in range(a.shape[0]):
+            edge[k] = ndimage.binary_dilation(a[k]) & ~ndimage.binary_erosion(a[k])
+        assert not np.any((a ^ b) & ~edge)
+    assert not back.array[2, 4:6, 3:5].any()  # the hole came back as a hole
+
+    # every contour point lies on its slice and within one voxel of the label's boundary
+    ds = pydicom.dcmread(out)
+    for rc in ds.ROIContourSequence:
+        value = {1: 1, 2: 3}[int(rc.ReferencedROINumber)]
+        for c in rc.ContourSequence:
+            pts = np.asarray([float(x) for x in c.ContourData]).reshape(-1, 3)
+            idx = ref.world_to_index(pts)
+            k = int(np.rint(idx[0, 0]))
+            assert np.allclose(idx[:, 0], k, atol=1e-3)
+            padded = np.pad(lm.array[k] == value, 1)  # outside the grid counts as outside
+            for _, r, col in idx:
+                r0, c0 = int(np.floor(r + 1e-6)) + 1, int(np.floor(col + 1e-6)) + 1
+                patch = padded[r0 : r0 + 2, c0 : c0 + 2]
+                assert patch.any() and not patch.all()  # between inside and outside centres
+
+
+def test_rtstruct_is_valid_dicom(series, tmp_path: Path) -> None:
+    import pydicom
+    from pydicom import config
+
+    folder, ref, lm = series
+    out = write_rtstruct(lm, folder, tmp_path / "rt.dcm", report=REPORT)
+    old = config.settings.reading_validation_mode
+    config.settings.reading_validation_mode = config.RAISE
+    try:
+        ds = pydicom.dcmread(out)
+        for elem in ds.iterall():
+            _ = elem.value
+    finally:
+        config.settings.reading_validation_mode = old
+    assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.481.3"
+    assert ds.Modality == "RTSTRUCT"
+    fr = ds.ReferencedFrameOfReferenceSequence[0]
+    rs = fr.RTReferencedStudySequence[0].RTReferencedSeriesSequence[0]
+    assert rs.SeriesInstanceUID == ref.meta["series_uid"]
+    assert len(rs.ContourImageSequence) == ref.shape[0]
+    assert [r.ROIName for r in ds.StructureSetROISequence] == ["liver", "liver tumour"]
+    assert list(ds.ROIContourSequence[1].ROIDisplayColor) == list(PALETTE[2])
+    obs = ds.RTROIObservationsSequence
+    assert obs[0].RTROIInterpretedType == "ORGAN"
+    assert obs[1].RTROIIdentificationCodeSequence[0].CodeValue == "108369006"
+    assert ds.StructureSetROISequence[0].ROIGenerationAlgorithm == "SEMIAUTOMATIC"
+    uids = set(_sorted_sop_uids(folder, ref))
+    for rc in ds.ROIContourSequence:
+        for c in rc.ContourSequence:
+            assert c.ContourImageSequence[0].ReferencedSOPInstanceUID in uids
+
+
+def test_slice_contours_hand_case() -> None:
+    """A 2x2 square: one contour through the 4 edge midpoints' corners, at half-voxel lines."""
+    m = np.zeros((4, 4), bool)
+    m[1:3, 1:3] = True
+    (c,) = slice_contours(m)
+    assert c.min(axis=0).tolist() == [0.5, 0.5]
+    assert c.max(axis=0).tolist() == [2.5, 2.5]
+    ring = np.ones((5, 5), bool)
+    ring[2, 2] = False
+    assert len(slice_contours(ring)) == 2  # the outer boundary and the hole
+
+
+def test_pydicom_rtstruct_reads_or_fails_cleanly(pydicom_test_files: Path) -> None:
+    path = pydicom_test_files / "rtstruct.dcm"
+    with pytest.raises(InputError, match="reference"):
+        read_rtstruct(path)
+    # a grid covering its contours (x -200..200, y -150..150 mm on z = -200, -190, -180)
+    grid = Volume(np.zeros((3, 65, 85)), spacing=(10.0, 5.0, 5.0), origin=(-210.0, -160.0, -200.0))
+    lm = read_rtstruct(path, grid)
+    assert lm.labels[1] == "patient"
+    assert lm.present() == [1]  # the two POINT ROIs (isocentres) are not areas
+    assert any("skipped 2 contour" in w for w in lm.meta["warnings"])
+    for k in range(3):
+        rows, cols = np.nonzero(lm.array[k])
+        # voxel centres strictly inside the 400 x 300 mm rectangle: x index 3..81, y 3..61
+        assert rows.min() in (2, 3) and rows.max() in (61, 62)
+        assert cols.min() in (2, 3) and cols.max() in (81, 82)
+        assert lm.array[k, 10:55, 10:75].all()
+
+
+# --------------------------------------------------------------------------- refusals
+@pytest.mark.parametrize("fmt", ["dicom-seg", "rtstruct"])
+def test_other_grid_is_refused_naming_the_difference(series, tmp_path: Path, fmt: str) -> None:
+    folder, ref, lm = series
+    moved = LabelMap(
+        array=lm.array,
+        labels=lm.labels,
+        spacing=(ref.spacing[0], ref.spacing[1], ref.spacing[2] * 2),
+        origin=ref.origin,
+        direction=ref.direction,
+    )
+    with pytest.raises(GeometryError, match="spacing"):
+        export(moved, folder, fmt, tmp_path / "x.dcm")
+    small = LabelMap.like(Volume(np.zeros((6, 13, 14))), np.zeros((6, 13, 14), np.uint8))
+    small.array[2, 2, 2] = 1
+    with pytest.raises(GeometryError, match="shape"):
+        export(small, folder, fmt, tmp_path / "x.dcm")
+    assert not (tmp_path / "x.dcm").exists()
+
+
+@pytest.mark.parametrize("fmt", ["dicom-seg", "rtstruct"])
+def test_gantry_tilted_series_is_refused(tmp_path: Path, fmt: str) -> None:
+    import pydicom
+
+    vol = Volume(np.zeros((5, 8, 9), np.int16), spacing=(3.0, 1.0, 1.0))
+    folder = tmp_path / "tilted"
+    write_dicom_series(vol, folder, uid_seed="tilt")
+    for f in sorted(folder.glob("*.dcm")):  # shear: each slice 0.5 mm further along y
+        ds = pydicom.dcmread(f)
+        x, y, z = (float(v) for v in ds.ImagePositionPatient)
+        ds.ImagePositionPatient = [x, y + 0.5 * z / 3.0, z]
+        ds.save_as(f)
+    ref = read_dicom_series(folder)
+    assert any("tilt" in w for w in ref.meta["warnings"])
+    lm = LabelMap.like(ref, np.ones(ref.shape, np.uint8))
+    with pytest.raises(GeometryError, match="gantry-tilted"):
+        export(lm, folder, fmt, tmp_path / "t.dcm")
+
+
+def test_export_api_paths_and_output_rules(series, tmp_path: Path) -> None:
+    from medseg.io import write_labels
+
+    folder, ref, lm = series
+    nii = write_labels(lm, tmp_path / "labels.nii.gz")
+    out = export(nii, folder, "dicom-seg", tmp_path / "out" / "seg.dcm", report=REPORT)
+    assert np.array_equal(read_dicom_seg(out, folder).array, lm.array)
+    with pytest.raises(OutputError, match="exists"):
+        export(nii, folder, "dicom-seg", out)
+    assert export(nii, folder, "dicom-seg", out, overwrite=True) == out
+    with pytest.raises(OutputError, match="input"):
+        export(lm, folder, "rtstruct", folder / "rt.dcm")
+    with pytest.raises(OutputError, match="input"):
+        export(nii, folder, "rtstruct", nii, overwrite=True)
+    with pytest.raises(InputError, match="format"):
+        export(lm, folder, "stl", tmp_path / "x.stl")
+    empty = LabelMap.like(ref, np.zeros(ref.shape, np.uint8))
+    with pytest.raises(InputError, match="empty"):
+        export(empty, folder, "rtstruct", tmp_path / "e.dcm")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["labels.nii.gz", "out"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["seg.dcm"]
+    with pytest.raises(MedsegError):
+        read_dicom_seg(nii)
+
+
+# --------------------------------------------------------------------------- provenance
+def test_provenance_round_trip(series, tmp_path: Path) -> None:
+    folder, _ref, lm = series
+    seg = export(lm, folder, "dicom-seg", tmp_path / "seg.dcm", report=REPORT)
+    assert read_provenance(seg) == json.loads(json.dumps(REPORT))
+    assert read_dicom_seg(seg, folder).meta["provenance"] == read_provenance(seg)
+    rt = export(lm, folder, "rtstruct", tmp_path / "rt.dcm", report=REPORT)
+    got = read_provenance(rt)
+    assert got is not None
+    assert got["model"]["weights_sha256"] == REPORT["model"]["weights_sha256"]
+    assert got["provenance"]["medseg_version"] == "0.1.0"
+    assert got["schema"] == REPORT["schema"]
+    # what did not fit in the 1024-character ST is named
+    for key in got.get("truncated", []):
+        assert key.split(".")[-1] not in got.get(key.split(".")[0], got)
+    assert read_rtstruct(rt, folder).meta["provenance"] == got
+    assert read_provenance(folder / "slice_0000.dcm") is None  # a CT slice holds no report
+
+
+def test_fit_report_json_limits() -> None:
+    big = json.loads(json.dumps(REPORT))
+    big["provenance"]["prompts"] = [{"box": [i, i, i + 5, i + 5], "slice": i} for i in range(2000)]
+    text = fit_report_json(big, 10240)
+    assert text is not None and len(text) <= 10240
+    got = json.loads(text)
+    assert got["truncated"] == ["provenance.prompts"]
+    assert got["model"] == REPORT["model"]
+    assert got["metrics"] == REPORT["metrics"]
+    small = json.loads(fit_report_json(REPORT, 200))
+    assert len(fit_report_json(REPORT, 200)) <= 200
+    assert small["model"]["weights_sha256"] == REPORT["model"]["weights_sha256"]
+    assert fit_report_json(None, 100) is None
+    assert json.loads(fit_report_json(REPORT, 10**6)) == REPORT
