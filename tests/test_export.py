@@ -458,3 +458,32 @@ def test_fit_report_json_limits() -> None:
     assert small["model"]["weights_sha256"] == REPORT["model"]["weights_sha256"]
     assert fit_report_json(None, 100) is None
     assert json.loads(fit_report_json(REPORT, 10**6)) == REPORT
+
+
+def test_small_position_jitter_is_accepted_and_a_gap_refused(tmp_path: Path) -> None:
+    """Real series round positions: 0.03 mm jitter exports exactly; a missing slice is refused."""
+    import pydicom
+
+    vol = Volume(np.zeros((6, 8, 9), np.int16), spacing=(2.0, 1.0, 1.0), origin=(1.0, 2.0, 3.0))
+    folder = tmp_path / "jitter"
+    files = write_dicom_series(vol, folder, uid_seed="jitter")
+    for k, f in enumerate(files):
+        ds = pydicom.dcmread(f)
+        x, y, z = (float(v) for v in ds.ImagePositionPatient)
+        ds.ImagePositionPatient = [x, y, round(z + (0.03 if k % 2 else -0.03), 2)]
+        ds.save_as(f)
+    ref = read_dicom_series(folder)
+    lab = np.zeros(ref.shape, np.uint8)
+    lab[:, 2:5, 3:7] = 1
+    lab[5, 0, 0] = 2
+    lm = LabelMap.like(ref, lab, {1: "spleen", 2: "a\\b"})
+    out = write_dicom_seg(lm, folder, tmp_path / "j.dcm")
+    back = read_dicom_seg(out, folder)
+    assert np.array_equal(back.array, lab)
+    assert back.labels == {1: "spleen", 2: "a b"}  # a backslash cannot live in an LO value
+
+    files[3].unlink()  # a gap: slices 2 and 4 are now 4 mm apart
+    ref2 = read_dicom_series(folder)
+    lm2 = LabelMap.like(ref2, np.ones(ref2.shape, np.uint8))
+    with pytest.raises(GeometryError, match="off the series' regular grid"):
+        write_dicom_seg(lm2, folder, tmp_path / "g.dcm")

@@ -102,6 +102,10 @@ ORGANS: tuple[tuple[tuple[str, ...], str], ...] = (
 
 _LABEL_VALUE_RE = re.compile(r"medseg label value (\d+)")
 _TILT_TOL_DEG = 0.05
+#: Largest distance (in voxels) of a slice or frame position from its grid position.
+MAX_OFF_GRID = 0.1
+#: Along the slice normal, a frame read back may sit this far (voxels) from a grid slice.
+MAX_OFF_SLICE = 0.25
 
 
 # --------------------------------------------------------------------------- shared helpers
@@ -122,6 +126,12 @@ def concept_for(name: str) -> tuple[Any, Any, Any | None]:
     if organ is not None:
         return codes.SCT.AnatomicalStructure, getattr(codes.SCT, organ), None
     return codes.SCT.Tissue, codes.SCT.Tissue, None
+
+
+def clean_lo(text: str) -> str:
+    """``text`` as a DICOM LO value: no backslash or control characters, at most 64."""
+    s = re.sub(r"[\x00-\x1f\\]", " ", str(text)).strip()
+    return (s or "unnamed")[:64]
 
 
 def colour_for(value: int) -> tuple[int, int, int]:
@@ -256,7 +266,21 @@ def load_reference_series(reference_dir: str | os.PathLike[str]) -> ReferenceSer
     vol = read_dicom_series(path, scan=scan if path.is_dir() else None)
     info = scan.get(vol.meta["series_uid"])
     headers = [_dcmread(f, stop_before_pixels=True) for f in info.files]
-    headers = [h for h in headers if "ImagePositionPatient" in h and "SOPInstanceUID" in h]
+    if any(int(h.get("NumberOfFrames", 1) or 1) > 1 for h in headers):
+        raise DicomError(
+            f"{path}: a multi-frame (enhanced) series cannot be referenced yet; export it as "
+            "single-frame images (e.g. dcmodify/emf2sf) and use that series"
+        )
+    iop_ref = np.r_[vol.direction[:, 0], vol.direction[:, 1]]
+    headers = [  # the slices the reader stacked: same orientation and size (no localizers)
+        h
+        for h in headers
+        if "ImagePositionPatient" in h
+        and "SOPInstanceUID" in h
+        and "ImageOrientationPatient" in h
+        and np.abs(np.array([float(v) for v in h.ImageOrientationPatient]) - iop_ref).max() < 1e-3
+        and (int(h.get("Rows", 0)), int(h.get("Columns", 0))) == vol.shape[1:]
+    ]
     n = vol.direction[:, 2]
     pos = np.array([[float(v) for v in h.ImagePositionPatient] for h in headers])
     if len(headers) > 1:
@@ -285,12 +309,16 @@ def load_reference_series(reference_dir: str | os.PathLike[str]) -> ReferenceSer
     expected = vol.index_to_world(
         np.stack([np.arange(vol.shape[0]), np.zeros(vol.shape[0]), np.zeros(vol.shape[0])], 1)
     )
-    err = np.abs(expected - pos).max(axis=1)
-    if err.max() > 0.01 + 1e-3 * vol.spacing[0]:
+    # each frame is placed at its own source slice's position; the label map's slice k must
+    # still be that slice: allow position jitter (a quarter voxel along the normal, a tenth
+    # in-plane, as read_dicom_seg does), not gaps
+    dev = np.abs(vol.world_to_index(pos) - vol.world_to_index(expected))
+    err = np.maximum(dev[:, 0] * (MAX_OFF_GRID / MAX_OFF_SLICE), dev[:, 1:].max(axis=1))
+    if err.max() > MAX_OFF_GRID:
         k = int(np.argmax(err))
         raise GeometryError(
-            f"{path}: slice {k} lies {err[k]:.3f} mm off the series' regular grid (gap or uneven "
-            "spacing); resample the series to even spacing before exporting"
+            f"{path}: slice {k} lies {dev[k].max():.2f} voxel off the series' regular grid (gap "
+            "or uneven spacing); resample the series to even spacing before exporting"
         )
     return ReferenceSeries(volume=vol, headers=headers)
 
@@ -402,7 +430,7 @@ def write_dicom_seg(
         category, prop_type, region = concept_for(seg_name)
         desc = hd.seg.SegmentDescription(
             segment_number=number,
-            segment_label=seg_name[:64],
+            segment_label=clean_lo(seg_name),
             segmented_property_category=category,
             segmented_property_type=prop_type,
             algorithm_type=algo_type,
@@ -413,11 +441,9 @@ def write_dicom_seg(
         desc.SegmentDescription = f"medseg label value {value}"
         descriptions.append(desc)
 
-    lut = np.zeros(int(lm.array.max()) + 1, dtype=np.uint16)
-    lut[present] = np.arange(1, len(present) + 1, dtype=np.uint16)
-    pixels = lut[lm.array]
-    if len(present) <= 255:
-        pixels = pixels.astype(np.uint8)
+    # label values -> segment numbers 1..N (0 stays background)
+    pixels = np.searchsorted(np.array([0, *present]), lm.array)
+    pixels = pixels.astype(np.uint8 if len(present) <= 255 else np.uint16)
 
     model_name = name or "label map"
     seg = hd.seg.Segmentation(
@@ -582,8 +608,11 @@ def read_dicom_seg(
         )
     idx = grid.world_to_index(pos)
     kz = np.round(idx[:, 0]).astype(int)
-    off = np.abs(idx - np.column_stack([kz, np.zeros_like(kz), np.zeros_like(kz)])).max(axis=1)
-    bad = np.nonzero((off > 0.05) | (kz < 0) | (kz >= grid.shape[0]))[0]
+    off_z = np.abs(idx[:, 0] - kz)
+    off_yx = np.abs(idx[:, 1:]).max(axis=1)
+    bad = np.nonzero(
+        (off_z > MAX_OFF_SLICE) | (off_yx > MAX_OFF_GRID) | (kz < 0) | (kz >= grid.shape[0])
+    )[0]
     if bad.size:
         i = int(bad[0])
         raise GeometryError(

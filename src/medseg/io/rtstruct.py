@@ -33,6 +33,7 @@ from medseg.io.dicom_seg import (
     RTSTRUCT_SOP_CLASS,
     _algorithm_fields,
     align_to_reference,
+    clean_lo,
     colour_for,
     concept_for,
     fit_report_json,
@@ -195,7 +196,7 @@ def write_rtstruct(
         roi = Dataset()
         roi.ROINumber = number
         roi.ReferencedFrameOfReferenceUID = for_uid
-        roi.ROIName = roi_name[:64]
+        roi.ROIName = clean_lo(roi_name)
         roi.ROIDescription = f"medseg label value {value}"
         roi.ROIGenerationAlgorithm = algo_type
         roi.ROIGenerationDescription = (f"{name} (medseg {medseg_version()})" if name else "")[:64]
