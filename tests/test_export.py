@@ -487,3 +487,37 @@ def test_small_position_jitter_is_accepted_and_a_gap_refused(tmp_path: Path) -> 
     lm2 = LabelMap.like(ref2, np.ones(ref2.shape, np.uint8))
     with pytest.raises(GeometryError, match="off the series' regular grid"):
         write_dicom_seg(lm2, folder, tmp_path / "g.dcm")
+
+
+@pytest.mark.parametrize("seg_type", ["LABELMAP", "FRACTIONAL"])
+def test_reader_handles_labelmap_and_fractional_segs(tmp_path: Path, seg_type: str) -> None:
+    """SEGs from other tools: highdicom-written LABELMAP and FRACTIONAL (> 50 % is inside)."""
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
+    from medseg.io.dicom_seg import load_reference_series
+
+    vol = Volume(np.zeros((4, 9, 10), np.int16), spacing=(3.0, 0.7, 0.7))
+    folder = tmp_path / "dicom"
+    write_dicom_series(vol, folder, uid_seed="other")
+    ref = load_reference_series(folder)
+    lab = np.zeros(ref.volume.shape, np.uint8)
+    lab[0:3, 1:4, 2:6] = 1
+    lab[2:4, 5:8, 4:9] = 2
+    lab[1, 2, 3] = 0
+    if seg_type == "LABELMAP":
+        pixels = lab
+    else:  # probabilities: 0.9 / 0.7 inside, 0.3 in a ring that must stay outside
+        pixels = np.stack([(lab == 1) * 0.9, (lab == 2) * 0.7], axis=-1).astype(np.float32)
+        pixels[0, 0, :, 0] = 0.3
+    descs = [
+        hd.seg.SegmentDescription(n, name, codes.SCT.Organ, codes.SCT.Liver, "MANUAL")
+        for n, name in [(1, "first"), (2, "second")]
+    ]
+    seg = hd.seg.Segmentation(
+        ref.headers, pixels, seg_type, descs, hd.UID(), 1, hd.UID(), 1, "x", "x", "1", "1"
+    )
+    seg.save_as(tmp_path / "other.dcm")
+    back = read_dicom_seg(tmp_path / "other.dcm", folder)
+    assert np.array_equal(back.array, lab)
+    assert back.labels == {1: "first", 2: "second"}
