@@ -432,16 +432,22 @@ def test_provenance_round_trip(series, tmp_path: Path) -> None:
     assert read_provenance(seg) == json.loads(json.dumps(REPORT))
     assert read_dicom_seg(seg, folder).meta["provenance"] == read_provenance(seg)
     rt = export(lm, folder, "rtstruct", tmp_path / "rt.dcm", report=REPORT)
-    got = read_provenance(rt)
-    assert got is not None
-    assert got["model"]["weights_sha256"] == REPORT["model"]["weights_sha256"]
-    assert got["provenance"]["medseg_version"] == "0.1.0"
-    assert got["schema"] == REPORT["schema"]
-    # what did not fit in the 1024-character ST is named
-    for key in got.get("truncated", []):
-        assert key.split(".")[-1] not in got.get(key.split(".")[0], got)
-    assert read_rtstruct(rt, folder).meta["provenance"] == got
+    assert read_provenance(rt) == json.loads(json.dumps(REPORT))  # fits the 1024-char ST
+    assert read_rtstruct(rt, folder).meta["provenance"] == read_provenance(rt)
+    # a report too long for StructureSetDescription keeps what identifies the result
+    big = json.loads(json.dumps(REPORT))
+    big["provenance"]["prompts"] = [{"point": [i, i], "slice": i % 6} for i in range(100)]
+    rt_big = export(lm, folder, "rtstruct", tmp_path / "rt_big.dcm", report=big)
+    got = read_provenance(rt_big)
+    assert got is not None and got["truncated"] == ["provenance.prompts"]
+    assert got["model"] == REPORT["model"]
+    assert got["provenance"]["settings"] == REPORT["provenance"]["settings"]
+    assert read_provenance(seg) == json.loads(json.dumps(REPORT))
     assert read_provenance(folder / "slice_0000.dcm") is None  # a CT slice holds no report
+    (tmp_path / "x.nii").write_bytes(b"\0" * 400)
+    assert read_provenance(tmp_path / "x.nii") is None  # not DICOM
+    with pytest.raises(InputError, match="no such file"):
+        read_provenance(tmp_path / "missing.dcm")
 
 
 def test_fit_report_json_limits() -> None:

@@ -665,12 +665,20 @@ def read_dicom_seg(
 
 def read_provenance(path: str | os.PathLike[str]) -> dict[str, Any] | None:
     """The report stored in a DICOM-SEG (``ImageComments``) or RTSTRUCT
-    (``StructureSetDescription``) written by medseg; ``None`` when the file holds none.
+    (``StructureSetDescription``) written by medseg.
+
+    Returns:
+        The report dict (an RTSTRUCT's may be reduced: see its ``"truncated"`` key); ``None``
+        when the file holds none or is not DICOM (e.g. a NIfTI label map).
 
     Raises:
-        InputError: missing or not a DICOM file.
+        InputError: the file does not exist; DicomError: a damaged DICOM file.
     """
+    from medseg.io.dicom import is_dicom_file
+
     p = Path(path)
+    if p.is_file() and not is_dicom_file(p):
+        return None
     ds = read_dicom_file(p, stop_before_pixels=True)
     sop = str(ds.get("SOPClassUID", ""))
     if sop == SEG_SOP_CLASS or ds.get("Modality") == "SEG":
