@@ -335,13 +335,12 @@ def align_to_reference(labels: LabelMap, ref: Volume) -> LabelMap:
     nz = labels.shape[0]
     flipped_dir = labels.direction.copy()
     flipped_dir[:, 2] *= -1
-    flipped = Volume(
-        np.zeros((1, 1, 1), np.uint8),
+    flipped = Volume(  # the same voxels, slice order reversed (the array is only a view)
+        labels.array[::-1],
         spacing=labels.spacing,
         origin=tuple(labels.index_to_world((nz - 1, 0, 0))),
         direction=flipped_dir,
     )
-    flipped.array = labels.array  # grid check only looks at shape and geometry
     if not grid_differences(flipped, ref):
         return LabelMap(
             array=np.ascontiguousarray(labels.array[::-1]),
@@ -350,7 +349,7 @@ def align_to_reference(labels: LabelMap, ref: Volume) -> LabelMap:
             **ref.copy_geometry(),
         )
     check_same_grid(labels, ref, what="label map", against="reference DICOM series")
-    return labels  # unreachable: check_same_grid raised
+    raise AssertionError("unreachable: check_same_grid raised")
 
 
 def _algorithm_fields(report: dict[str, Any] | None) -> tuple[str, dict[str, str], str]:
@@ -577,7 +576,8 @@ def read_dicom_seg(
         sid = _frame_item(ds, i, "SegmentIdentificationSequence")
         seg_numbers.append(int(sid.ReferencedSegmentNumber) if sid is not None else 0)
     pos = np.asarray(positions, dtype=float)
-    assert iop is not None and pix is not None
+    if iop is None or pix is None:
+        raise DicomError(f"{p}: the SEG holds no frames; nothing to read")
 
     warnings: list[str] = []
     if reference is None:
