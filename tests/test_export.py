@@ -527,3 +527,22 @@ def test_reader_handles_labelmap_and_fractional_segs(tmp_path: Path, seg_type: s
     back = read_dicom_seg(tmp_path / "other.dcm", folder)
     assert np.array_equal(back.array, lab)
     assert back.labels == {1: "first", 2: "second"}
+
+
+def test_series_is_chosen_in_a_folder_of_several(tmp_path: Path) -> None:
+    import pydicom
+
+    study = tmp_path / "study"
+    big = Volume(np.zeros((5, 6, 7), np.int16), spacing=(2.0, 1.0, 1.0))
+    small = Volume(np.zeros((3, 6, 7), np.int16), spacing=(2.0, 1.0, 1.0), origin=(0, 0, 50))
+    write_dicom_series(big, study / "a", uid_seed="a", series_uid="1.2.3.1")
+    write_dicom_series(small, study / "b", uid_seed="b", series_uid="1.2.3.2")
+    ref_small = read_dicom_series(study, series="1.2.3.2")
+    lm = LabelMap.like(ref_small, np.ones(ref_small.shape, np.uint8), {1: "lung"})
+    with pytest.raises(GeometryError, match="shape"):  # the largest series is the default
+        export(lm, study, "dicom-seg", tmp_path / "x.dcm")
+    out = export(lm, study, "dicom-seg", tmp_path / "s.dcm", series="1.2.3.2")
+    assert pydicom.dcmread(out).ReferencedSeriesSequence[0].SeriesInstanceUID == "1.2.3.2"
+    assert np.array_equal(read_dicom_seg(out, study / "b").array, lm.array)
+    rt = export(lm, study, "rtstruct", tmp_path / "r.dcm", series="1.2.3.2")
+    assert np.array_equal(read_rtstruct(rt, ref_small).array, lm.array)

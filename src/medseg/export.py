@@ -28,6 +28,7 @@ def export(
     *,
     report: dict[str, Any] | None = None,
     overwrite: bool = False,
+    series: str | None = None,
 ) -> Path:
     """Write ``labels`` as a DICOM-SEG or RTSTRUCT referencing the series ``reference``.
 
@@ -39,6 +40,8 @@ def export(
         out: output file (``.dcm``); written atomically; never an input.
         report: the pipeline report (provenance and algorithm identification travel inside).
         overwrite: replace an existing ``out``.
+        series: SeriesInstanceUID when ``reference`` holds several series (default: the
+            largest, as :func:`medseg.io.read_volume` picks).
 
     Returns:
         The written path.
@@ -66,8 +69,10 @@ def export(
         from medseg.io.dicom_seg import write_dicom_seg
 
         return write_dicom_seg(
-            lm, reference, out, report=report, overwrite=overwrite, inputs=inputs
+            lm, reference, out, report=report, overwrite=overwrite, inputs=inputs, series=series
         )
     from medseg.io.rtstruct import write_rtstruct
 
-    return write_rtstruct(lm, reference, out, report=report, overwrite=overwrite, inputs=inputs)
+    return write_rtstruct(
+        lm, reference, out, report=report, overwrite=overwrite, inputs=inputs, series=series
+    )

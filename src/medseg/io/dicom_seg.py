@@ -248,8 +248,12 @@ class ReferenceSeries:
     headers: list[Dataset]
 
 
-def load_reference_series(reference_dir: str | os.PathLike[str]) -> ReferenceSeries:
+def load_reference_series(
+    reference_dir: str | os.PathLike[str], series: str | None = None
+) -> ReferenceSeries:
     """Read a DICOM series and its per-slice headers in the volume's slice order.
+
+    ``series`` picks a SeriesInstanceUID when the folder holds several (default: the largest).
 
     Raises:
         DicomError: not a readable series.
@@ -263,7 +267,7 @@ def load_reference_series(reference_dir: str | os.PathLike[str]) -> ReferenceSer
         raise InputError(f"{path}: reference DICOM series not found; pass the series folder")
     folder = path if path.is_dir() else path.parent
     scan = scan_dicom_folder(folder)
-    vol = read_dicom_series(path, scan=scan if path.is_dir() else None)
+    vol = read_dicom_series(path, series=series, scan=scan if path.is_dir() else None)
     info = scan.get(vol.meta["series_uid"])
     headers = [_dcmread(f, stop_before_pixels=True) for f in info.files]
     if any(int(h.get("NumberOfFrames", 1) or 1) > 1 for h in headers):
@@ -376,6 +380,7 @@ def write_dicom_seg(
     report: dict[str, Any] | None = None,
     overwrite: bool = False,
     inputs: Iterable[str | os.PathLike[str]] = (),
+    series: str | None = None,
 ) -> Path:
     """Write ``labels`` as a binary DICOM-SEG referencing the series in ``reference_dir``.
 
@@ -390,6 +395,7 @@ def write_dicom_seg(
             marked ``MANUAL`` (origin unknown).
         overwrite: replace an existing ``out``.
         inputs: further input paths ``out`` must not overwrite.
+        series: SeriesInstanceUID when ``reference_dir`` holds several (default: the largest).
 
     Returns:
         The written path.
@@ -409,7 +415,7 @@ def write_dicom_seg(
     present = labels.present()
     if not present:
         raise InputError("the label map is empty (all background); there is nothing to export")
-    ref = load_reference_series(reference_dir)
+    ref = load_reference_series(reference_dir, series)
     lm = align_to_reference(labels, ref.volume)
 
     name, params, algo_type = _algorithm_fields(report)

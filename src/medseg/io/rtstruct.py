@@ -86,6 +86,7 @@ def write_rtstruct(
     report: dict[str, Any] | None = None,
     overwrite: bool = False,
     inputs: Iterable[str | os.PathLike[str]] = (),
+    series: str | None = None,
 ) -> Path:
     """Write ``labels`` as an RT Structure Set on the series in ``reference_dir``.
 
@@ -101,6 +102,7 @@ def write_rtstruct(
         report: the pipeline report (algorithm name per ROI, JSON in StructureSetDescription).
         overwrite: replace an existing ``out``.
         inputs: further input paths ``out`` must not overwrite.
+        series: SeriesInstanceUID when ``reference_dir`` holds several (default: the largest).
 
     Returns:
         The written path.
@@ -121,7 +123,7 @@ def write_rtstruct(
     present = labels.present()
     if not present:
         raise InputError("the label map is empty (all background); there is nothing to export")
-    ref = load_reference_series(reference_dir)
+    ref = load_reference_series(reference_dir, series)
     lm = align_to_reference(labels, ref.volume)
     vol = ref.volume
     h0 = ref.headers[0]
