@@ -546,3 +546,24 @@ def test_series_is_chosen_in_a_folder_of_several(tmp_path: Path) -> None:
     assert np.array_equal(read_dicom_seg(out, study / "b").array, lm.array)
     rt = export(lm, study, "rtstruct", tmp_path / "r.dcm", series="1.2.3.2")
     assert np.array_equal(read_rtstruct(rt, ref_small).array, lm.array)
+
+
+def test_real_scanner_series_from_pydicom(pydicom_test_files: Path, tmp_path: Path) -> None:
+    """pydicom's CT5N (5 real axial CT slices) exports exactly; CT2 (4 slices, a 200 mm gap)
+    is refused."""
+    ct5n = pydicom_test_files / "dicomdirtests" / "98892001" / "CT5N"
+    ref = read_dicom_series(ct5n)
+    lab = np.zeros(ref.shape, np.uint8)
+    lab[1:4, 3:9, 5:12] = 1
+    lab[4, 10:14, 2:5] = 2
+    lm = LabelMap.like(ref, lab, {1: "liver", 2: "lesion"})
+    seg = export(lm, ct5n, "dicom-seg", tmp_path / "seg.dcm")
+    assert np.array_equal(read_dicom_seg(seg, ct5n).array, lab)
+    rt = export(lm, ct5n, "rtstruct", tmp_path / "rt.dcm")
+    assert np.array_equal(read_rtstruct(rt, ct5n).array, lab)
+
+    ct2 = pydicom_test_files / "dicomdirtests" / "77654033" / "CT2"
+    ref2 = read_dicom_series(ct2)
+    lm2 = LabelMap.like(ref2, np.ones(ref2.shape, np.uint8))
+    with pytest.raises(GeometryError, match="gap"):
+        export(lm2, ct2, "dicom-seg", tmp_path / "gap.dcm")
