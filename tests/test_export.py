@@ -567,3 +567,20 @@ def test_real_scanner_series_from_pydicom(pydicom_test_files: Path, tmp_path: Pa
     lm2 = LabelMap.like(ref2, np.ones(ref2.shape, np.uint8))
     with pytest.raises(GeometryError, match="gap"):
         export(lm2, ct2, "dicom-seg", tmp_path / "gap.dcm")
+
+
+@pytest.mark.parametrize("fmt", ["dicom-seg", "rtstruct"])
+def test_series_without_frame_of_reference_fails_cleanly(tmp_path: Path, fmt: str) -> None:
+    import pydicom
+
+    from medseg.errors import DicomError
+
+    folder = tmp_path / "nofor"
+    for f in write_dicom_series(Volume(np.zeros((3, 5, 6), np.int16)), folder, uid_seed="nf"):
+        ds = pydicom.dcmread(f)
+        del ds.FrameOfReferenceUID
+        ds.save_as(f)
+    ref = read_dicom_series(folder)
+    with pytest.raises(DicomError, match=r"Frame ?Of ?Reference ?UID"):
+        export(LabelMap.like(ref, np.ones(ref.shape, np.uint8)), folder, fmt, tmp_path / "o.dcm")
+    assert not (tmp_path / "o.dcm").exists()

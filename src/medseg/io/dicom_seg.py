@@ -451,23 +451,31 @@ def write_dicom_seg(
     pixels = pixels.astype(np.uint8 if len(present) <= 255 else np.uint16)
 
     model_name = name or "label map"
-    seg = hd.seg.Segmentation(
-        source_images=ref.headers,
-        pixel_array=pixels,
-        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-        segment_descriptions=descriptions,
-        series_instance_uid=hd.UID(),
-        series_number=9001,
-        sop_instance_uid=hd.UID(),
-        instance_number=1,
-        manufacturer="medseg",
-        manufacturer_model_name=(name or "medseg")[:64],
-        software_versions=version,
-        device_serial_number="0",
-        content_description=f"medseg: {model_name}"[:64],
-        content_label="MEDSEG",
-        series_description=f"medseg SEG ({model_name})"[:64],
-    )
+    try:
+        seg = hd.seg.Segmentation(
+            source_images=ref.headers,
+            pixel_array=pixels,
+            segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+            segment_descriptions=descriptions,
+            series_instance_uid=hd.UID(),
+            series_number=9001,
+            sop_instance_uid=hd.UID(),
+            instance_number=1,
+            manufacturer="medseg",
+            manufacturer_model_name=(name or "medseg")[:64],
+            software_versions=version,
+            device_serial_number="0",
+            content_description=f"medseg: {model_name}"[:64],
+            content_label="MEDSEG",
+            series_description=f"medseg SEG ({model_name})"[:64],
+        )
+    except (ValueError, TypeError, AttributeError, KeyError) as exc:
+        # highdicom checks the source headers (patient/study attributes, geometry)
+        raise DicomError(
+            f"{reference_dir}: highdicom cannot derive a DICOM-SEG from this series "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+            "the series' headers must hold FrameOfReferenceUID, StudyInstanceUID, PixelSpacing"
+        ) from None
     text = fit_report_json(report, SEG_JSON_LIMIT)
     if text is not None:
         seg.ImageComments = text

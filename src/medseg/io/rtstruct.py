@@ -132,8 +132,12 @@ def write_rtstruct(
     date, time = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
     sop_uid = generate_uid()
     for_uid = str(h0.get("FrameOfReferenceUID", "") or "")
-    if not for_uid:
-        raise DicomError(f"{reference_dir}: the series has no FrameOfReferenceUID")
+    study_uid = str(h0.get("StudyInstanceUID", "") or "")
+    if not for_uid or not study_uid:
+        missing = "FrameOfReferenceUID" if not for_uid else "StudyInstanceUID"
+        raise DicomError(
+            f"{reference_dir}: the series has no {missing}; an RTSTRUCT must reference it"
+        )
 
     fm = FileMetaDataset()
     fm.MediaStorageSOPClassUID = RTSTRUCT_SOP_CLASS
@@ -185,7 +189,7 @@ def write_rtstruct(
     rs.ContourImageSequence = Sequence([image_ref(h) for h in ref.headers])
     st = Dataset()
     st.ReferencedSOPClassUID = "1.2.840.10008.3.1.2.3.1"  # Study Component Management (retired)
-    st.ReferencedSOPInstanceUID = h0.StudyInstanceUID
+    st.ReferencedSOPInstanceUID = study_uid
     st.RTReferencedSeriesSequence = Sequence([rs])
     fr = Dataset()
     fr.FrameOfReferenceUID = for_uid
