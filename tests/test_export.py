@@ -546,6 +546,12 @@ def test_series_is_chosen_in_a_folder_of_several(tmp_path: Path) -> None:
     assert np.array_equal(read_dicom_seg(out, study / "b").array, lm.array)
     rt = export(lm, study, "rtstruct", tmp_path / "r.dcm", series="1.2.3.2")
     assert np.array_equal(read_rtstruct(rt, ref_small).array, lm.array)
+    assert not read_rtstruct(rt, ref_small).meta["warnings"]
+    # the same grid under another series UID: placed by position, with a warning
+    write_dicom_series(small, tmp_path / "copy", uid_seed="c", series_uid="1.2.3.9")
+    for back in (read_dicom_seg(out, tmp_path / "copy"), read_rtstruct(rt, tmp_path / "copy")):
+        assert np.array_equal(back.array, lm.array)
+        assert any("references series 1.2.3.2" in w for w in back.meta["warnings"])
 
 
 def test_real_scanner_series_from_pydicom(pydicom_test_files: Path, tmp_path: Path) -> None:

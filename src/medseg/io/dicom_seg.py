@@ -666,6 +666,12 @@ def read_dicom_seg(
     rss = ds.get("ReferencedSeriesSequence")
     if rss:
         ref_series = str(rss[0].get("SeriesInstanceUID", ""))
+    grid_series = str(grid.meta.get("series_uid", "") or "")
+    if ref_series and grid_series and grid_series != ref_series:
+        warnings.append(
+            f"the SEG references series {ref_series} but was placed on series {grid_series} "
+            "by position; check that the reference is the right series"
+        )
     meta = {
         "format": "dicom-seg",
         "source": str(p),

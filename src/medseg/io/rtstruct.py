@@ -275,12 +275,12 @@ def read_rtstruct(
     ds = read_dicom_file(p)
     if str(ds.get("SOPClassUID", "")) != RTSTRUCT_SOP_CLASS and ds.get("Modality") != "RTSTRUCT":
         raise InputError(f"{p}: not an RTSTRUCT (Modality {ds.get('Modality', '?')})")
+    series = ""
+    for fr in ds.get("ReferencedFrameOfReferenceSequence", []):
+        for st in fr.get("RTReferencedStudySequence", []):
+            for rs in st.get("RTReferencedSeriesSequence", []):
+                series = series or str(rs.get("SeriesInstanceUID", ""))
     if reference is None:
-        series = ""
-        for fr in ds.get("ReferencedFrameOfReferenceSequence", []):
-            for st in fr.get("RTReferencedStudySequence", []):
-                for rs in st.get("RTReferencedSeriesSequence", []):
-                    series = series or str(rs.get("SeriesInstanceUID", ""))
         raise InputError(
             f"{p}: an RTSTRUCT holds contours, not a voxel grid; pass the DICOM series it was "
             f"drawn on as the reference (series {series or 'not named in the file'})"
@@ -331,6 +331,12 @@ def read_rtstruct(
         raise GeometryError(
             f"{p}: none of its {skipped} contour(s) lies on a slice of the reference grid; "
             "pass the series the structure set was drawn on"
+        )
+    grid_series = str(grid.meta.get("series_uid", "") or "")
+    if series and grid_series and grid_series != series:
+        warnings.append(
+            f"the RTSTRUCT references series {series} but was rasterised on series "
+            f"{grid_series}; check that the reference is the right series"
         )
     if skipped:
         warnings.append(
