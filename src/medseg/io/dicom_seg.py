@@ -4,10 +4,11 @@ Writing (:func:`write_dicom_seg`): the label map must lie on the reference serie
 :func:`medseg.io.dicom.read_dicom_series` reads it (slices ascending along the slice normal). Each
 label value present becomes one segment (numbered 1..N in label order, as the standard requires);
 its name comes from the label table, its colour from :data:`PALETTE`, its coded concept (SNOMED
-CT) from :data:`CONCEPTS`. Frames reference the source instances and are placed at the source
-slices' ``ImagePositionPatient``; empty frames are omitted. Oblique, flipped (negative cosines) and
+CT) from the name through :data:`ORGANS` / :data:`ABNORMAL` (:func:`concept_for`; unknown names
+are "Tissue"). Frames reference the source instances and are placed at the source slices'
+``ImagePositionPatient``; empty frames are omitted. Oblique, flipped (negative cosines) and
 non-axial series work; a gantry-tilted (sheared) series is refused, because its slices do not lie
-on one regular grid.
+on one regular grid; so is a series with gaps.
 
 Provenance: ``ContentDescription`` (64 characters) names the model; the algorithm identification
 of every segment carries the model name, ``medseg <version>`` and the weights hashes; the full
@@ -16,8 +17,9 @@ General Image module (10240 characters; when a report is longer its bulkiest key
 listed under ``"truncated"``). No private tags. The label value of each segment is kept in the
 standard ``SegmentDescription`` ("medseg label value 3") so non-consecutive labels read back.
 
-Reading (:func:`read_dicom_seg`): frames are placed by their own ``ImagePositionPatient`` on the
-reference grid (or, without a reference, on a grid built from the SEG's plane positions).
+Reading (:func:`read_dicom_seg`, BINARY, FRACTIONAL and LABELMAP SEGs): frames are placed by
+their own ``ImagePositionPatient`` on the reference grid (or, without a reference, on a grid built
+from the SEG's plane positions).
 
 pydicom and highdicom are imported inside functions only.
 """
