@@ -590,3 +590,13 @@ def test_series_without_frame_of_reference_fails_cleanly(tmp_path: Path, fmt: st
     with pytest.raises(DicomError, match=r"Frame ?Of ?Reference ?UID"):
         export(LabelMap.like(ref, np.ones(ref.shape, np.uint8)), folder, fmt, tmp_path / "o.dcm")
     assert not (tmp_path / "o.dcm").exists()
+
+
+def test_medseg_export_is_callable_even_as_the_module(series, tmp_path: Path) -> None:
+    """``import medseg.export`` rebinds ``medseg.export`` to the module: calling it still works."""
+    import medseg
+    import medseg.export
+
+    folder, _ref, lm = series
+    out = medseg.export(lm, folder, "dicom-seg", tmp_path / "m.dcm")
+    assert np.array_equal(read_dicom_seg(out, folder).array, lm.array)

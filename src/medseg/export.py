@@ -8,6 +8,8 @@ DICOM series' grid as a DICOM-SEG (:mod:`medseg.io.dicom_seg`) or an RT Structur
 from __future__ import annotations
 
 import os
+import sys
+import types
 from pathlib import Path
 from typing import Any, Literal
 
@@ -76,3 +78,18 @@ def export(
     return write_rtstruct(
         lm, reference, out, report=report, overwrite=overwrite, inputs=inputs, series=series
     )
+
+
+class _CallableModule(types.ModuleType):
+    """This module, callable as :func:`export`.
+
+    Importing ``medseg.export`` sets the attribute ``export`` of the ``medseg`` package to this
+    module, which would shadow a facade function of the same name; calling the module therefore
+    calls :func:`export`, so ``medseg.export(...)`` works either way.
+    """
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Path:
+        return export(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
