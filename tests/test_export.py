@@ -80,22 +80,32 @@ def _labels_array(shape: tuple[int, int, int]) -> np.ndarray:
     return lab
 
 
-@pytest.fixture(scope="module", params=list(GEOMETRIES))
-def series(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
-    """(folder, reference volume as read, label map on it) for each geometry."""
+def _make_series(geometry: str, tmp_path_factory: pytest.TempPathFactory):
     rng = np.random.default_rng(7)
     vol = Volume(
         rng.integers(-200, 200, size=(6, 13, 15)).astype(np.int16),
         spacing=(2.5, 0.8, 0.9),
         origin=(12.0, -30.5, 7.25),
-        direction=GEOMETRIES[request.param],
+        direction=GEOMETRIES[geometry],
     )
-    folder = tmp_path_factory.mktemp(f"series_{request.param}") / "dicom"
-    write_dicom_series(vol, folder, uid_seed=request.param)
+    folder = tmp_path_factory.mktemp(f"series_{geometry}") / "dicom"
+    write_dicom_series(vol, folder, uid_seed=geometry)
     ref = read_dicom_series(folder)
     assert np.allclose(ref.direction, vol.direction)  # right-handed: read back unchanged
     lm = LabelMap.like(ref, _labels_array(ref.shape), {1: "liver", 3: "liver tumour"})
     return folder, ref, lm
+
+
+@pytest.fixture(scope="module", params=list(GEOMETRIES))
+def series(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    """(folder, reference volume as read, label map on it) for each geometry."""
+    return _make_series(request.param, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def oblique(tmp_path_factory: pytest.TempPathFactory):
+    """The oblique case alone, for tests whose subject is not the geometry."""
+    return _make_series("oblique", tmp_path_factory)
 
 
 def _sorted_sop_uids(folder: Path, ref: Volume) -> list[str]:
@@ -400,10 +410,10 @@ def test_gantry_tilted_series_is_refused(tmp_path: Path, fmt: str) -> None:
         export(lm, folder, fmt, tmp_path / "t.dcm")
 
 
-def test_export_api_paths_and_output_rules(series, tmp_path: Path) -> None:
+def test_export_api_paths_and_output_rules(oblique, tmp_path: Path) -> None:
     from medseg.io import write_labels
 
-    folder, ref, lm = series
+    folder, ref, lm = oblique
     nii = write_labels(lm, tmp_path / "labels.nii.gz")
     out = export(nii, folder, "dicom-seg", tmp_path / "out" / "seg.dcm", report=REPORT)
     assert np.array_equal(read_dicom_seg(out, folder).array, lm.array)
@@ -426,8 +436,8 @@ def test_export_api_paths_and_output_rules(series, tmp_path: Path) -> None:
 
 
 # --------------------------------------------------------------------------- provenance
-def test_provenance_round_trip(series, tmp_path: Path) -> None:
-    folder, _ref, lm = series
+def test_provenance_round_trip(oblique, tmp_path: Path) -> None:
+    folder, _ref, lm = oblique
     seg = export(lm, folder, "dicom-seg", tmp_path / "seg.dcm", report=REPORT)
     assert read_provenance(seg) == json.loads(json.dumps(REPORT))
     assert read_dicom_seg(seg, folder).meta["provenance"] == read_provenance(seg)
@@ -592,11 +602,11 @@ def test_series_without_frame_of_reference_fails_cleanly(tmp_path: Path, fmt: st
     assert not (tmp_path / "o.dcm").exists()
 
 
-def test_medseg_export_is_callable_even_as_the_module(series, tmp_path: Path) -> None:
+def test_medseg_export_is_callable_even_as_the_module(oblique, tmp_path: Path) -> None:
     """``import medseg.export`` rebinds ``medseg.export`` to the module: calling it still works."""
     import medseg
     import medseg.export
 
-    folder, _ref, lm = series
+    folder, _ref, lm = oblique
     out = medseg.export(lm, folder, "dicom-seg", tmp_path / "m.dcm")
     assert np.array_equal(read_dicom_seg(out, folder).array, lm.array)
