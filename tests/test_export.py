@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from medseg.errors import GeometryError, InputError, MedsegError, OutputError
-from medseg.export import export
+from medseg.exports import export
 from medseg.io.dicom import read_dicom_series
 from medseg.io.dicom_seg import (
     PALETTE,
@@ -602,10 +602,9 @@ def test_series_without_frame_of_reference_fails_cleanly(tmp_path: Path, fmt: st
     assert not (tmp_path / "o.dcm").exists()
 
 
-def test_medseg_export_is_callable_even_as_the_module(oblique, tmp_path: Path) -> None:
-    """``import medseg.export`` rebinds ``medseg.export`` to the module: calling it still works."""
+def test_medseg_export_is_the_facade_function(oblique, tmp_path: Path) -> None:
+    """``medseg.export`` is the function (the module is ``medseg.exports``)."""
     import medseg
-    import medseg.export
 
     folder, _ref, lm = oblique
     out = medseg.export(lm, folder, "dicom-seg", tmp_path / "m.dcm")

@@ -37,11 +37,13 @@ _LAZY = {
     "box_from_gt": "medseg.prompts",
     "load_prompts": "medseg.prompts",
     "validate_report": "medseg.report",
+    "export": "medseg.exports",
 }
 
 __all__ = ["LabelMap", "MedsegError", "Volume", "__version__", *sorted(_LAZY)]
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
+    from medseg.exports import export as export
     from medseg.pipeline import Segmentation as Segmentation
     from medseg.pipeline import evaluate as evaluate
     from medseg.pipeline import read_labels as read_labels

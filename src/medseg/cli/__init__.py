@@ -18,6 +18,7 @@ COMMANDS = {
     "evaluate": "medseg.cli.evaluate",
     "phantom": "medseg.cli.phantom",
     "segment": "medseg.cli.segment",
+    "export": "medseg.cli.export",
     "train-unet": "medseg.cli.train_unet",
 }
 

@@ -43,6 +43,15 @@ def describe(path: str | Path, series: str | None = None, progress: Any = None) 
     if not p.exists():
         raise InputError(f"{p}: no such file or folder")
     series_list: list[dict[str, Any]] = []
+    provenance, kind = _provenance(p)
+    if kind == "RTSTRUCT":  # contours: no grid of their own until put on their series
+        return {"source": str(p), "format": "DICOM RTSTRUCT", "provenance": provenance}
+    if kind == "SEG":
+        from medseg.io.dicom_seg import read_dicom_seg
+
+        rep = _report(read_dicom_seg(p), series_list)
+        rep["format"] = "DICOM-SEG"
+        return {**rep, "provenance": provenance}
     if p.is_dir():
         from medseg.io.dicom import read_dicom_series, scan_dicom_folder
 
@@ -53,7 +62,33 @@ def describe(path: str | Path, series: str | None = None, progress: Any = None) 
         from medseg.io import read_volume
 
         vol = read_volume(p, series=series)
-    return _report(vol, series_list)
+    return {**_report(vol, series_list), "provenance": provenance}
+
+
+def _provenance(p: Path) -> tuple[dict[str, Any] | None, str | None]:
+    """``(report, kind)``: the medseg report inside a DICOM-SEG / RTSTRUCT, or beside a label map
+    (``pred.nii.gz`` → ``pred.json``); ``kind`` is ``"SEG"``, ``"RTSTRUCT"`` or ``None``."""
+    import json
+
+    from medseg.io.dicom import is_dicom_file
+    from medseg.io.files import image_suffix
+    from medseg.report import report_path_for
+
+    if p.is_file() and is_dicom_file(p):
+        from medseg.io.dicom_seg import read_dicom_file, read_provenance
+
+        modality = str(read_dicom_file(p, stop_before_pixels=True).get("Modality", ""))
+        if modality in ("SEG", "RTSTRUCT"):
+            return read_provenance(p), modality
+        return None, None
+    if p.is_file() and image_suffix(p) is not None:
+        side = report_path_for(p)
+        if side.is_file():
+            try:
+                return json.loads(side.read_text()), None
+            except (OSError, ValueError):
+                return None, None
+    return None, None
 
 
 def _report(vol: Volume, series_list: list[dict[str, Any]]) -> dict[str, Any]:
@@ -81,10 +116,32 @@ def _report(vol: Volume, series_list: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def _provenance_lines(prov: dict[str, Any] | None) -> list[str]:
+    if not prov:
+        return []
+    model = prov.get("model") or {}
+    p = prov.get("provenance") or {}
+    sha = model.get("weights_sha256")
+    lines = [
+        f"made by:         medseg {p.get('medseg_version', '?')} on {p.get('host', '?')} "
+        f"at {p.get('created', '?')}",
+        f"model:           {model.get('name', '?')} ({prov.get('engine', '?')})"
+        + (f", weights sha256 {sha[:12]}" if sha else ""),
+    ]
+    if p.get("prompts"):
+        lines.append(f"prompts:         {len(p['prompts'])}")
+    return lines
+
+
 def _text(rep: dict[str, Any]) -> str:
     def nums(v: list[float]) -> str:
         return ", ".join(f"{x:.6g}" for x in v)
 
+    if "shape" not in rep:  # an RTSTRUCT: provenance only
+        return "\n".join(
+            [f"source:          {rep['source']}", f"format:          {rep['format']}"]
+            + (_provenance_lines(rep.get("provenance")) or ["provenance:      none"])
+        )
     lines = [
         f"source:          {rep['source']}",
         f"format:          {rep['format']}"
@@ -111,6 +168,7 @@ def _text(rep: dict[str, Any]) -> str:
     if rep["skipped_files"]:
         lines.append(f"skipped files:   {len(rep['skipped_files'])}")
         lines.extend(f"  {f}" for f in rep["skipped_files"][:20])
+    lines += _provenance_lines(rep.get("provenance"))
     for w in rep["warnings"]:
         lines.append(f"warning: {w}")
     return "\n".join(lines)

@@ -8,8 +8,6 @@ DICOM series' grid as a DICOM-SEG (:mod:`medseg.io.dicom_seg`) or an RT Structur
 from __future__ import annotations
 
 import os
-import sys
-import types
 from pathlib import Path
 from typing import Any, Literal
 
@@ -59,6 +57,7 @@ def export(
         fmt = "dicom-seg"
     if fmt not in FORMATS:
         raise InputError(f"unknown export format {format!r}; use one of {', '.join(FORMATS)}")
+    _require("highdicom" if fmt == "dicom-seg" else "skimage", fmt)
     inputs: list[str | os.PathLike[str]] = [reference]
     if isinstance(labels, LabelMap):
         lm = labels
@@ -80,16 +79,9 @@ def export(
     )
 
 
-class _CallableModule(types.ModuleType):
-    """This module, callable as :func:`export`.
+def _require(module: str, fmt: str) -> None:
+    """Refuse with the install hint when the export extra is missing."""
+    import importlib.util
 
-    Importing ``medseg.export`` sets the attribute ``export`` of the ``medseg`` package to this
-    module, which would shadow a facade function of the same name; calling the module therefore
-    calls :func:`export`, so ``medseg.export(...)`` works either way.
-    """
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Path:
-        return export(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
+    if importlib.util.find_spec(module) is None:
+        raise InputError(f"{fmt} export needs the '{module}' package: pip install 'medseg[export]'")
