@@ -268,6 +268,31 @@ def test_writer_round_trip_on_image_grid(oblique_case, tmp_path):
     ]
 
 
+def test_writer_keeps_a_panel_layers_report_beside_it(oblique_case, tmp_path):
+    """A layer made by a medseg panel carries its report; the writer puts it beside the file."""
+    import json
+
+    import medseg
+    from medseg._napari._layers import labels_layer_data
+    from medseg._napari._writer import write_labels_layer
+
+    _, vol = oblique_case
+    ct = vol.with_array((vol.array * 0 - 1000).astype(np.int16))
+    ct.array[1:5, 2:6, 3:9] = 40  # a soft-tissue block in air: a CT for the demo U-Net
+    seg = medseg.segment(ct, model="unet-demo")
+    attrs = {**labels_layer_data(seg.labels, "seg")[1]}
+    attrs["metadata"]["medseg_report"] = seg.report
+    out = tmp_path / "seg.nrrd"
+    assert write_labels_layer(str(out), seg.labels.array, attrs) == [
+        str(out),
+        str(tmp_path / "seg.json"),
+    ]
+    rep = json.loads((tmp_path / "seg.json").read_text())
+    medseg.validate_report(rep)
+    assert rep["outputs"]["labels"] == str(out)
+    assert rep["image"]["sha256"] == seg.report["image"]["sha256"]
+
+
 def test_writer_refuses_source_and_bad_data(oblique_case, tmp_path):
     from medseg._napari._writer import write_labels_layer
 

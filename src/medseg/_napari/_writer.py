@@ -6,7 +6,9 @@ image in napari, ITK-SNAP and 3D Slicer even when the image direction is not the
 without that metadata is written with its ``scale``/``translate`` and an identity direction.
 
 The write is atomic (:func:`medseg.io.write_labels`) and refuses to replace the image the labels
-belong to or the file the layer was read from. napari's save dialog has already asked before
+belong to or the file the layer was read from. A layer made by a medseg panel carries its run's
+report (``metadata["medseg_report"]``); it is written beside the file (``x.nii.gz`` → ``x.json``)
+so the label map keeps its provenance. napari's save dialog has already asked before
 replacing any other existing file, so that is allowed.
 """
 
@@ -73,6 +75,19 @@ def write_labels_layer(path: str, data: Any, attributes: dict[str, Any]) -> list
             )
     lm = labelmap_from_layer(_LayerView(data, attributes))
     written = write_labels(lm, out, inputs=inputs, overwrite=True)
+    report = md.get("medseg_report")
+    if isinstance(report, dict):
+        from medseg.io.files import write_json
+        from medseg.report import report_path_for
+
+        side = report_path_for(written)
+        write_json(
+            {**report, "outputs": {"labels": str(written), "report": str(side)}},
+            side,
+            inputs=inputs,
+            overwrite=True,
+        )
+        return [str(written), str(side)]
     return [str(written)]
 
 
