@@ -103,7 +103,9 @@ class Segmentation:
         ground truth of the run are inputs), exist without ``overwrite``, or repeat another.
 
         Args:
-            path: the label map (``.nii.gz``, ``.nii``, ``.nrrd``, ``.mha``, ``.mhd``).
+            path: the label map (``.nii.gz``, ``.nii``, ``.nrrd``, ``.mha``, ``.mhd``), or a
+                ``.dcm`` DICOM-SEG referencing the segmented DICOM series (the image must have
+                been read from a DICOM folder or file); the report travels inside it too.
             report: the report JSON; default: beside the label map (``pred.nii.gz`` →
                 ``pred.json``), so no label map exists without its provenance.
             probabilities: the U-Net probabilities as a vector image (needs
@@ -138,10 +140,14 @@ class Segmentation:
                 raise InputError("no lesion instances to save: run segment(..., instances=True)")
             inst, csv_path = instance_paths(instances)
             plan["instances"], plan["lesions"] = inst, csv_path
+        seg_ref = self._dicom_reference() if _is_dicom_path(plan["labels"]) else None
         for key in ("labels", "probabilities", "instances"):
+            if key == "labels" and seg_ref is not None:
+                continue
             if key in plan and image_suffix(plan[key]) is None:
                 raise InputError(
                     f"{plan[key]}: unknown image type; use .nii.gz, .nii, .nrrd, .mha or .mhd"
+                    + (" (or .dcm for a DICOM-SEG)" if key == "labels" else "")
                 )
         resolved = [p.resolve() for p in plan.values()]
         if len(set(resolved)) != len(resolved):
@@ -149,9 +155,25 @@ class Segmentation:
         for p in plan.values():
             check_output_path(p, protected, overwrite=overwrite)
 
-        write_labels(
-            self.labels, plan["labels"], reference=self.image, inputs=protected, overwrite=overwrite
-        )
+        if seg_ref is not None:
+            from medseg.exports import export
+
+            export(
+                self.labels,
+                seg_ref,
+                "dicom-seg",
+                plan["labels"],
+                report=self.report,
+                overwrite=overwrite,
+            )
+        else:
+            write_labels(
+                self.labels,
+                plan["labels"],
+                reference=self.image,
+                inputs=protected,
+                overwrite=overwrite,
+            )
         if "probabilities" in plan:
             _write_probabilities(
                 self.probabilities, self.image, plan["probabilities"], protected, overwrite
@@ -176,10 +198,28 @@ class Segmentation:
 
         return write_json(self.report, path, inputs=self._input_paths(), overwrite=overwrite)
 
+    def _dicom_reference(self) -> str:
+        """The DICOM series the image was read from (a DICOM-SEG must reference it)."""
+        from medseg.io.dicom import is_dicom_file
+
+        src = self.report.get("image", {}).get("path")
+        p = Path(src) if src else None
+        if p is None or not (p.is_dir() or (p.is_file() and is_dicom_file(p))):
+            raise InputError(
+                "a DICOM-SEG (.dcm) references the DICOM series it was made on, but this image "
+                f"was not read from DICOM ({src or 'an array in memory'}); save as .nii.gz or "
+                ".nrrd, or segment the DICOM series"
+            )
+        return str(p)
+
     def _input_paths(self) -> list[str]:
         prov = self.report.get("provenance", {}).get("settings", {})
         paths = [self.report.get("image", {}).get("path"), prov.get("gt"), prov.get("weights")]
         return [str(p) for p in paths if p]
+
+
+def _is_dicom_path(path: PathLike) -> bool:
+    return str(path).lower().endswith(".dcm")
 
 
 def instance_paths(out: PathLike) -> tuple[Path, Path]:

@@ -105,7 +105,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     o = p.add_argument_group("output")
     o.add_argument("--gt", help="ground-truth label map: add metrics to the report")
     o.add_argument(
-        "--out", help="label map to write (.nii.gz, .nrrd, ...); its report goes beside it"
+        "--out", help="label map (.nii.gz, .nrrd, ... or .dcm: a DICOM-SEG); its report beside it"
     )
     o.add_argument(
         "--json",
@@ -201,9 +201,10 @@ def run(args: argparse.Namespace) -> int:
     # outputs first: fail before any slow work
     outs: list[Path] = []
     if args.out:
-        if image_suffix(args.out) is None:
+        if image_suffix(args.out) is None and not str(args.out).lower().endswith(".dcm"):
             raise InputError(
-                f"{args.out}: unknown label-map type; use .nii.gz, .nii, .nrrd, .mha or .mhd"
+                f"{args.out}: unknown label-map type; use .nii.gz, .nii, .nrrd, .mha, .mhd or "
+                ".dcm (a DICOM-SEG of a DICOM series)"
             )
         outs += [Path(args.out), Path(args.json_out or report_path_for(args.out))]
     elif args.json_out:
