@@ -627,8 +627,9 @@ BATCH = [
     code(
         """
         from medseg.instances import label_lesions
+        from medseg.models.unet import demo_model_path
         from medseg.predict.propagate import oracle_dice
-        from medseg.predict.unet import UNetSegmenter, demo_model_path
+        from medseg.predict.unet import UNetSegmenter
         from medseg.volume import LabelMap
 
         MIN_OBJECT_MM3 = 200.0  # components smaller than this get no box

@@ -19,10 +19,11 @@ pytest.importorskip("monai")
 from medseg.cli import main  # noqa: E402
 from medseg.errors import CheckpointConfigError  # noqa: E402
 from medseg.io.datasets import write_msd_dataset  # noqa: E402
+from medseg.models.unet import config_sha256  # noqa: E402
 from medseg.phantom import PHANTOM_LABELS, make_phantom  # noqa: E402
-from medseg.predict.unet import (  # noqa: E402
+from medseg.predict.unet import UNetSegmenter  # noqa: E402
+from medseg.preprocess import (  # noqa: E402
     Canonical,
-    UNetSegmenter,
     model_grid_shape,
     resample_image,
     resample_labels_nearest,
@@ -177,8 +178,6 @@ def test_refuses_config_it_cannot_honour(trained: dict[str, Path], tmp_path: Pat
     torch.save(ck, bad)
     with pytest.raises(CheckpointConfigError, match="sha256"):
         UNetSegmenter.load(bad)
-    from medseg.predict.unet import config_sha256
-
     ck["config"]["target_spacing"] = [9.0, 8.0, 8.0]
     ck["config"]["arch"] = "monai.SwinUNETR"  # consistent hash, but not an architecture we build
     ck["config_sha256"] = config_sha256(ck["config"])

@@ -13,8 +13,9 @@ pytest.importorskip("torch")
 pytest.importorskip("monai")
 
 from medseg.cli import main
+from medseg.models.unet import demo_model_path
 from medseg.phantom import PHANTOM_LABELS, make_phantom
-from medseg.predict.unet import UNetSegmenter, demo_model_path
+from medseg.predict.unet import UNetSegmenter
 
 #: Held out: the demo model was trained/validated on seeds 1000-1017 (benchmarks/train_demo.py).
 TEST_SEED = 3

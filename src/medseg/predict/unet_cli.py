@@ -72,7 +72,8 @@ def run(args: argparse.Namespace) -> int:
 
     from medseg.cli.common import write_json
     from medseg.io.files import check_output_path, read_labels, read_volume, write_labels
-    from medseg.predict.unet import UNetSegmenter, config_sha256
+    from medseg.models.unet import config_sha256
+    from medseg.predict.unet import UNetSegmenter
     from medseg.progress import tqdm_progress
 
     inputs = [args.image] + ([args.gt] if args.gt else [])
