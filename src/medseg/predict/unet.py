@@ -15,6 +15,7 @@ smaller than the image) and a slab of slices. Device and precision come from
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -237,31 +238,14 @@ class UNetSegmenter:
             del x
             probs = probs[0].float().cpu()  # (C, Z, Y, X) on the model grid
             ratios = [t / s for t, s in zip(target, can.spacing(volume.spacing), strict=True)]
-            # model index = image index * image spacing / target spacing
-            inv = [1.0 / r for r in ratios]
-            out = np.empty(can_shape, dtype=np.uint8)
-            prob_out = (
-                np.empty((n_cls, *can_shape), dtype=np.float32) if return_probabilities else None
-            )
-            i0, i1, w = axis_weights(can_shape[0], inv[0], grid[0])
-            plane = _plane_grid(can_shape[1:], (inv[1], inv[2]), grid[1:])  # (1, H, W, 2)
-            for s, k0 in enumerate(range(0, can_shape[0], _SLAB)):
-                k1 = min(k0 + _SLAB, can_shape[0])
-                ww = w[k0:k1].reshape(-1, 1, 1, 1)
-                pz = probs[:, i0[k0:k1]].transpose(0, 1) * (1 - ww)  # (k, C, Hm, Wm)
-                pz += probs[:, i1[k0:k1]].transpose(0, 1) * ww
-                p = torch.nn.functional.grid_sample(
-                    pz,
-                    plane.expand(k1 - k0, -1, -1, -1),
-                    mode="bilinear",
-                    padding_mode="border",
-                    align_corners=True,
-                ).transpose(0, 1)  # (C, k, H, W)
-                out[k0:k1] = _argmax0(p).numpy()
-                if prob_out is not None:
-                    prob_out[:, k0:k1] = p.numpy()
+
+            def on_slab(s: int) -> None:
                 if progress is not None:
                     progress(n_win + s + 1, total)
+
+            out, prob_out = _to_image_grid(
+                probs, can_shape, [1.0 / r for r in ratios], return_probabilities, on_slab
+            )
             del probs
         arr = np.ascontiguousarray(can.undo(out))
         lm = LabelMap.like(volume, arr, self.labels, model=Path(self.source).name)
@@ -269,6 +253,52 @@ class UNetSegmenter:
             return lm
         prob = np.ascontiguousarray(np.stack([can.undo(prob_out[c]) for c in range(n_cls)]))
         return lm, prob
+
+
+def _to_image_grid(
+    probs: torch.Tensor,
+    shape: tuple[int, ...],
+    inv: list[float],
+    keep_probabilities: bool,
+    on_slab: Callable[[int], None],
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Model-grid class probabilities back to the (canonical) image grid, a slab at a time.
+
+    Args:
+        probs: float32 ``(C, Z, Y, X)`` on the model grid.
+        shape: canonical image shape ``(z, y, x)``.
+        inv: per axis, model index per image index (image spacing / target spacing).
+        keep_probabilities: also return the interpolated probabilities.
+        on_slab: called with the slab number after each slab.
+
+    Returns:
+        uint8 argmax labels of ``shape`` and, if asked, float32 ``(C, *shape)`` probabilities
+        (linear in ``z``, bilinear in-plane, clamped at the borders).
+    """
+    import torch
+
+    grid = tuple(probs.shape[1:])
+    out = np.empty(shape, dtype=np.uint8)
+    prob_out = np.empty((probs.shape[0], *shape), dtype=np.float32) if keep_probabilities else None
+    i0, i1, w = axis_weights(shape[0], inv[0], grid[0])
+    plane = _plane_grid(shape[1:], (inv[1], inv[2]), grid[1:])  # (1, H, W, 2)
+    for s, k0 in enumerate(range(0, shape[0], _SLAB)):
+        k1 = min(k0 + _SLAB, shape[0])
+        ww = w[k0:k1].reshape(-1, 1, 1, 1)
+        pz = probs[:, i0[k0:k1]].transpose(0, 1) * (1 - ww)  # (k, C, Hm, Wm)
+        pz += probs[:, i1[k0:k1]].transpose(0, 1) * ww
+        p = torch.nn.functional.grid_sample(
+            pz,
+            plane.expand(k1 - k0, -1, -1, -1),
+            mode="bilinear",
+            padding_mode="border",
+            align_corners=True,
+        ).transpose(0, 1)  # (C, k, H, W)
+        out[k0:k1] = _argmax0(p).numpy()
+        if prob_out is not None:
+            prob_out[:, k0:k1] = p.numpy()
+        on_slab(s)
+    return out, prob_out
 
 
 def _count_windows(grid: tuple[int, ...], roi: tuple[int, ...], overlap: float) -> int:

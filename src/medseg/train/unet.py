@@ -270,33 +270,19 @@ def _run(
             progress(step[0], total)
 
     for epoch in range(model.start, settings.epochs + 1):
-        t0 = time.perf_counter()
-        ep_seed = (seed * 1_000_003 + epoch) % (2**31)
-        for g in model.opt.param_groups:
-            g["lr"] = settings.lr_at(epoch)
-        loss = _train_epoch(
+        record, metric = _fit_epoch(
             model,
+            epoch,
+            settings,
+            seed,
             loss_fn,
             data,
-            split["train"],
+            split,
             transforms,
-            settings.batch_cases,
-            ep_seed,
+            patch,
+            labels,
             count_step,
         )
-        record: dict[str, Any] = {
-            "epoch": epoch,
-            "loss": loss,
-            "lr": float(model.opt.param_groups[0]["lr"]),
-        }
-        if split["val"]:
-            val = _validate(model.net, data, split["val"], patch, labels)
-            record["val_dice"] = val
-            record["val_mean_dice"] = float(np.mean(list(val.values())))
-            metric = record["val_mean_dice"]
-        else:
-            metric = -record["loss"]  # no validation cases: the training loss decides
-        record["time_s"] = round(time.perf_counter() - t0, 2)
         ck, is_best = _end_epoch(model, record, metric, config, sha, split, seed, settings)
         save_checkpoint(ck, last_path)
         if is_best:
@@ -423,6 +409,49 @@ def _setup_model(
     return model
 
 
+def _fit_epoch(
+    model: _Model,
+    epoch: int,
+    settings: TrainSettings,
+    seed: int,
+    loss_fn: Any,
+    data: dict[str, dict[str, torch.Tensor]],
+    split: dict[str, list[str]],
+    transforms: Any,
+    patch: tuple[int, ...],
+    labels: dict[int, str],
+    on_step: Callable[[], None],
+) -> tuple[dict[str, Any], float]:
+    """Train one epoch (seeded from ``(seed, epoch)``), then validate.
+
+    Returns:
+        The epoch's log record (``epoch``, ``loss``, ``lr``, ``val_dice``, ``val_mean_dice``,
+        ``time_s``) and the metric that selects the best checkpoint: the mean validation Dice,
+        or minus the training loss when there are no validation cases.
+    """
+    t0 = time.perf_counter()
+    ep_seed = (seed * 1_000_003 + epoch) % (2**31)
+    for g in model.opt.param_groups:
+        g["lr"] = settings.lr_at(epoch)
+    loss = _train_epoch(
+        model, loss_fn, data, split["train"], transforms, settings.batch_cases, ep_seed, on_step
+    )
+    record: dict[str, Any] = {
+        "epoch": epoch,
+        "loss": loss,
+        "lr": float(model.opt.param_groups[0]["lr"]),
+    }
+    if split["val"]:
+        val = _validate(model.net, data, split["val"], patch, labels)
+        record["val_dice"] = val
+        record["val_mean_dice"] = float(np.mean(list(val.values())))
+        metric = record["val_mean_dice"]
+    else:
+        metric = -record["loss"]  # no validation cases: the training loss decides
+    record["time_s"] = round(time.perf_counter() - t0, 2)
+    return record, metric
+
+
 def _train_epoch(
     model: _Model,
     loss_fn: Any,
@@ -520,6 +549,8 @@ def _end_epoch(
 
 
 def _train_transforms(patch: tuple[int, ...], n_cls: int, samples: int, flip: bool) -> Any:
+    """MONAI patch sampling: pad, class-balanced crops (background included), intensity jitter,
+    optional flips; applied to ``{"image", "label"}`` dicts of ``(1, Z, Y, X)`` tensors."""
     from monai.transforms import (
         Compose,
         RandCropByLabelClassesd,
