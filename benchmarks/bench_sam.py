@@ -137,13 +137,14 @@ def bench_vit(reps: int, precision: str) -> dict[str, Any]:
     """ViT-B at 1024: stock fp32 vs fast (same module, forward swapped between runs)."""
     import torch
 
+    from medseg import runtime
     from medseg.models import accelerated as fast
 
     enc = _vit_b()
     stock = _Sam(enc, None, None)
     fast_m = _Sam(enc, None, None)
     x = torch.rand(1, 3, 1024, 1024, generator=torch.Generator().manual_seed(0))
-    prec = fast.precision_for(precision)
+    prec = runtime.resolve_precision(precision)
     out: dict[str, Any] = {"load_before": _load(), "precision": prec}
 
     def run_stock() -> torch.Tensor:
@@ -172,13 +173,14 @@ def bench_lite(reps: int, batch: int) -> dict[str, Any]:
     """LiteMedSAM embedding per slice: stock fp32 / stock bf16 autocast / fast fp32 / fast bf16."""
     import torch
 
+    from medseg import runtime
     from medseg.models import accelerated as fast
 
     m = _fresh_lite()
     enc = m.image_encoder
     x = torch.rand(1, 3, 256, 256, generator=torch.Generator().manual_seed(0))
     xb = torch.rand(batch, 3, 256, 256, generator=torch.Generator().manual_seed(1))
-    out: dict[str, Any] = {"load_before": _load(), "native_bf16": fast.native_bf16()}
+    out: dict[str, Any] = {"load_before": _load(), "native_bf16": runtime.native_bf16()}
 
     def stock_fp32() -> None:
         fast.restore(m, keep_cache=True)
@@ -217,7 +219,7 @@ def bench_lite(reps: int, batch: int) -> dict[str, Any]:
         res[f"fast_auto_batch{batch}"]["cpu_median_s"] / batch
     )
     out.update(res)
-    best = "fast_bf16" if fast.native_bf16() else "fast_fp32"
+    best = "fast_bf16" if runtime.native_bf16() else "fast_fp32"
     out["fast_auto"] = best
     out["speedup_auto_vs_stock_fp32"] = res["stock_fp32"]["median_s"] / res[best]["median_s"]
     out["cpu_speedup_auto_vs_stock_fp32"] = (
@@ -333,10 +335,11 @@ def bench_agreement(max_slices: int | None) -> dict[str, Any]:
     """Per case: Dice(fast, stock) and Dice vs truth, for fast fp32 and fast auto precision."""
     import torch
 
+    from medseg import runtime
     from medseg.models import accelerated as fast
 
     m = _fresh_lite()
-    auto = fast.precision_for("auto")
+    auto = runtime.resolve_precision("auto")
     variants = ["fp32"] + (["bf16"] if auto == "bf16" else [])
     out: dict[str, Any] = {"load_before": _load(), "auto_precision": auto, "cases": {}}
     with torch.inference_mode():
@@ -405,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from medseg.models import accelerated as fast
+    from medseg import runtime
 
     torch.set_num_threads(args.threads)
     q = args.quick
@@ -416,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
         "cpu_count": os.cpu_count(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
-        "native_bf16": fast.native_bf16(),
+        "native_bf16": runtime.native_bf16(),
         "cpu_capability": str(torch.backends.cpu.get_cpu_capability()),
         "quick": q,
         "load_start": _load(),

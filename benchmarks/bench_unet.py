@@ -71,10 +71,12 @@ def main() -> int:
 
     import torch
 
-    from medseg.predict.unet import UNetSegmenter, model_grid_shape
+    from medseg.predict.unet import UNetSegmenter
+    from medseg.preprocess import model_grid_shape
+    from medseg.runtime import configure_threads
 
     if args.threads:
-        torch.set_num_threads(args.threads)
+        configure_threads(args.threads)
     shape = tuple(int(v) for v in args.shape.split(","))
     spacing = tuple(float(v) for v in args.spacing.split(","))
     t0 = time.perf_counter()

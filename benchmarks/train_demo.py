@@ -50,8 +50,9 @@ def main() -> int:
 
     from medseg.io.datasets import write_msd_dataset
     from medseg.metrics import evaluate
+    from medseg.models.unet import save_checkpoint
     from medseg.phantom import PHANTOM_LABELS, make_phantom
-    from medseg.predict.unet import UNetSegmenter, save_checkpoint
+    from medseg.predict.unet import UNetSegmenter
     from medseg.train.unet import train_unet
 
     args.work.mkdir(parents=True, exist_ok=True)

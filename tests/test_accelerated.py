@@ -148,42 +148,6 @@ def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 # --------------------------------------------------------------------------------------------------
-# precision helpers
-# --------------------------------------------------------------------------------------------------
-
-
-def test_native_bf16_matches_cpuinfo(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("MEDSEG_BF16", raising=False)
-    fast.native_bf16.cache_clear()
-    cpuinfo = Path("/proc/cpuinfo")
-    if not cpuinfo.exists():
-        pytest.skip("no /proc/cpuinfo")
-    flags = set()
-    for line in cpuinfo.read_text().splitlines():
-        if line.startswith("flags"):
-            flags = set(line.split(":", 1)[1].split())
-            break
-    assert fast.native_bf16() == bool(flags & {"avx512_bf16", "amx_bf16"})
-    fast.native_bf16.cache_clear()
-
-
-@pytest.mark.parametrize("env, expected", [("1", "bf16"), ("0", "fp32")])
-def test_precision_for(monkeypatch: pytest.MonkeyPatch, env: str, expected: str) -> None:
-    monkeypatch.setenv("MEDSEG_BF16", env)
-    fast.native_bf16.cache_clear()
-    try:
-        assert fast.precision_for("auto") == expected
-        assert fast.precision_for("fp32") == "fp32"
-        assert fast.precision_for("bf16") == "bf16"
-        assert fast.precision_for("BF16") == "bf16"
-        with pytest.raises(ValueError, match="unknown precision"):
-            fast.precision_for("fp8")
-    finally:
-        monkeypatch.delenv("MEDSEG_BF16")
-        fast.native_bf16.cache_clear()
-
-
-# --------------------------------------------------------------------------------------------------
 # ViT (segment-anything ImageEncoderViT), tiny random model
 # --------------------------------------------------------------------------------------------------
 

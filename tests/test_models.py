@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from medseg.errors import WeightsError
+from medseg.errors import MedsegError, WeightsError
 from medseg.models.registry import MODELS, get_spec
 from medseg.models.sam import (
     SMALL_VIT_B,
@@ -25,7 +25,6 @@ from medseg.models.sam import (
     get_sam_model,
     load_sam_model,
     read_checkpoint,
-    resolve_precision,
 )
 from medseg.models.weights import (
     download_file,
@@ -262,13 +261,21 @@ def test_sha_mismatch_of_known_file_fails(tiny_ckpt):
     assert load_sam_model(good).weights_path == target
 
 
-def test_precision_resolution():
-    cpu = torch.device("cpu")
-    assert resolve_precision("fp32", cpu) == "fp32"
-    assert resolve_precision("bf16", cpu) == "bf16"
-    assert resolve_precision("auto", cpu) in {"fp32", "bf16"}
-    with pytest.raises(WeightsError, match="unknown precision"):
-        resolve_precision("fp16", cpu)
+def test_sam_model_precision_comes_from_runtime(tiny_ckpt, monkeypatch):
+    """load_sam_model resolves ``auto`` through medseg.runtime (one rule for every engine)."""
+    from medseg import runtime
+
+    _, path, spec = tiny_ckpt
+    for env, want in (("1", "bf16"), ("0", "fp32")):
+        monkeypatch.setenv("MEDSEG_BF16", env)
+        runtime.native_bf16.cache_clear()
+        try:
+            assert load_sam_model(spec, weights=path, precision="auto").precision == want
+        finally:
+            runtime.native_bf16.cache_clear()
+    assert load_sam_model(spec, weights=path, precision="fp32").precision == "fp32"
+    with pytest.raises(MedsegError, match="unknown precision"):
+        load_sam_model(spec, weights=path, precision="fp16")
 
 
 def test_get_sam_model_shares_loaded_models(tiny_ckpt, tmp_path):

@@ -380,14 +380,9 @@ def test_unet_widget_runs_checkpoint(make_napari_viewer, qtbot, tmp_path):
 
     from medseg._napari._layers import image_layer_data
     from medseg._napari._unet_widget import CHECKPOINT, UNetWidget
+    from medseg.models.unet import build_network, config_sha256, make_config, save_checkpoint
     from medseg.phantom import make_phantom
-    from medseg.predict.unet import (
-        UNetSegmenter,
-        build_network,
-        config_sha256,
-        make_config,
-        save_checkpoint,
-    )
+    from medseg.predict.unet import UNetSegmenter
 
     vol, _ = make_phantom(seed=1, shape=(24, 64, 64), spacing=(3.0, 2.0, 2.0))
     cfg = make_config(

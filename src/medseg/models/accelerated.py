@@ -12,8 +12,8 @@ into new modules; ``state_dict()`` is unchanged):
   decomposed relative-position bias passed as the float attention mask, fused GELU/residual MLP.
 * **Precision**: ``'bf16'`` runs the encoder's matmuls and convolutions in bfloat16 (weights cast
   once), keeping LayerNorm statistics, softmax and the residual stream in float32; the prompt
-  encoder and mask decoder always stay float32. ``'auto'`` picks bf16 only where the CPU has native
-  bf16 arithmetic (:func:`native_bf16`).
+  encoder and mask decoder always stay float32. ``'auto'`` is resolved by
+  :func:`medseg.runtime.resolve_precision` (bf16 only where the CPU has native bf16 arithmetic).
 * **Mask decoder**: attention through SDPA, the dense positional encoding cached.
 
 The encoder output has the stock layout ``(B, 256, h, w)`` float32, so caches and decoders are
@@ -37,77 +37,12 @@ if TYPE_CHECKING:
 
 __all__ = [
     "accelerate",
-    "cpu_flags",
     "is_accelerated",
-    "native_bf16",
-    "precision_for",
     "restore",
 ]
 
-PRECISIONS = ("auto", "fp32", "bf16")
-
 #: Keep TinyViT's first (MBConv) stage residual stream in float32 under bf16 (accuracy vs speed).
 L0_FP32_RESIDUAL = False
-
-
-# --------------------------------------------------------------------------------------------------
-# CPU capability
-# --------------------------------------------------------------------------------------------------
-
-
-@functools.lru_cache(maxsize=1)
-def cpu_flags() -> frozenset[str]:
-    """The CPU feature flags from ``/proc/cpuinfo`` (empty where that file does not exist)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
-            for line in fh:
-                if line.startswith("flags"):
-                    return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return frozenset()
-
-
-@functools.lru_cache(maxsize=1)
-def native_bf16() -> bool:
-    """True when this CPU does bfloat16 arithmetic natively (AVX512-BF16 or AMX-BF16).
-
-    ``MEDSEG_BF16=0``/``1`` overrides the detection (for testing and for odd platforms). Without
-    native support, bf16 is emulated and slower than float32, so :func:`precision_for` falls back.
-    """
-    env = os.environ.get("MEDSEG_BF16")
-    if env is not None and env.strip() in {"0", "1"}:
-        return env.strip() == "1"
-    flags = cpu_flags()
-    if flags:
-        return bool({"avx512_bf16", "amx_bf16"} & flags)
-    try:  # no /proc/cpuinfo (macOS, Windows): ask torch
-        import torch
-
-        cap = str(torch.backends.cpu.get_cpu_capability())
-        return "AMX" in cap.upper()
-    except Exception:  # pragma: no cover - torch missing or very old
-        return False
-
-
-def precision_for(requested: str = "auto") -> str:
-    """Resolve a requested precision to what will run: ``'bf16'`` or ``'fp32'``.
-
-    Args:
-        requested: ``'auto'`` (bf16 where :func:`native_bf16`, else fp32), ``'fp32'`` or ``'bf16'``
-            (honoured even without native support: slower, but the caller asked).
-
-    Raises:
-        ValueError: unknown precision name.
-    """
-    req = str(requested).lower()
-    if req in {"float32", "fp32", "f32"}:
-        return "fp32"
-    if req in {"bfloat16", "bf16"}:
-        return "bf16"
-    if req == "auto":
-        return "bf16" if native_bf16() else "fp32"
-    raise ValueError(f"unknown precision {requested!r}: use one of {', '.join(PRECISIONS)}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -697,7 +632,8 @@ def accelerate(model: Any, precision: str = "auto", *, decoder: bool = True) -> 
             ``prompt_encoder`` and ``mask_decoder`` attributes. Weights are not copied into new
             modules and ``state_dict()`` is unchanged; unknown encoder types are left as they are.
         precision: ``'auto'`` | ``'fp32'`` | ``'bf16'`` for the image encoder (see
-            :func:`precision_for`). The prompt encoder and mask decoder always run float32.
+            :func:`medseg.runtime.resolve_precision`). The prompt encoder and mask decoder always
+            run float32.
         decoder: also patch the mask decoder's attention (SDPA) and cache the dense positional
             encoding.
 
@@ -708,8 +644,11 @@ def accelerate(model: Any, precision: str = "auto", *, decoder: bool = True) -> 
     """
     import torch
 
-    prec = precision_for(precision)
+    from medseg.runtime import resolve_precision
+
     enc = getattr(model, "image_encoder", None)
+    params = list(enc.parameters())[:1] if enc is not None else []
+    prec = resolve_precision(precision, params[0].device if params else None)
     if enc is not None:
         dev = next(iter(enc.parameters())).device
         if dev.type == "cpu":

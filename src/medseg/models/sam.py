@@ -23,8 +23,7 @@ from torch import nn
 from medseg.errors import WeightsError
 from medseg.models.registry import ModelSpec, get_spec
 from medseg.models.weights import resolve_weights, sha256_file
-
-PRECISIONS = ("auto", "fp32", "bf16")
+from medseg.runtime import resolve_device, resolve_precision
 
 #: Tiny ViT-B variant (same classes, random weights) for tests and smoke runs.
 SMALL_VIT_B: dict[str, Any] = {
@@ -316,41 +315,6 @@ def load_state_strict(model: nn.Module, state: dict[str, torch.Tensor], source: 
             f"architecture: {'; '.join(parts)}; is it the right model's file?"
         )
     model.load_state_dict(state, strict=True)
-
-
-def cpu_has_native_bf16() -> bool:
-    """True when this x86 CPU advertises AVX512-BF16 or AMX-BF16 (Linux ``/proc/cpuinfo``)."""
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return bool(flags & {"avx512_bf16", "amx_bf16"})
-    except OSError:
-        pass
-    return False
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``'auto'`` → CUDA when available else CPU; anything else as given."""
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """``'auto'`` → ``'bf16'`` on a CPU with native bf16 or a bf16-capable GPU, else ``'fp32'``.
-
-    Raises:
-        WeightsError: unknown precision name.
-    """
-    if precision not in PRECISIONS:
-        raise WeightsError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
-    if precision != "auto":
-        return precision
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    return "bf16" if device.type == "cpu" and cpu_has_native_bf16() else "fp32"
 
 
 def load_sam_model(

@@ -1,0 +1,171 @@
+"""The one place that decides where and how models run: device, precision and CPU threads.
+
+Every engine (SAM-family encoders, the accelerated forwards, the U-Net) asks this module, so they
+cannot disagree:
+
+* :func:`resolve_device`: ``"auto"`` is CUDA when torch sees a GPU, else the CPU.
+* :func:`resolve_precision`: ``"auto"`` is ``"bf16"`` on a CPU with native bfloat16 arithmetic
+  (:func:`native_bf16`: AVX512-BF16 or AMX-BF16) or on a CUDA GPU that supports bf16, else
+  ``"fp32"``. An explicit ``"fp32"``/``"bf16"`` is honoured everywhere (bf16 without native
+  support is emulated: slower, but the caller asked).
+* :func:`configure_threads`: torch intra-op threads from an argument or ``MEDSEG_THREADS``.
+
+Environment:
+
+* ``MEDSEG_BF16=0|1`` overrides the native-bf16 detection (odd platforms, tests).
+* ``MEDSEG_THREADS=N`` is the thread count :func:`configure_threads` uses when given none.
+
+Importing this module does not import torch; the functions that need it import it lazily.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import TYPE_CHECKING
+
+from medseg.errors import InputError
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = [
+    "PRECISIONS",
+    "configure_threads",
+    "cpu_flags",
+    "native_bf16",
+    "resolve_device",
+    "resolve_precision",
+]
+
+#: Precision names a caller may request.
+PRECISIONS = ("auto", "fp32", "bf16")
+_ALIASES = {"fp32": "fp32", "float32": "fp32", "f32": "fp32", "bf16": "bf16", "bfloat16": "bf16"}
+#: CPU flags that mean bfloat16 arithmetic runs natively (not emulated).
+BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
+    """The CPU feature flags of ``/proc/cpuinfo`` (empty where that file does not exist)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+@functools.lru_cache(maxsize=1)
+def native_bf16() -> bool:
+    """True when this CPU does bfloat16 arithmetic natively (AVX512-BF16 or AMX-BF16).
+
+    ``MEDSEG_BF16=0``/``1`` overrides the detection. Without ``/proc/cpuinfo`` (macOS, Windows)
+    torch's reported CPU capability decides (AMX). The answer is cached; tests that change the
+    environment call ``native_bf16.cache_clear()``.
+    """
+    env = os.environ.get("MEDSEG_BF16")
+    if env is not None and env.strip() in {"0", "1"}:
+        return env.strip() == "1"
+    flags = cpu_flags()
+    if flags:
+        return bool(BF16_FLAGS & flags)
+    try:
+        import torch
+
+        return "AMX" in str(torch.backends.cpu.get_cpu_capability()).upper()
+    except Exception:  # pragma: no cover - torch missing or very old
+        return False
+
+
+def resolve_device(requested: str | torch.device = "auto") -> torch.device:
+    """The torch device to run on.
+
+    Args:
+        requested: ``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"``,
+            ``"cuda:1"`` ... or a ``torch.device``.
+
+    Raises:
+        InputError: a name torch does not know, or CUDA asked for where there is none.
+    """
+    import torch
+
+    if str(requested).strip().lower() == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(requested)
+    except (RuntimeError, TypeError, ValueError):
+        raise InputError(
+            f"unknown device {requested!r}; use auto, cpu or cuda (e.g. cuda:0)"
+        ) from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"device {requested!r} asked for but torch sees no CUDA GPU; use cpu")
+    return dev
+
+
+def _device_type(device: str | torch.device | None) -> str:
+    if device is None:
+        return "cpu"
+    return str(getattr(device, "type", device)).split(":", 1)[0].strip().lower()
+
+
+def resolve_precision(requested: str = "auto", device: str | torch.device | None = None) -> str:
+    """Resolve a requested precision to what will run: ``"bf16"`` or ``"fp32"``.
+
+    Args:
+        requested: ``"auto"``, ``"fp32"`` (or ``float32``) or ``"bf16"`` (or ``bfloat16``),
+            any case.
+        device: the device the model runs on (``None``: the CPU). ``auto`` gives bf16 on a CPU
+            with :func:`native_bf16` and on a CUDA GPU that supports bf16; fp32 elsewhere.
+
+    Raises:
+        InputError: an unknown precision name.
+    """
+    req = str(requested).strip().lower()
+    if req in _ALIASES:
+        return _ALIASES[req]
+    if req != "auto":
+        raise InputError(f"unknown precision {requested!r}; use one of {', '.join(PRECISIONS)}")
+    kind = _device_type(device)
+    if kind == "cpu":
+        return "bf16" if native_bf16() else "fp32"
+    if kind == "cuda":
+        import torch
+
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "fp32"
+
+
+def configure_threads(n: int | None = None) -> int:
+    """Set torch's intra-op CPU threads; returns the number in effect *before* the call.
+
+    ``n`` wins; without it ``MEDSEG_THREADS`` is used; with neither nothing changes. On a busy
+    shared CPU one thread can be several times faster per step than two (no spinning between
+    OpenMP threads), which is why this is a setting rather than a guess. Restore a previous value
+    with ``configure_threads(old)``.
+
+    Args:
+        n: threads (``>= 1``) or ``None``.
+
+    Raises:
+        InputError: ``n`` or ``MEDSEG_THREADS`` is not a positive integer.
+    """
+    import torch
+
+    old = torch.get_num_threads()
+    source = "threads"
+    if n is None:
+        env = os.environ.get("MEDSEG_THREADS", "").strip()
+        if not env:
+            return old
+        source, n = "MEDSEG_THREADS", env  # type: ignore[assignment]
+    try:
+        count = int(n)
+    except (TypeError, ValueError):
+        count = 0
+    if count < 1 or str(n).strip() != str(count):
+        raise InputError(f"{source} must be a positive integer, got {n!r}")
+    torch.set_num_threads(count)
+    return old
