@@ -503,7 +503,9 @@ def _segment_sam(
         oracle_dice,
     )
     from medseg.predict.propagate import propagate as run_propagation
+    from medseg.runtime import configure_threads
 
+    settings["threads"] = configure_threads()  # MEDSEG_THREADS, when set, applies from here on
     gt_mask: np.ndarray | None = None
     value, lname = (int(label) if label is not None else 1), "object"
     if gt is not None:
@@ -669,7 +671,11 @@ def _segment_unet(
     device: str,
 ) -> Segmentation:
     from medseg.instances import lesion_label
-    from medseg.predict.unet import UNetSegmenter, config_sha256
+    from medseg.models.unet import config_sha256
+    from medseg.predict.unet import UNetSegmenter
+    from medseg.runtime import configure_threads
+
+    settings["threads"] = configure_threads()  # MEDSEG_THREADS, when set, applies from here on
 
     t = time.perf_counter()
     seg = UNetSegmenter.load(

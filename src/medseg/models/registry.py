@@ -132,8 +132,15 @@ def get_spec(name: str | ModelSpec) -> ModelSpec:
     return MODELS[key]
 
 
-#: Automatic (U-Net) models shipped in the package: name → file under ``medseg/assets``.
+#: Automatic (U-Net) models shipped in the package: name → file under :data:`ASSETS`.
 UNET_MODELS: dict[str, str] = {"unet-demo": "unet_demo.pt"}
+#: The package's asset folder (shipped checkpoints).
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+
+
+def unet_asset(name: str) -> Path:
+    """Path of a shipped U-Net checkpoint (whether or not the file is installed)."""
+    return ASSETS / UNET_MODELS[name]
 
 
 @dataclass(frozen=True)
@@ -176,7 +183,7 @@ def resolve_model(model: str | os.PathLike[str] | ModelSpec) -> ModelRef:
     if key in MODELS:
         return ModelRef("sam", key, None, MODELS[key])
     if key in UNET_MODELS:
-        path = Path(__file__).resolve().parent.parent / "assets" / UNET_MODELS[key]
+        path = unet_asset(key)
         if not path.is_file():
             raise WeightsError(f"the {key} model is missing from the installation ({path})")
         return ModelRef("unet", key, path, None)

@@ -151,7 +151,9 @@ def labels_of(config: dict[str, Any]) -> dict[int, str]:
 # --------------------------------------------------------------------------- checkpoint
 def demo_model_path() -> Path:
     """Path of the shipped demonstration checkpoint (``medseg/assets/unet_demo.pt``)."""
-    return Path(__file__).resolve().parent.parent / "assets" / "unet_demo.pt"
+    from medseg.models.registry import unet_asset
+
+    return unet_asset(DEMO_NAME)
 
 
 def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
