@@ -705,7 +705,7 @@ def test_embeddings_and_unet_widget_guard_paths(make_napari_viewer, shown_errors
     for w in (emb, unet):
         assert w.job.worker is None and not w.job.busy and w.job.last_error is None
     assert emb.predictor is None and emb._models == {} and emb.cached == []
-    assert unet.segmenter is None and unet.result_layer is None
+    assert unet.last_segmentation is None and unet.result_layer is None
 
 
 def test_dicom_widget_guard_paths(make_napari_viewer, qtbot, shown_errors, tmp_path):

@@ -76,6 +76,20 @@ def test_demo_bar_on_held_out_phantom(case: dict) -> None:
     assert table == PHANTOM_LABELS
 
 
+def test_unet_report_follows_the_schema(case: dict) -> None:
+    import medseg
+    from medseg.models.unet import demo_model_path
+    from medseg.models.weights import sha256_file
+
+    rep = case["report"]
+    medseg.validate_report(rep)
+    assert rep["engine"] == "unet" and rep["model"]["name"] == "unet-demo"
+    assert rep["model"]["weights_sha256"] == sha256_file(demo_model_path())
+    assert rep["unet"]["instances"]["lesions"] >= 1 and rep["unet"]["refine"] is None
+    assert set(rep["outputs"]) == {"labels", "report", "probabilities", "instances", "lesions"}
+    assert rep["provenance"]["settings"]["overlap"] == 0.25
+
+
 def test_outputs_on_the_image_grid(case: dict) -> None:
     from medseg.io import read_labels
 
