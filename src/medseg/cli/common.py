@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -56,22 +55,7 @@ def write_json(
     inputs: Iterable[str | os.PathLike[str]] = (),
     overwrite: bool = True,
 ) -> Path:
-    """Write ``data`` as indented JSON atomically (temp file + rename)."""
-    from medseg.io.files import atomic_path, check_output_path
+    """Write ``data`` as indented JSON atomically: :func:`medseg.io.atomic.write_json`."""
+    from medseg.io.atomic import write_json as _write_json
 
-    o = check_output_path(out, inputs, overwrite=overwrite)
-    with atomic_path(o) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, default=_default) + "\n")
-    return o
-
-
-def _default(obj: Any) -> Any:
-    import numpy as np
-
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, Path):
-        return str(obj)
-    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+    return _write_json(data, out, inputs=inputs, overwrite=overwrite)

@@ -4,7 +4,8 @@
 :mod:`medseg.io.dicom`); ``.nii``, ``.nii.gz``, ``.nrrd``, ``.nhdr``, ``.mha``, ``.mhd`` go through
 SimpleITK (:mod:`medseg.io.itk`), which converts NIfTI's RAS to our LPS on read and back on write.
 Every write goes through :mod:`medseg.io.atomic` (temporary name, verify, fsync, rename) and
-never replaces an input; text outputs use :func:`write_json` / :func:`write_csv` / :func:`write_text`.
+never replaces an input; text outputs use :func:`write_json`, :func:`write_csv`,
+:func:`write_text`.
 """
 
 from medseg.io.files import (
