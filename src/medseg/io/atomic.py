@@ -243,6 +243,8 @@ def atomic_path(
             _finish_file(o, tmp, verify, expected_size)
         except OSError as exc:
             raise output_error(o, exc) from None
+        except OutputError as exc:  # a nested writer named the temporary path: name the target
+            raise _renamed(exc, tmp, o) from None
     except BaseException:
         _remove_tmp_file(tmp)
         raise
@@ -272,6 +274,13 @@ def _finish_file(o: Path, tmp: Path, verify: Verify | None, expected_size: int |
     os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files
     os.replace(tmp, o)
     _fsync_path(o.parent if str(o.parent) else Path("."), directory=True)
+
+
+def _renamed(exc: OutputError, tmp: Path, target: Path) -> OutputError:
+    text = str(exc)
+    for t in (str(tmp), tmp.name):
+        text = text.replace(t, str(target) if t == str(tmp) else target.name)
+    return OutputError(text)
 
 
 def prepare_output_dir(folder: str | os.PathLike[str], overwrite: bool = False) -> Path:
@@ -344,6 +353,8 @@ def atomic_dir(
             _fsync_path(o.parent, directory=True)
         except OSError as exc:
             raise output_error(o, exc) from None
+        except OutputError as exc:  # a writer inside named its temporary path: name the target
+            raise _renamed(exc, tmp, o) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

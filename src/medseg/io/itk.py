@@ -267,19 +267,21 @@ def write_image(
             writer.SetFileName(str(p))
             writer.SetUseCompression(True)
             writer.Execute(img)
-            if isinstance(vol, LabelMap) and vol.labels and _fmt(p) == "nifti":
-                _add_nifti_label_table(p, vol.labels)
         except RuntimeError as exc:
             reason = _write_reason(p, vol, str(exc), diag)
             raise OutputError(f"{name}: cannot write: {reason}") from None
-        except OSError as exc:
-            from medseg.io.atomic import output_error
-
-            raise output_error(name, exc) from None
     errors = [m for m in diag if "ERROR" in m or "rror" in m]
     if errors:
         raise OutputError(f"{name}: cannot write: {_write_reason(p, vol, errors[0], diag)}")
     verify_image(p, vol, target=name)
+    if isinstance(vol, LabelMap) and vol.labels and _fmt(p) == "nifti":
+        from medseg.io.atomic import output_error
+
+        try:
+            _add_nifti_label_table(p, vol.labels)
+        except OSError as exc:
+            raise output_error(name, exc) from None
+        verify_image(p, vol, target=name)
 
 
 def _write_reason(p: Path, vol: Volume, detail: str, diag: list[str]) -> str:
