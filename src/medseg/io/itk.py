@@ -125,7 +125,11 @@ def read_image(path: str | os.PathLike[str]) -> Volume:
     """
     import SimpleITK as sitk
 
+    from medseg.io.headers import check_text_header
+
     p = Path(path)
+    check_text_header(p)  # ITK's NRRD/MetaIO parsers crash on some malformed headers
+    hdr = _check_nifti_complete(p) if _fmt(p) == "nifti" else None
     with itk_quiet() as diag:
         try:
             reader = sitk.ImageFileReader()
@@ -141,8 +145,6 @@ def read_image(path: str | os.PathLike[str]) -> Volume:
                     "(split a 4D series into its 3D volumes first)"
                 )
             _check_allocation(p, reader)
-            if _fmt(p) == "nifti":
-                hdr = _check_nifti_complete(p)  # ITK pads a truncated NIfTI with zeros silently
             img = reader.Execute()
         except RuntimeError as exc:
             first = str(exc).strip().splitlines()
@@ -349,17 +351,30 @@ def _check_nifti_complete(p: Path) -> Any:
     import nibabel as nib
 
     try:
-        nimg = nib.load(str(p))
+        with nib.imageglobals.LoggingOutputSuppressor():  # no header-fix chatter on stderr
+            nimg = nib.load(str(p))
         hdr = nimg.header
         offset = int(getattr(nimg.dataobj, "offset", 0) or hdr.get_data_offset())
-        need = offset + int(np.prod(hdr.get_data_shape())) * int(hdr.get_data_dtype().itemsize)
+        shape = [int(v) for v in hdr.get_data_shape()]
+        voxels = 1
+        for v in shape:
+            voxels *= v
+        need = offset + voxels * int(hdr.get_data_dtype().itemsize)
     except Exception as exc:
-        raise InputError(f"{p}: cannot read the NIfTI header: {str(exc)[:200]}") from None
+        msg = " ".join(str(exc).split())[:200]
+        raise InputError(f"{p}: cannot read the NIfTI header: {msg}") from None
+    if not shape or min(shape) < 1 or offset < 0:
+        raise InputError(f"{p}: corrupt NIfTI header (image shape {shape}, data offset {offset})")
+    if need - offset > max_image_bytes():
+        raise InputError(
+            f"{p}: the header claims {(need - offset) / 2**30:.1f} GiB of voxels {shape}, more "
+            "than this machine can hold; the file is corrupt or needs a bigger machine"
+        )
     have = 0
     if p.name.lower().endswith(".gz"):
         try:
             with gzip.open(p, "rb") as fh:
-                while chunk := fh.read(1 << 16):
+                while have < need and (chunk := fh.read(1 << 16)):
                     have += len(chunk)
         except (EOFError, OSError, zlib.error):
             raise InputError(
