@@ -44,7 +44,7 @@ _ITK_LOCK = threading.RLock()
 
 @contextlib.contextmanager
 def itk_quiet() -> Iterator[list[str]]:
-    """Run ITK code with its warning display off and C-level stderr captured.
+    """Run ITK code with its warning display off and C-level stdout/stderr captured.
 
     ITK, niftilib and vnl print multi-line diagnostics straight to file descriptor 2
     (``vnl_svd ... suspicious return value``, ``** ERROR: NWAD: wrote only N of M bytes``). Inside
@@ -55,27 +55,46 @@ def itk_quiet() -> Iterator[list[str]]:
 
     sitk.ProcessObject_SetGlobalWarningDisplay(False)
     lines: list[str] = []
-    text = ""
-    with _ITK_LOCK, tempfile.TemporaryFile() as cap:
-        sys.stderr.flush()
-        saved = os.dup(2)
-        os.dup2(cap.fileno(), 2)
+    texts: dict[int, str] = {}
+    with _ITK_LOCK, tempfile.TemporaryFile() as cap1, tempfile.TemporaryFile() as cap2:
+        caps = {1: cap1, 2: cap2}
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(OSError, ValueError, AttributeError):
+                stream.flush()
+        saved = {fd: os.dup(fd) for fd in caps}
+        for fd, cap in caps.items():
+            os.dup2(cap.fileno(), fd)
         try:
             yield lines
         finally:
-            with contextlib.suppress(OSError, ValueError):
-                sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
-            cap.seek(0)
-            text = cap.read(1 << 20).decode("utf-8", "replace")
-    other: list[str] = []
-    lines.extend(_itk_messages(text, other))
-    if other:
-        sys.stderr.write("\n".join(other) + "\n")
+            for stream in (sys.stdout, sys.stderr):
+                with contextlib.suppress(OSError, ValueError, AttributeError):
+                    stream.flush()
+            for fd, cap in caps.items():
+                os.dup2(saved[fd], fd)
+                os.close(saved[fd])
+                cap.seek(0)
+                texts[fd] = cap.read(1 << 20).decode("utf-8", "replace")
+    for fd, text in texts.items():
+        other: list[str] = []
+        lines.extend(_itk_messages(text, other))
+        if other:
+            (sys.stdout if fd == 1 else sys.stderr).write("\n".join(other) + "\n")
 
 
-_ITK_MARKERS = ("itk", "ITK", "vnl_", "** ERROR", "nifti", "NIFTI", "WARNING: In", "ERROR: In")
+_ITK_MARKERS = (
+    "itk",
+    "ITK",
+    "vnl_",
+    "** ERROR",
+    "nifti",
+    "NIFTI",
+    "WARNING: In",
+    "ERROR: In",
+    "Uncompress failed",
+    "gzip",
+    "zlib",
+)
 
 
 def _itk_messages(text: str, other: list[str]) -> list[str]:
@@ -102,6 +121,12 @@ def _itk_messages(text: str, other: list[str]) -> list[str]:
             other.append(raw)
     flush()
     return out
+
+
+def _is_error(msg: str) -> bool:
+    """Whether a captured ITK line reports a failure (not a warning)."""
+    low = msg.lower()
+    return "error" in low or "failed" in low or "wrote only" in low
 
 
 def _itk_warning(msg: str) -> str:
@@ -152,6 +177,9 @@ def read_image(path: str | os.PathLike[str]) -> Volume:
             raise InputError(
                 f"{p}: cannot read image (truncated or corrupt?): {msg.strip()[:200]}"
             ) from None
+    failed = [m for m in diag if _is_error(m)]
+    if failed:
+        raise InputError(f"{p}: cannot read image (truncated or corrupt?): {failed[0][:200]}")
     nifti_labels: dict[int, str] | None = None
     if _fmt(p) == "nifti":
         nifti_labels = _nifti_label_table(hdr)
@@ -272,7 +300,7 @@ def write_image(
         except RuntimeError as exc:
             reason = _write_reason(p, vol, str(exc), diag)
             raise OutputError(f"{name}: cannot write: {reason}") from None
-    errors = [m for m in diag if "ERROR" in m or "rror" in m]
+    errors = [m for m in diag if _is_error(m)]
     if errors:
         raise OutputError(f"{name}: cannot write: {_write_reason(p, vol, errors[0], diag)}")
     verify_image(p, vol, target=name)
@@ -342,6 +370,21 @@ def verify_image(
         )
 
 
+@contextlib.contextmanager
+def _nibabel_silent() -> Iterator[None]:
+    import logging
+
+    import nibabel as nib
+
+    log = nib.imageglobals.logger
+    level = log.level
+    log.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
 def _check_nifti_complete(p: Path) -> Any:
     """Raise :class:`InputError` when a NIfTI file holds fewer voxel bytes than its header says;
     return the nibabel header otherwise."""
@@ -351,7 +394,7 @@ def _check_nifti_complete(p: Path) -> Any:
     import nibabel as nib
 
     try:
-        with nib.imageglobals.LoggingOutputSuppressor():  # no header-fix chatter on stderr
+        with _nibabel_silent():  # no header-fix chatter ("vox offset 0 too low ...")
             nimg = nib.load(str(p))
         hdr = nimg.header
         offset = int(getattr(nimg.dataobj, "offset", 0) or hdr.get_data_offset())
