@@ -197,6 +197,8 @@ def read_image(path: str | os.PathLike[str]) -> Volume:
         meta["labels"] = nifti_labels
     vol = Volume.from_sitk(img, meta)
     _check_geometry(p, vol, warnings)
+    if hdr is not None:
+        _check_sform(hdr, warnings)
     if vol.array.dtype.kind == "f" and not np.all(np.isfinite(vol.array)):
         n = int(np.size(vol.array) - np.count_nonzero(np.isfinite(vol.array)))
         raise InputError(f"{p}: {n} voxels are NaN or infinite; fix or mask the image first")
@@ -265,6 +267,31 @@ def _check_geometry(p: Path, vol: Volume, warnings: list[str]) -> None:
         msg = "the image direction matrix is degenerate or not orthogonal (ITK's SVD complained)"
         if msg not in warnings:
             warnings.append(msg)
+
+
+_SFORM_WARNING = (
+    "the NIfTI sform's scales {scales} disagree with the voxel sizes {pix} in the header "
+    "(ITK then uses the qform); check the file's geometry"
+)
+
+
+def _check_sform(hdr: Any, warnings: list[str]) -> None:
+    """Our check of what ITK's suppressed "unexpected scales in sform" warning says."""
+    try:
+        if int(hdr["sform_code"]) <= 0:
+            return
+        scales = np.linalg.norm(np.asarray(hdr.get_sform())[:3, :3], axis=0)
+        pix = np.abs(np.asarray(hdr["pixdim"][1:4], dtype=float))
+    except (ValueError, TypeError, KeyError, IndexError):
+        return
+    if np.all(np.isfinite(scales)) and not np.allclose(scales, pix, rtol=1e-3, atol=1e-5):
+        msg = _SFORM_WARNING.format(
+            scales=tuple(round(float(v), 4) for v in scales),
+            pix=tuple(round(float(v), 4) for v in pix),
+        )
+        text = "the NIfTI sform/qform is inconsistent with the voxel sizes (ITK used the qform)"
+        warnings[:] = [w for w in warnings if w != text]
+        warnings.append(msg)
 
 
 def write_image(
