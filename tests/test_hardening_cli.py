@@ -47,6 +47,9 @@ def test_ctrl_c_exits_130_and_leaves_nothing(tmp_path: Path) -> None:
         env=_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
+        # a terminal's Ctrl-C: SIGINT at its default even if this test process ignores it (an
+        # ignored SIGINT is inherited, and Python then installs no KeyboardInterrupt handler)
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         # wait until the command is writing (its staging folder exists), then press Ctrl-C
