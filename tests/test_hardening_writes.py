@@ -26,7 +26,7 @@ import pytest
 from medseg.errors import OutputError
 from medseg.io import atomic
 from medseg.io.atomic import atomic_path, write_csv, write_json, write_text
-from medseg.io.files import read_volume, write_labels, write_volume
+from medseg.io.files import read_volume, write_labels, write_sitk_image, write_volume
 from medseg.volume import LabelMap, Volume
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -114,6 +114,15 @@ def test_cli_segment_under_file_size_limit(tmp_path: Path):
     """``segment --out p.nii --json r.json``: neither output exists after a short write."""
     from medseg.phantom import make_phantom
 
+    # matplotlib (imported by a dependency) builds its font cache on first import and says so
+    # on stderr when it cannot: build it first, without the limit
+    subprocess.run(
+        [sys.executable, "-c", "import matplotlib.font_manager"],
+        env=_env(),
+        capture_output=True,
+        timeout=120,
+    )
+
     img, _ = make_phantom(shape=(16, 64, 64), seed=3)
     write_volume(img, tmp_path / "img.nii.gz")
     out = tmp_path / "out"
@@ -160,14 +169,18 @@ def _fail_replace(*_a: object, **_k: object) -> None:
 
 
 def test_failing_replace_leaves_nothing(small_vol: Volume, tmp_path: Path, monkeypatch):
+    import SimpleITK as sitk
+
     from medseg.io.datasets import write_msd_dataset
     from medseg.io.dicom_write import write_dicom_series
 
     lab = LabelMap((small_vol.array > 0).astype(np.uint8), labels={1: "x"}, **_geom(small_vol))
+    probs = sitk.GetImageFromArray(np.zeros((3, 4, 5, 2), np.float32), isVector=True)
     monkeypatch.setattr(os, "replace", _fail_replace)
     calls = [
         lambda: write_volume(small_vol, tmp_path / "a.nii.gz"),
         lambda: write_labels(lab, tmp_path / "l.nrrd"),
+        lambda: write_sitk_image(probs, tmp_path / "p.nii.gz"),
         lambda: write_volume(small_vol, tmp_path / "a.mhd"),
         lambda: write_json({"a": 1}, tmp_path / "r.json"),
         lambda: write_csv([{"a": 1}], tmp_path / "r.csv"),
@@ -327,7 +340,7 @@ def hang(*a, **k):  # the file is written, not yet verified or renamed: die here
     print("ready", flush=True)
     time.sleep(600)
 
-itk.verify_image = hang
+itk._verify_file = hang
 write_volume(Volume(np.ones((4, 8, 8), np.int16)), sys.argv[1])
 """
 
@@ -390,3 +403,17 @@ def test_os_reasons(err: int, words: str):
     assert isinstance(e, OutputError)
     assert str(e).startswith(f"/x/out.nii: cannot write: {words}")
     assert "\n" not in str(e)
+
+
+def test_write_sitk_image_vector_round_trip(tmp_path: Path):
+    import SimpleITK as sitk
+
+    arr = np.random.default_rng(1).random((3, 4, 5, 2)).astype(np.float32)
+    img = sitk.GetImageFromArray(arr, isVector=True)
+    img.SetSpacing((0.5, 0.75, 2.0))
+    for suffix in (".nii.gz", ".nrrd", ".mha"):
+        out = write_sitk_image(img, tmp_path / f"p{suffix}")
+        back = sitk.ReadImage(str(out))
+        np.testing.assert_array_equal(sitk.GetArrayFromImage(back), arr)
+        assert back.GetSpacing() == pytest.approx((0.5, 0.75, 2.0))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.mha", "p.nii.gz", "p.nrrd"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 from medseg.errors import InputError, MedsegError, OutputError
 from medseg.io.atomic import (
@@ -34,6 +35,7 @@ __all__ = [
     "write_csv",
     "write_json",
     "write_labels",
+    "write_sitk_image",
     "write_text",
     "write_volume",
 ]
@@ -209,6 +211,29 @@ def _write_detached(vol: Volume, o: Path) -> None:
     finally:
         with contextlib.suppress(OSError):
             shutil.rmtree(tmp)
+
+
+def write_sitk_image(
+    img: Any,
+    out: str | os.PathLike[str],
+    inputs: Iterable[str | os.PathLike[str]] = (),
+    overwrite: bool = False,
+) -> Path:
+    """Write a SimpleITK image (e.g. a vector image of class probabilities) atomically and
+    verified, like :func:`write_volume` (NIfTI / NRRD / MHA; its geometry is the image's own).
+
+    Raises:
+        OutputError: bad output path or the write failed (nothing is left at ``out``).
+    """
+    o = check_output_path(out, inputs, overwrite)
+    suf = image_suffix(o)
+    if suf is None or suf in (".mhd", ".nhdr"):
+        raise OutputError(f"{o}: unknown output type; use .nii.gz, .nii, .nrrd or .mha")
+    from medseg.io.itk import write_sitk
+
+    with atomic_path(o) as tmp:
+        write_sitk(img, tmp, target=o)
+    return o
 
 
 def write_labels(

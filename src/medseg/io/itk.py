@@ -311,26 +311,12 @@ def write_image(
         OutputError: the writer failed (its OS reason) or the file does not hold every voxel
             (ITK's NIfTI writer only prints ``NWAD`` to stderr and returns).
     """
-    import SimpleITK as sitk
-
     p = Path(path)
     name = Path(target) if target is not None else p
     img = vol.to_sitk()
     if isinstance(vol, LabelMap) and vol.labels:
         img.SetMetaData(_LABEL_KEY, json.dumps({str(k): v for k, v in vol.labels.items()}))
-    with itk_quiet() as diag:
-        try:
-            writer = sitk.ImageFileWriter()
-            writer.SetFileName(str(p))
-            writer.SetUseCompression(True)
-            writer.Execute(img)
-        except RuntimeError as exc:
-            reason = _write_reason(p, vol, str(exc), diag)
-            raise OutputError(f"{name}: cannot write: {reason}") from None
-    errors = [m for m in diag if _is_error(m)]
-    if errors:
-        raise OutputError(f"{name}: cannot write: {_write_reason(p, vol, errors[0], diag)}")
-    verify_image(p, vol, target=name)
+    write_sitk(img, p, target=name)
     if isinstance(vol, LabelMap) and vol.labels and _fmt(p) == "nifti":
         from medseg.io.atomic import output_error
 
@@ -341,7 +327,47 @@ def write_image(
         verify_image(p, vol, target=name)
 
 
-def _write_reason(p: Path, vol: Volume, detail: str, diag: list[str]) -> str:
+def write_sitk(
+    img: Any, path: str | os.PathLike[str], target: str | os.PathLike[str] | None = None
+) -> None:
+    """Write a SimpleITK image (any pixel type, vector images too) to ``path`` with compression,
+    ITK's diagnostics captured, and verify the file (every voxel byte present, reads back).
+
+    Not atomic by itself: wrap it in :func:`medseg.io.atomic.atomic_path`, e.g.::
+
+        with atomic_path(out) as tmp:
+            write_sitk(img, tmp, target=out)
+
+    Raises:
+        OutputError: naming ``target`` (default ``path``) and the reason ("disk full", "file too
+            large", ...).
+    """
+    import SimpleITK as sitk
+
+    p = Path(path)
+    name = Path(target) if target is not None else p
+    nbytes = _nbytes(img)
+    with itk_quiet() as diag:
+        try:
+            writer = sitk.ImageFileWriter()
+            writer.SetFileName(str(p))
+            writer.SetUseCompression(True)
+            writer.Execute(img)
+        except RuntimeError as exc:
+            reason = _write_reason(nbytes, str(exc), diag)
+            raise OutputError(f"{name}: cannot write: {reason}") from None
+    errors = [m for m in diag if _is_error(m)]
+    if errors:
+        raise OutputError(f"{name}: cannot write: {_write_reason(nbytes, errors[0], diag)}")
+    _verify_file(p, tuple(int(v) for v in img.GetSize()), nbytes, name)
+
+
+def _nbytes(img: Any) -> int:
+    n = int(img.GetNumberOfPixels()) * int(img.GetNumberOfComponentsPerPixel())
+    return n * int(img.GetSizeOfPixelComponent())
+
+
+def _write_reason(nbytes: int, detail: str, diag: list[str]) -> str:
     from medseg.io.atomic import short_write_reason
 
     text = " ".join([detail, *diag]).lower()
@@ -349,9 +375,8 @@ def _write_reason(p: Path, vol: Volume, detail: str, diag: list[str]) -> str:
         return "disk full"
     if "permission" in text:
         return "permission denied"
-    need = int(vol.array.nbytes) + 352
     if "wrote only" in text or "expected" in text or "write" in text:
-        return short_write_reason(need)
+        return short_write_reason(nbytes + 352)
     return " ".join(detail.split())[:200]
 
 
@@ -361,14 +386,20 @@ def verify_image(
     """Check that the image file at ``path`` holds ``vol``'s grid and every voxel byte.
 
     ``.nii``: file size = header + voxels; ``.nii.gz``: decompressed length; NRRD/MHA: read back
-    with SimpleITK (size and pixel count).
+    with SimpleITK (size, no decompression error).
 
     Raises:
         OutputError: the file is short, unreadable, or of another size.
     """
+    size = tuple(int(v) for v in reversed(vol.shape))
+    _verify_file(Path(path), size, int(vol.array.nbytes), target)
+
+
+def _verify_file(
+    p: Path, size_xyz: tuple[int, ...], nbytes: int, target: str | os.PathLike[str] | None
+) -> None:
     from medseg.io.atomic import short_write_reason
 
-    p = Path(path)
     name = Path(target) if target is not None else p
     if not p.is_file():
         raise OutputError(f"{name}: cannot write: the writer produced no file")
@@ -377,23 +408,25 @@ def verify_image(
             _check_nifti_complete(p)
         except InputError:
             raise OutputError(
-                f"{name}: cannot write: {short_write_reason(int(vol.array.nbytes))} (the written "
-                "file is incomplete); nothing was written"
+                f"{name}: cannot write: {short_write_reason(nbytes)} (the written file is "
+                "incomplete); nothing was written"
             ) from None
         return
     import SimpleITK as sitk
 
-    with itk_quiet():
+    with itk_quiet() as diag:
         try:
             back = sitk.ReadImage(str(p))
         except RuntimeError:
-            raise OutputError(
-                f"{name}: cannot write: {short_write_reason(int(vol.array.nbytes))} (the written "
-                "file does not read back); nothing was written"
-            ) from None
-    if tuple(back.GetSize())[:3] != tuple(reversed(vol.shape)):
+            back = None
+    if back is None or any(_is_error(m) for m in diag):
         raise OutputError(
-            f"{name}: cannot write: the written file has another size; nothing written"
+            f"{name}: cannot write: {short_write_reason(nbytes)} (the written file does not "
+            "read back); nothing was written"
+        )
+    if tuple(int(v) for v in back.GetSize())[: len(size_xyz)] != size_xyz[: back.GetDimension()]:
+        raise OutputError(
+            f"{name}: cannot write: the written file has another size; nothing was written"
         )
 
 
