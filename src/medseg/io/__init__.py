@@ -19,6 +19,7 @@ from medseg.io.files import (
     write_csv,
     write_json,
     write_labels,
+    write_sitk_image,
     write_text,
     write_volume,
 )
@@ -34,6 +35,7 @@ __all__ = [
     "write_csv",
     "write_json",
     "write_labels",
+    "write_sitk_image",
     "write_text",
     "write_volume",
 ]

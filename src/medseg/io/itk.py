@@ -61,7 +61,12 @@ def itk_quiet() -> Iterator[list[str]]:
         for stream in (sys.stdout, sys.stderr):
             with contextlib.suppress(OSError, ValueError, AttributeError):
                 stream.flush()
-        saved = {fd: os.dup(fd) for fd in caps}
+        saved: dict[int, int] = {}
+        for fd in list(caps):
+            try:
+                saved[fd] = os.dup(fd)
+            except OSError:  # no such descriptor (a daemon, pythonw): nothing to capture
+                del caps[fd]
         for fd, cap in caps.items():
             os.dup2(cap.fileno(), fd)
         try:
