@@ -132,14 +132,19 @@ def read_labels(
     """
     vol = read_volume(path)
     table = dict(labels or {}) or _label_table_near(Path(path)) or vol.meta.get("labels", {})
-    lm = LabelMap(
-        array=vol.array,
-        labels=table,
-        meta=vol.meta,
-        spacing=vol.spacing,
-        origin=vol.origin,
-        direction=vol.direction,
-    )
+    try:
+        lm = LabelMap(
+            array=vol.array,
+            labels=table,
+            meta=vol.meta,
+            spacing=vol.spacing,
+            origin=vol.origin,
+            direction=vol.direction,
+        )
+    except MedsegError:
+        raise
+    except (ValueError, TypeError, OverflowError) as exc:  # e.g. a corrupt label-table entry
+        raise InputError(f"{path}: not a usable label map ({_one_line(exc)})") from None
     if reference is not None:
         check_same_grid(lm, reference)
     return lm
