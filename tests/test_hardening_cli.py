@@ -158,3 +158,15 @@ def test_itk_diagnostics_become_warnings_not_stderr(tmp_path: Path, capfd) -> No
     code = f"import SimpleITK as s; s.ReadImage({str(p)!r})"
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert "unexpected scales in sform" in res.stderr
+
+
+def test_weights_download_into_unwritable_home_is_a_weights_error(tmp_path: Path) -> None:
+    """Checked before any network access: the message names the folder and what to do."""
+    from medseg.errors import WeightsError
+    from medseg.models.weights import download_file
+
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(WeightsError, match=r"cannot store weights in .*set MEDSEG_HOME"):
+        download_file("http://127.0.0.1:9/w.pth", blocker / "weights" / "w.pth", None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
