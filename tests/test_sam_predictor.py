@@ -356,3 +356,31 @@ def test_random_model_never_uses_disk_cache(phantom, tmp_path):
     p = VolumePredictor(phantom, model, cache_dir=tmp_path / "c")
     p.embed(0)
     assert p.cache_info()["disk_dir"] is None and not (tmp_path / "c").exists()
+
+
+def test_cache_wrong_shape_entry_is_recomputed(tiny, phantom, tmp_path):
+    """A planted entry of the wrong shape (or dtype) is a miss: the predictor re-embeds the slice
+    instead of failing in the mask decoder with a torch RuntimeError."""
+    a = VolumePredictor(phantom, tiny, cache_dir=tmp_path)
+    ref = a.predict(1, box_rc=(12, 9, 36, 27)).masks
+    target = a.cache.path(1)
+    for bad in (np.zeros((1, 256, 32, 32), np.float32), np.zeros((1, 256, 64, 64), np.float16)):
+        np.save(target, bad)
+        b = VolumePredictor(phantom, tiny, cache_dir=tmp_path)
+        np.testing.assert_array_equal(b.predict(1, box_rc=(12, 9, 36, 27)).masks, ref)
+        assert b.cache_info()["encoder_calls"] == 1 and b.cache_info()["disk_errors"] == 1
+        assert np.load(target).shape == (1, 256, 64, 64)
+
+
+def test_cache_key_spacing_and_axis(tiny, phantom, tmp_path):
+    """The same array with another spacing, sliced along y, is another entry."""
+    a = VolumePredictor(phantom, tiny, cache_dir=tmp_path, axis="y")
+    a.embed(3)
+    other = dataclasses.replace(phantom, spacing=(phantom.spacing[0] * 2, *phantom.spacing[1:]))
+    b = VolumePredictor(other, tiny, cache_dir=tmp_path, axis="y")
+    assert a.cache.base_key["spacing"] != b.cache.base_key["spacing"]
+    assert not b.is_cached(3)
+    assert a.cache.key(3) != b.cache.key(3)
+    c = VolumePredictor(phantom, tiny, cache_dir=tmp_path, axis="x")
+    assert not c.is_cached(3)
+    assert VolumePredictor(phantom, tiny, cache_dir=tmp_path, axis="y").is_cached(3)

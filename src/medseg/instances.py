@@ -14,7 +14,6 @@ Conventions:
 
 from __future__ import annotations
 
-import csv
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -245,7 +244,7 @@ def write_lesion_table(
     Raises:
         OutputError: the path names an input, exists (without ``overwrite``) or is not writable.
     """
-    from medseg.io.files import atomic_path, check_output_path
+    from medseg.io.atomic import write_csv
 
     flat = [_flatten(r) for r in rows]
     cols: list[str] = []
@@ -264,13 +263,7 @@ def write_lesion_table(
             "centroid_x_vox",
             "max_diameter_mm",
         ]
-    o = check_output_path(path_csv, inputs, overwrite)
-    with atomic_path(o) as tmp, open(tmp, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=cols)
-        w.writeheader()
-        for r in flat:
-            w.writerow(r)
-    return o
+    return write_csv(flat, path_csv, columns=cols, inputs=inputs, overwrite=overwrite)
 
 
 #: Label names that mean "lesion" (the label whose components are instances).

@@ -855,13 +855,11 @@ def _write_probabilities(
     """``(C, z, y, x)`` probabilities → one vector image (components = classes) on the grid."""
     import SimpleITK as sitk
 
-    from medseg.io.files import atomic_path, check_output_path
+    from medseg.io.files import write_sitk_image
 
     assert probs is not None
-    o = check_output_path(out, inputs, overwrite=overwrite)
     img = sitk.GetImageFromArray(np.ascontiguousarray(np.moveaxis(probs, 0, -1)), isVector=True)
     img.SetSpacing(image.spacing_xyz)
     img.SetOrigin(image.origin)
     img.SetDirection(tuple(float(v) for v in image.direction.reshape(-1)))
-    with atomic_path(o) as tmp:
-        sitk.WriteImage(img, str(tmp), useCompression=True)
+    write_sitk_image(img, out, inputs=inputs, overwrite=overwrite)

@@ -21,17 +21,19 @@ Both become a :class:`Dataset`. Label tables are ``{value: name}`` without backg
 
 from __future__ import annotations
 
-import json
 import os
 import re
-import shutil
-import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from medseg.errors import InputError, OutputError
+from medseg.io.labeltable import (  # noqa: F401  (re-exported: the public name lives here too)
+    _parse_labels,
+    _read_json,
+    label_table_from_dataset_json,
+)
 
 if TYPE_CHECKING:
     from medseg.progress import ProgressCallback
@@ -87,68 +89,7 @@ class Dataset:
 
 
 # --------------------------------------------------------------------------- json
-def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise InputError(
-            f"{path}: no dataset.json; expected a Medical Segmentation Decathlon or nnU-Net raw "
-            "dataset folder"
-        )
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise InputError(
-            f"{path}: malformed JSON (line {exc.lineno}, column {exc.colno}: {exc.msg}); "
-            "fix the file"
-        ) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"{path}: cannot read: {exc}") from None
-    if not isinstance(data, dict):
-        raise InputError(f"{path}: dataset.json must hold a JSON object, got {type(data).__name__}")
-    return data
-
-
-def _parse_labels(raw: Any, where: str) -> dict[int, str]:
-    """MSD ``{"1": "liver"}`` or nnU-Net ``{"liver": 1}`` → ``{1: "liver"}`` (no background).
-
-    nnU-Net region entries (``"whole_tumor": [1, 2]``) are not single values and are skipped.
-    """
-    if not isinstance(raw, dict):
-        raise InputError(f'{where}: \'labels\' must be an object like {{"1": "liver"}}')
-    table: dict[int, str] = {}
-    for key, value in raw.items():
-        k = str(key).strip()
-        if re.fullmatch(r"-?\d+", k):  # MSD: value -> name
-            if not isinstance(value, str):
-                raise InputError(f"{where}: label {k} must map to a name, got {value!r}")
-            num, name = int(k), value
-        elif isinstance(value, bool):
-            raise InputError(f"{where}: label {k!r} must map to an integer, got {value!r}")
-        elif isinstance(value, int):  # nnU-Net: name -> value
-            num, name = value, k
-        elif isinstance(value, str) and re.fullmatch(r"\d+", value.strip()):
-            num, name = int(value), k
-        elif isinstance(value, list):
-            continue  # nnU-Net region (a set of values): not one label
-        else:
-            raise InputError(f"{where}: cannot read label entry {key!r}: {value!r}")
-        if num < 0:
-            raise InputError(f"{where}: label values must be >= 0, got {num} for {name!r}")
-        if num != 0:
-            table[num] = name
-    return dict(sorted(table.items()))
-
-
-def label_table_from_dataset_json(path: str | os.PathLike[str]) -> dict[int, str]:
-    """Label table ``{value: name}`` (background excluded) from an MSD or nnU-Net ``dataset.json``.
-
-    Raises:
-        InputError: missing/malformed file or no usable ``labels`` entry.
-    """
-    p = Path(path)
-    data = _read_json(p)
-    if "labels" not in data:
-        raise InputError(f'{p}: no \'labels\' entry; add e.g. "labels": {{"1": "liver"}}')
-    return _parse_labels(data["labels"], str(p))
+# ``dataset.json`` parsing lives in :mod:`medseg.io.labeltable` (also used by the readers).
 
 
 def _channels(data: dict[str, Any], key: str, where: str) -> dict[int, str]:
@@ -398,21 +339,14 @@ def write_msd_dataset(
     Raises:
         OutputError: ``root`` exists (and is not an empty folder) or cannot be created.
     """
+    from medseg.io.atomic import atomic_dir, write_json
     from medseg.io.itk import write_image
 
     out = Path(root)
     if out.exists() and not (out.is_dir() and not any(out.iterdir())):
         raise OutputError(f"{out}: already exists; choose a new folder for the dataset")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputError(f"{out}: cannot create folder {out.parent}: {exc.strerror}") from None
-    if not os.access(out.parent, os.W_OK):
-        raise OutputError(f"{out}: folder {out.parent} is not writable")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".part", dir=out.parent))
-    _chmod_like_mkdir(tmp)
     ids: list[str] = []
-    try:
+    with atomic_dir(out) as tmp:
         (tmp / "imagesTr").mkdir()
         (tmp / "labelsTr").mkdir()
         for case_id, img, lab in cases:
@@ -428,18 +362,5 @@ def write_msd_dataset(
         data = msd_dataset_json(
             ids, name=name, description=description, labels=labels, modality=modality, extra=extra
         )
-        (tmp / "dataset.json").write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-        if out.is_dir():
-            out.rmdir()  # empty (checked above)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        write_json(data, tmp / "dataset.json")
     return load_dataset(out)
-
-
-def _chmod_like_mkdir(path: Path) -> None:
-    """Give a ``mkdtemp`` folder (mode 0700) the permissions ``mkdir`` would (0777 & ~umask)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(path, 0o777 & ~mask)

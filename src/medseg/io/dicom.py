@@ -19,9 +19,11 @@ pydicom is imported inside functions only.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings as _warnings
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -332,7 +334,8 @@ def read_dicom_series(
 
     Raises:
         DicomError: empty folder / no DICOM, unknown series UID, no pixel data, truncated or
-            undecodable pixel data, slices that cannot be stacked.
+            undecodable pixel data, slices that cannot be stacked, or any failure of pydicom or
+            numpy on a damaged file (one line naming the file).
     """
 
     path = Path(folder)
@@ -341,15 +344,10 @@ def read_dicom_series(
     one_file: Path | None = None
     series_from_file = False
     if path.is_file():
-        one_file = path
-        path = path.parent
+        one_file, path = path, path.parent
         if series is None:
-            if not is_dicom_file(one_file):
-                raise DicomError(f"{one_file}: not a DICOM file")
-            ds = _dcmread(one_file, stop_before_pixels=True)
-            series = str(ds.get("SeriesInstanceUID", "") or "") or None
+            series = _series_of_file(one_file)
             series_from_file = series is not None
-
     n_scan = 0
     if scan is None:
         n_scan = sum(1 for _ in _list_files(path)) if path.is_dir() else 0
@@ -359,9 +357,53 @@ def read_dicom_series(
                 progress(done, 2 * max(total, 1))
 
         scan = scan_dicom_folder(path, progress=scan_progress if progress else None)
+    info, warnings = _choose_series(scan, series)
+    slices, no_geometry = _read_slices(path, info, warnings, progress, n_scan)
+    try:
+        prefer = one_file if series_from_file else None
+        array, spacing, origin, direction, stacked = _assemble(
+            path, info, slices, no_geometry, warnings, prefer
+        )
+        meta = _series_meta(stacked[0].ds, info, scan, one_file or path, len(stacked), warnings)
+    except DicomError:
+        raise
+    except Exception as exc:  # a damaged header value that pydicom parses lazily
+        raise DicomError(
+            f"{path}: series {info.uid} cannot be read ({type(exc).__name__}: {_one_line(exc)}); "
+            "a file is damaged — remove it or re-export the series"
+        ) from None
+    return Volume(array=array, spacing=spacing, origin=origin, direction=direction, meta=meta)
+
+
+def _series_of_file(one_file: Path) -> str | None:
+    """The SeriesInstanceUID of one DICOM file (``None`` when it has none)."""
+    if not is_dicom_file(one_file):
+        raise DicomError(f"{one_file}: not a DICOM file")
+    with _file_errors(one_file):
+        ds = _dcmread(one_file, stop_before_pixels=True)
+        return str(ds.get("SeriesInstanceUID", "") or "") or None
+
+
+@contextlib.contextmanager
+def _file_errors(f: Path) -> Iterator[None]:
+    """Turn any pydicom/numpy failure on ``f``'s bytes into one :class:`DicomError` line."""
+    try:
+        yield
+    except DicomError:
+        raise
+    except (KeyboardInterrupt, SystemExit, MemoryError):
+        raise
+    except Exception as exc:
+        raise DicomError(
+            f"{f}: cannot read DICOM file (truncated or damaged?): {type(exc).__name__}: "
+            f"{_one_line(exc)}; remove it or re-export the series"
+        ) from None
+
+
+def _choose_series(scan: DicomScan, series: str | None) -> tuple[SeriesInfo, list[str]]:
+    """The series to read (``series`` or the largest) and the scan's warning lines."""
     if not scan.series:
         raise DicomError(scan._nothing_found())
-
     warnings: list[str] = []
     if series is not None:
         info = scan.get(series)
@@ -379,26 +421,31 @@ def read_dicom_series(
         warnings.append(f"skipped {len(scan.skipped)} non-DICOM file(s): {names}{more}")
     for p, why in scan.unreadable:
         warnings.append(f"skipped unreadable DICOM file {p.name}: {why}")
+    return info, warnings
 
-    # ---- read the chosen series with pixels
+
+def _read_slices(
+    path: Path,
+    info: SeriesInfo,
+    warnings: list[str],
+    progress: ProgressCallback | None,
+    n_scan: int,
+) -> tuple[list[_Slice], list[Path]]:
+    """Read the series' files (with pixels); files without pixel data are skipped with a
+    warning. Returns the slices and the files lacking position/orientation."""
     total = n_scan + info.n_files
     slices: list[_Slice] = []
     no_pixels: list[Path] = []
     no_geometry: list[Path] = []
     for i, f in enumerate(info.files):
-        try:
+        with _file_errors(f):
             ds = _dcmread(f)
-        except Exception as exc:
-            raise DicomError(
-                f"{f}: cannot read DICOM file (truncated or damaged?): {_one_line(exc)}; "
-                "remove it or re-export the series"
-            ) from None
-        if progress is not None:
-            progress(n_scan + i + 1, total)
-        if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
-            no_pixels.append(f)
-            continue
-        slices.append(_make_slice(f, ds, no_geometry))
+            if progress is not None:
+                progress(n_scan + i + 1, total)
+            if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+                no_pixels.append(f)
+                continue
+            slices.append(_make_slice(f, ds, no_geometry))
     if not slices:
         raise DicomError(
             f"{path}: series {info.uid} has {info.n_files} file(s) but none holds pixel data "
@@ -409,50 +456,70 @@ def read_dicom_series(
             f"skipped {len(no_pixels)} file(s) without pixel data: "
             + ", ".join(p.name for p in no_pixels[:5])
         )
+    return slices, no_geometry
 
-    multi = [s for s in slices if int(s.ds.get("NumberOfFrames", 1) or 1) > 1]
+
+def _assemble(
+    path: Path,
+    info: SeriesInfo,
+    slices: list[_Slice],
+    no_geometry: list[Path],
+    warnings: list[str],
+    prefer: Path | None,
+) -> tuple[np.ndarray, tuple[float, float, float], np.ndarray, np.ndarray, list[_Slice]]:
+    """Stack the slices (or read the one multi-frame file): ``(array, spacing, origin,
+    direction, slices used)``."""
+    multi = [s for s in slices if _int(s.ds.get("NumberOfFrames", 1), 1) > 1]
     if multi:
         if len(slices) > 1:
             raise DicomError(
                 f"{path}: series {info.uid} mixes multi-frame and single-frame files; "
                 "read them as separate series"
             )
-        array, spacing, origin, direction = _read_multiframe(slices[0], warnings)
-        ds0 = slices[0].ds
-        stacked = slices
-    else:
-        if no_geometry and len(slices) > 1:
-            raise DicomError(
-                f"{path}: {len(no_geometry)} file(s) of series {info.uid} lack "
-                "ImagePositionPatient/ImageOrientationPatient (e.g. "
-                f"{no_geometry[0].name}); the slices cannot be ordered in space"
-            )
-        stacked = _select_slices(
-            slices, warnings, f"{path}: series {info.uid}", one_file if series_from_file else None
+        with _file_errors(slices[0].path):
+            array, spacing, origin, direction = _read_multiframe(slices[0], warnings)
+        return array, spacing, origin, direction, slices
+    if no_geometry and len(slices) > 1:
+        raise DicomError(
+            f"{path}: {len(no_geometry)} file(s) of series {info.uid} lack "
+            "ImagePositionPatient/ImageOrientationPatient (e.g. "
+            f"{no_geometry[0].name}); the slices cannot be ordered in space"
         )
-        array, spacing, origin, direction = _stack(stacked, warnings)
-        ds0 = stacked[0].ds
-        if no_geometry:
-            warnings.append(
-                f"{no_geometry[0].name} has no ImagePositionPatient/ImageOrientationPatient; "
-                "origin 0 and identity direction assumed"
-            )
+    stacked = _select_slices(slices, warnings, f"{path}: series {info.uid}", prefer)
+    array, spacing, origin, direction = _stack(stacked, warnings)
+    if no_geometry:
+        warnings.append(
+            f"{no_geometry[0].name} has no ImagePositionPatient/ImageOrientationPatient; "
+            "origin 0 and identity direction assumed"
+        )
+    return array, spacing, origin, direction, stacked
 
-    meta: dict[str, Any] = {
+
+def _series_meta(
+    ds0: Any, info: SeriesInfo, scan: DicomScan, source: Path, n: int, warnings: list[str]
+) -> dict[str, Any]:
+    """``Volume.meta`` of a series read from ``source`` (``ds0``: the first slice's header)."""
+    return {
         "modality": str(ds0.get("Modality", "") or info.modality),
         "series_uid": info.uid,
         "study_uid": str(ds0.get("StudyInstanceUID", "") or info.study_uid),
         "series_description": str(ds0.get("SeriesDescription", "") or info.description),
         "patient_position": str(ds0.get("PatientPosition", "") or ""),
-        "source": str(one_file or path),
+        "source": str(source),
         "format": "dicom",
-        "n_files": len(stacked),
+        "n_files": n,
         "skipped_files": scan.skipped_paths(),
         "warnings": warnings,
         "series_chosen": info.uid,
         "series_available": [s.uid for s in scan.series.values()],
     }
-    return Volume(array=array, spacing=spacing, origin=origin, direction=direction, meta=meta)
+
+
+def _int(value: Any, default: int) -> int:
+    try:
+        return int(value) if value not in (None, "") else default
+    except (TypeError, ValueError):
+        return default
 
 
 def _floats(value: Any, n: int) -> np.ndarray | None:
@@ -664,6 +731,11 @@ def _check_tilt(slices: list[_Slice], n: np.ndarray, warnings: list[str]) -> Non
 
 
 def _pixels(s: _Slice) -> np.ndarray:
+    with _file_errors(s.path):
+        return _pixels_of(s)
+
+
+def _pixels_of(s: _Slice) -> np.ndarray:
     ds = s.ds
     if int(ds.get("SamplesPerPixel", 1) or 1) != 1:
         raise DicomError(
@@ -686,16 +758,23 @@ def _pixels(s: _Slice) -> np.ndarray:
 
 def _check_length(s: _Slice) -> None:
     """Raise when native (uncompressed) pixel data is shorter than Rows x Columns x bits."""
+    from medseg.io.itk import max_image_bytes
+
     ds = s.ds
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    bits = int(ds.get("BitsAllocated", 16) or 16)
+    need = int(ds.get("Rows", 0) or 0) * int(ds.get("Columns", 0) or 0) * max(frames, 1)
+    need = (need * max(bits, 1) * int(ds.get("SamplesPerPixel", 1) or 1) + 7) // 8
+    if need > max_image_bytes() or frames < 0 or bits < 0:
+        raise DicomError(
+            f"{s.path}: the header claims {need} bytes of pixels (Rows x Columns x frames); "
+            "the file is corrupt or needs a bigger machine"
+        )
     ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
     if ts is not None and getattr(ts, "is_compressed", False):
         return
     if "PixelData" not in ds:
         return
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
-    bits = int(ds.get("BitsAllocated", 16) or 16)
-    need = int(ds.get("Rows", 0) or 0) * int(ds.get("Columns", 0) or 0) * frames
-    need = (need * bits + 7) // 8
     have = len(ds.PixelData)
     if have < need:
         raise DicomError(

@@ -21,20 +21,21 @@ with intercept 0); float data are quantised linearly to 16 bits (not exact; the 
 
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
+import errno
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from medseg.errors import InputError, OutputError
+from medseg.errors import InputError
+from medseg.io.atomic import atomic_dir, prepare_output_dir
 from medseg.volume import Volume
 
 if TYPE_CHECKING:
+    from pydicom.dataset import Dataset
+
     from medseg.progress import ProgressCallback
 
 #: SOP Class UIDs of the single-frame image storage classes we write.
@@ -87,23 +88,6 @@ def _uid(seed: str | None, *parts: Any) -> str:
     return str(generate_uid(entropy_srcs=[seed, *[str(p) for p in parts]]))
 
 
-def _prepare_folder(folder: Path, overwrite: bool) -> None:
-    if folder.exists() and not folder.is_dir():
-        raise OutputError(f"{folder}: exists and is a file; give a folder for the DICOM series")
-    if folder.is_dir() and any(folder.iterdir()) and not overwrite:
-        raise OutputError(
-            f"{folder}: folder exists and is not empty; choose another folder or pass --overwrite"
-        )
-    try:
-        folder.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputError(
-            f"{folder}: cannot create folder {folder.parent}: {exc.strerror}"
-        ) from None
-    if not os.access(folder.parent, os.W_OK):
-        raise OutputError(f"{folder}: folder {folder.parent} is not writable")
-
-
 def write_dicom_series(
     vol: Volume,
     folder: str | os.PathLike[str],
@@ -122,8 +106,9 @@ def write_dicom_series(
 ) -> list[Path]:
     """Write ``vol`` as a DICOM series, one file per z slice, atomically.
 
-    The files are written into a temporary folder beside ``folder`` and renamed onto it at the
-    end, so ``folder`` is either complete or untouched.
+    The files are written into a temporary folder beside ``folder`` (:func:`medseg.io.atomic.
+    atomic_dir`), each checked to hold its pixel data, and renamed onto it at the end, so
+    ``folder`` is either complete or untouched.
 
     Args:
         vol: the volume; ``array`` ``(z, y, x)`` (CT in HU), geometry in LPS.
@@ -145,149 +130,155 @@ def write_dicom_series(
 
     Raises:
         InputError: unknown modality, NaN values, unsupported voxel type.
-        OutputError: the folder exists (without ``overwrite``) or cannot be written.
+        OutputError: the folder exists (without ``overwrite``) or cannot be written (disk full,
+            file-size limit, permission denied: nothing is left at ``folder``).
     """
-    import pydicom
-    from pydicom.dataset import FileMetaDataset
-    from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian
-
     mod = modality.upper()
     if mod not in SOP_CLASSES:
         raise InputError(
             f"modality {modality!r} cannot be written; use one of {sorted(SOP_CLASSES)}"
         )
-    out = Path(folder)
-    _prepare_folder(out, overwrite)
+    out = prepare_output_dir(folder, overwrite)
     stored, slope, intercept, pixel_rep = _pixel_encoding(vol.array)
     le_dtype = np.dtype("<i2") if pixel_rep else np.dtype("<u2")
-
     series_uid = series_uid or _uid(uid_seed, "series")
-    study_uid = study_uid or str(vol.meta.get("study_uid") or "") or _uid(uid_seed, "study")
-    for_uid = (
-        frame_of_reference_uid
+    common = _series_header(
+        vol,
+        mod,
+        series_uid=series_uid,
+        study_uid=study_uid or str(vol.meta.get("study_uid") or "") or _uid(uid_seed, "study"),
+        for_uid=frame_of_reference_uid
         or str(vol.meta.get("frame_of_reference_uid") or "")
-        or _uid(uid_seed, "frame_of_reference")
+        or _uid(uid_seed, "frame_of_reference"),
+        patient_id=patient_id,
+        patient_name=patient_name,
+        series_description=series_description,
+        series_number=series_number,
     )
-    d = vol.direction
-    row_cos, col_cos = d[:, 0], d[:, 1]
-    iop = [_ds_str(float(v)) for v in (*row_cos, *col_cos)]
-    normal = np.cross(row_cos, col_cos)
-    nz, ny, nx = vol.shape
+    common.RescaleIntercept = _ds_str(intercept)
+    common.RescaleSlope = _ds_str(slope)
+    common.PixelRepresentation = pixel_rep
+    nz = vol.shape[0]
     positions = vol.index_to_world(np.stack([np.arange(nz), np.zeros(nz), np.zeros(nz)], axis=1))
-    now = _dt.datetime.now(_dt.timezone.utc)
-    date, time = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
-    sop_class = SOP_CLASSES[mod]
+    normal = np.cross(vol.direction[:, 0], vol.direction[:, 1])
+    names = [f"slice_{k:04d}.dcm" for k in range(nz)]
+    plane_bytes = int(stored[0].nbytes)
 
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".part", dir=out.parent))
-    _chmod_like_mkdir(tmp)
-    written: list[Path] = []
-    try:
+    def verify(tmp: Path) -> None:
+        for n in names:
+            if (tmp / n).stat().st_size < plane_bytes:
+                raise OSError(errno.EIO, f"{n} is shorter than its pixel data")
+
+    with atomic_dir(out, verify=verify, overwrite=overwrite) as tmp:
         for k in range(nz):
-            sop_uid = _uid(uid_seed, "sop", series_uid, k)
-            fm = FileMetaDataset()
-            fm.MediaStorageSOPClassUID = sop_class
-            fm.MediaStorageSOPInstanceUID = sop_uid
-            fm.TransferSyntaxUID = ExplicitVRLittleEndian
-            fm.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-            ds = pydicom.Dataset()
-            ds.file_meta = fm
-            ds.SpecificCharacterSet = "ISO_IR 192"
-            ds.SOPClassUID = sop_class
-            ds.SOPInstanceUID = sop_uid
-            ds.ImageType = ["DERIVED", "SECONDARY", "AXIAL"]
-            ds.InstanceCreationDate = date
-            ds.InstanceCreationTime = time
-            # patient / study / series / equipment
-            ds.PatientName = patient_name if patient_name is not None else f"{patient_id}^"
-            ds.PatientID = patient_id
-            ds.PatientBirthDate = ""
-            ds.PatientSex = ""
-            ds.StudyInstanceUID = study_uid
-            ds.StudyDate = date
-            ds.StudyTime = time
-            ds.StudyID = "1"
-            ds.AccessionNumber = ""
-            ds.ReferringPhysicianName = ""
-            ds.Modality = mod
-            ds.SeriesInstanceUID = series_uid
-            ds.SeriesNumber = int(series_number)
-            ds.SeriesDescription = series_description
-            ds.PatientPosition = str(vol.meta.get("patient_position") or "HFS")
-            ds.SeriesDate = date
-            ds.SeriesTime = time
-            ds.ContentDate = date
-            ds.ContentTime = time
-            ds.Manufacturer = "medseg"
-            ds.FrameOfReferenceUID = for_uid
-            ds.PositionReferenceIndicator = ""
-            # image plane
-            ds.InstanceNumber = k + 1
-            ds.AcquisitionNumber = 1
-            ds.ImagePositionPatient = [_ds_str(float(v)) for v in positions[k]]
-            ds.ImageOrientationPatient = iop
-            ds.PixelSpacing = [_ds_str(vol.spacing[1]), _ds_str(vol.spacing[2])]
-            ds.SliceThickness = _ds_str(vol.spacing[0])
-            ds.SpacingBetweenSlices = _ds_str(vol.spacing[0])
-            ds.SliceLocation = _ds_str(float(np.dot(positions[k], normal)))
-            # pixels
-            ds.SamplesPerPixel = 1
-            ds.PhotometricInterpretation = "MONOCHROME2"
-            ds.Rows = ny
-            ds.Columns = nx
-            ds.BitsAllocated = 16
-            ds.BitsStored = 16
-            ds.HighBit = 15
-            ds.PixelRepresentation = pixel_rep
-            ds.RescaleIntercept = _ds_str(intercept)
-            ds.RescaleSlope = _ds_str(slope)
-            if mod == "CT":
-                ds.RescaleType = "HU"
-                ds.KVP = ""
-                ds.WindowCenter = "40"
-                ds.WindowWidth = "400"
-            else:
-                ds.RescaleType = "US"
-                ds.ScanningSequence = "RM"
-                ds.SequenceVariant = "NONE"
-                ds.ScanOptions = ""
-                ds.MRAcquisitionType = "3D"
-                ds.EchoTime = ""
-                ds.RepetitionTime = ""
-                ds.EchoTrainLength = ""
-                ds.MagneticFieldStrength = ""
+            ds = _slice_dataset(common, k, positions[k], normal, uid_seed)
             ds.PixelData = np.ascontiguousarray(stored[k], dtype=le_dtype).tobytes()
-            path = tmp / f"slice_{k:04d}.dcm"
-            ds.save_as(path, enforce_file_format=True)
-            written.append(path)
+            ds.save_as(tmp / names[k], enforce_file_format=True)
             if progress is not None:
                 progress(k + 1, nz)
-        _swap_into_place(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return [out / p.name for p in written]
+    return [out / n for n in names]
 
 
-def _swap_into_place(tmp: Path, out: Path) -> None:
-    """Rename ``tmp`` onto ``out``; an existing ``out`` is moved aside first and removed after."""
-    old: Path | None = None
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-        old.rmdir()
-        os.replace(out, old)
-    try:
-        os.replace(tmp, out)
-    except OSError:
-        if old is not None:
-            with contextlib.suppress(OSError):
-                os.replace(old, out)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+def _series_header(
+    vol: Volume,
+    mod: str,
+    *,
+    series_uid: str,
+    study_uid: str,
+    for_uid: str,
+    patient_id: str,
+    patient_name: str | None,
+    series_description: str,
+    series_number: int,
+) -> Dataset:
+    """The attributes every slice of the series shares (patient, study, series, plane, pixels)."""
+    import pydicom
+
+    now = _dt.datetime.now(_dt.timezone.utc)
+    date, time = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
+    ds = pydicom.Dataset()
+    ds.SpecificCharacterSet = "ISO_IR 192"
+    ds.SOPClassUID = SOP_CLASSES[mod]
+    ds.ImageType = ["DERIVED", "SECONDARY", "AXIAL"]
+    ds.InstanceCreationDate = date
+    ds.InstanceCreationTime = time
+    # patient / study / series / equipment
+    ds.PatientName = patient_name if patient_name is not None else f"{patient_id}^"
+    ds.PatientID = patient_id
+    ds.PatientBirthDate = ""
+    ds.PatientSex = ""
+    ds.StudyInstanceUID = study_uid
+    ds.StudyDate = date
+    ds.StudyTime = time
+    ds.StudyID = "1"
+    ds.AccessionNumber = ""
+    ds.ReferringPhysicianName = ""
+    ds.Modality = mod
+    ds.SeriesInstanceUID = series_uid
+    ds.SeriesNumber = int(series_number)
+    ds.SeriesDescription = series_description
+    ds.PatientPosition = str(vol.meta.get("patient_position") or "HFS")
+    ds.SeriesDate = date
+    ds.SeriesTime = time
+    ds.ContentDate = date
+    ds.ContentTime = time
+    ds.Manufacturer = "medseg"
+    ds.FrameOfReferenceUID = for_uid
+    ds.PositionReferenceIndicator = ""
+    # image plane (the per-slice position is set by _slice_dataset)
+    d = vol.direction
+    ds.ImageOrientationPatient = [_ds_str(float(v)) for v in (*d[:, 0], *d[:, 1])]
+    ds.PixelSpacing = [_ds_str(vol.spacing[1]), _ds_str(vol.spacing[2])]
+    ds.SliceThickness = _ds_str(vol.spacing[0])
+    ds.SpacingBetweenSlices = _ds_str(vol.spacing[0])
+    ds.AcquisitionNumber = 1
+    # pixels
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows = vol.shape[1]
+    ds.Columns = vol.shape[2]
+    ds.BitsAllocated = 16
+    ds.BitsStored = 16
+    ds.HighBit = 15
+    if mod == "CT":
+        ds.RescaleType = "HU"
+        ds.KVP = ""
+        ds.WindowCenter = "40"
+        ds.WindowWidth = "400"
+    else:
+        ds.RescaleType = "US"
+        ds.ScanningSequence = "RM"
+        ds.SequenceVariant = "NONE"
+        ds.ScanOptions = ""
+        ds.MRAcquisitionType = "3D"
+        ds.EchoTime = ""
+        ds.RepetitionTime = ""
+        ds.EchoTrainLength = ""
+        ds.MagneticFieldStrength = ""
+    return ds
 
 
-def _chmod_like_mkdir(path: Path) -> None:
-    """Give a ``mkdtemp`` folder (mode 0700) the permissions ``mkdir`` would (0777 & ~umask)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(path, 0o777 & ~mask)
+def _slice_dataset(
+    common: Dataset, k: int, position: np.ndarray, normal: np.ndarray, uid_seed: str | None
+) -> Dataset:
+    """Slice ``k``: a copy of the shared header with its own SOP instance, file meta and position
+    (``position`` LPS mm of voxel ``(k, 0, 0)``; ``SliceLocation`` is its distance along
+    ``normal``)."""
+    import copy
+
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian
+
+    ds = copy.deepcopy(common)
+    sop_uid = _uid(uid_seed, "sop", str(common.SeriesInstanceUID), k)
+    fm = FileMetaDataset()
+    fm.MediaStorageSOPClassUID = common.SOPClassUID
+    fm.MediaStorageSOPInstanceUID = sop_uid
+    fm.TransferSyntaxUID = ExplicitVRLittleEndian
+    fm.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    ds.file_meta = fm
+    ds.SOPInstanceUID = sop_uid
+    ds.InstanceNumber = k + 1
+    ds.ImagePositionPatient = [_ds_str(float(v)) for v in position]
+    ds.SliceLocation = _ds_str(float(np.dot(position, normal)))
+    return ds

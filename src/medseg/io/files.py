@@ -1,16 +1,44 @@
-"""Path dispatch, atomic writes and the output-path rules shared by every writer."""
+"""Path dispatch for reading and writing volumes and label maps.
+
+The atomic writer and the output-path rules live in :mod:`medseg.io.atomic` (re-exported here);
+``read_volume`` / ``read_labels`` turn every failure of the underlying libraries on untrusted bytes
+into one-line :class:`~medseg.errors.InputError` messages.
+"""
 
 from __future__ import annotations
 
-import contextlib
 import os
-import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from medseg.errors import InputError, OutputError
+from medseg.errors import InputError, MedsegError, OutputError
+from medseg.io.atomic import (
+    atomic_dir,
+    atomic_path,
+    check_output_path,
+    output_error,
+    write_csv,
+    write_json,
+    write_text,
+)
 from medseg.volume import LabelMap, Volume, check_same_grid
+
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "atomic_dir",
+    "atomic_path",
+    "check_output_path",
+    "image_suffix",
+    "read_labels",
+    "read_volume",
+    "write_csv",
+    "write_json",
+    "write_labels",
+    "write_sitk_image",
+    "write_text",
+    "write_volume",
+]
 
 #: File suffixes we read/write through SimpleITK (longest first so ``.nii.gz`` wins over ``.gz``).
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
@@ -37,9 +65,36 @@ def read_volume(path: str | os.PathLike[str], series: str | None = None) -> Volu
         problems found (gaps, tilt, skipped files).
 
     Raises:
-        InputError: missing/unreadable path, not 3D, NaN intensities, no DICOM found, ...
+        InputError: missing/unreadable path, not 3D, NaN intensities, no DICOM found, a header
+            that claims more voxels than the file holds or memory allows... Every failure of
+            pydicom, nibabel, SimpleITK or numpy on the file's bytes becomes a one-line
+            :class:`InputError` (or :class:`~medseg.errors.DicomError`) naming the file.
     """
     p = Path(path)
+    try:
+        return _read_volume(p, series)
+    except MedsegError:
+        raise
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except MemoryError:
+        raise InputError(
+            f"{p}: not enough memory to read it (a corrupt header claiming a huge image?)"
+        ) from None
+    except RecursionError:
+        raise InputError(f"{p}: cannot read: nesting too deep (corrupt file?)") from None
+    except Exception as exc:  # untrusted bytes: no library error escapes as a traceback
+        raise InputError(
+            f"{p}: cannot read ({_one_line(exc)}); the file is damaged or not an image"
+        ) from None
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text[:200]}" if text else type(exc).__name__
+
+
+def _read_volume(p: Path, series: str | None) -> Volume:
     if not p.exists():
         raise InputError(f"{p}: no such file or folder")
     if p.is_dir():
@@ -77,14 +132,19 @@ def read_labels(
     """
     vol = read_volume(path)
     table = dict(labels or {}) or _label_table_near(Path(path)) or vol.meta.get("labels", {})
-    lm = LabelMap(
-        array=vol.array,
-        labels=table,
-        meta=vol.meta,
-        spacing=vol.spacing,
-        origin=vol.origin,
-        direction=vol.direction,
-    )
+    try:
+        lm = LabelMap(
+            array=vol.array,
+            labels=table,
+            meta=vol.meta,
+            spacing=vol.spacing,
+            origin=vol.origin,
+            direction=vol.direction,
+        )
+    except MedsegError:
+        raise
+    except (ValueError, TypeError, OverflowError) as exc:  # e.g. a corrupt label-table entry
+        raise InputError(f"{path}: not a usable label map ({_one_line(exc)})") from None
     if reference is not None:
         check_same_grid(lm, reference)
     return lm
@@ -94,72 +154,13 @@ def _label_table_near(path: Path) -> dict[int, str]:
     for folder in (path.parent, path.parent.parent):
         ds = folder / "dataset.json"
         if ds.is_file():
-            from medseg.io.datasets import label_table_from_dataset_json
+            from medseg.io.labeltable import label_table_from_dataset_json
 
             try:
                 return label_table_from_dataset_json(ds)
             except Exception:  # a malformed neighbour must not stop reading the labels
                 return {}
     return {}
-
-
-def check_output_path(
-    out: str | os.PathLike[str],
-    inputs: Iterable[str | os.PathLike[str]] = (),
-    overwrite: bool = False,
-) -> Path:
-    """Validate an output path before any work is done.
-
-    Raises:
-        OutputError: it names an input, exists (without ``overwrite``), or its folder is not
-            writable / cannot be created.
-    """
-    o = Path(out)
-    ro = o.resolve()
-    for inp in inputs:
-        ri = Path(inp).resolve()
-        if ro == ri or (ri.is_dir() and ri in ro.parents):
-            raise OutputError(f"{o}: output path is an input ({inp}); choose another output")
-    if o.is_dir():
-        raise OutputError(f"{o}: is a folder; give a file name")
-    if o.exists() and not overwrite:
-        raise OutputError(f"{o}: already exists; pass --overwrite to replace it")
-    parent = o.parent if str(o.parent) else Path(".")
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputError(f"{o}: cannot create folder {parent}: {exc.strerror}") from None
-    if not os.access(parent, os.W_OK):
-        raise OutputError(f"{o}: folder {parent} is not writable")
-    return o
-
-
-@contextlib.contextmanager
-def atomic_path(out: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary path beside ``out`` (same suffix); rename it onto ``out`` on success.
-
-    On any exception the temporary file is removed and ``out`` is left untouched.
-    """
-    o = Path(out)
-    suffix = image_suffix(o) or "".join(o.suffixes) or ".tmp"
-    fd, tmp = tempfile.mkstemp(prefix=f".{o.name}.", suffix=f".part{suffix}", dir=o.parent or ".")
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
-        yield tmp_path
-        if tmp_path.is_file():  # mkstemp makes 0600 files; give the usual umask-based mode
-            os.chmod(tmp_path, 0o666 & ~_umask())
-        os.replace(tmp_path, o)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp_path.unlink()
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def write_volume(
@@ -170,16 +171,73 @@ def write_volume(
 ) -> Path:
     """Write ``vol`` atomically to a NIfTI/NRRD/MHA file on its exact grid.
 
+    The file is written beside ``out`` under a temporary name, verified (every voxel byte is
+    there and the header reads back) and renamed; ``.mhd``/``.nhdr`` (header + data file) are
+    written in a temporary folder and the data file is moved before the header.
+
     Raises:
-        OutputError: bad/unwritable output path or it equals an input.
+        OutputError: bad/unwritable output path, it equals an input, or the write failed (the
+            message names ``out`` and the reason, e.g. "disk full"); nothing is left at ``out``.
     """
     o = check_output_path(out, inputs, overwrite)
-    if image_suffix(o) is None:
+    suf = image_suffix(o)
+    if suf is None:
         raise OutputError(f"{o}: unknown output type; use one of {', '.join(IMAGE_SUFFIXES)}")
     from medseg.io.itk import write_image
 
+    if suf in (".mhd", ".nhdr"):
+        _write_detached(vol, o)
+        return o
     with atomic_path(o) as tmp:
-        write_image(vol, tmp)
+        write_image(vol, tmp, target=o)
+    return o
+
+
+def _write_detached(vol: Volume, o: Path) -> None:
+    """A header + data file pair: write both in a temporary folder, then move data, then header."""
+    import contextlib
+    import os as _os
+    import shutil
+    import tempfile
+
+    from medseg.io.atomic import _prefix
+    from medseg.io.itk import write_image
+
+    tmp = Path(tempfile.mkdtemp(prefix=_prefix(o), suffix=".part", dir=o.parent))
+    try:
+        try:
+            write_image(vol, tmp / o.name, target=o)
+            for f in sorted(tmp.iterdir()):
+                if f.name != o.name:
+                    _os.replace(f, o.parent / f.name)
+            _os.replace(tmp / o.name, o)
+        except OSError as exc:
+            raise output_error(o, exc) from None
+    finally:
+        with contextlib.suppress(OSError):
+            shutil.rmtree(tmp)
+
+
+def write_sitk_image(
+    img: Any,
+    out: str | os.PathLike[str],
+    inputs: Iterable[str | os.PathLike[str]] = (),
+    overwrite: bool = False,
+) -> Path:
+    """Write a SimpleITK image (e.g. a vector image of class probabilities) atomically and
+    verified, like :func:`write_volume` (NIfTI / NRRD / MHA; its geometry is the image's own).
+
+    Raises:
+        OutputError: bad output path or the write failed (nothing is left at ``out``).
+    """
+    o = check_output_path(out, inputs, overwrite)
+    suf = image_suffix(o)
+    if suf is None or suf in (".mhd", ".nhdr"):
+        raise OutputError(f"{o}: unknown output type; use .nii.gz, .nii, .nrrd or .mha")
+    from medseg.io.itk import write_sitk
+
+    with atomic_path(o) as tmp:
+        write_sitk(img, tmp, target=o)
     return o
 
 
@@ -200,34 +258,3 @@ def write_labels(
     if labels.array.dtype.kind not in "iu":
         raise InputError("labels must be integer")
     return write_volume(labels, out, inputs=inputs, overwrite=overwrite)
-
-
-def write_json(
-    data: Any,
-    out: str | os.PathLike[str],
-    inputs: Iterable[str | os.PathLike[str]] = (),
-    overwrite: bool = False,
-) -> Path:
-    """Write ``data`` as indented JSON atomically (temp file + rename).
-
-    Raises:
-        OutputError: bad/unwritable output path, an input, or existing without ``overwrite``.
-    """
-    import json
-
-    o = check_output_path(out, inputs, overwrite=overwrite)
-    with atomic_path(o) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, default=_json_default) + "\n")
-    return o
-
-
-def _json_default(obj: Any) -> Any:
-    import numpy as np
-
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, Path):
-        return str(obj)
-    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")

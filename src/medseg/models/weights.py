@@ -1,16 +1,14 @@
 """Finding model weights: explicit path → cache folder → packaged copy → verified download.
 
 Downloads happen only when allowed (``download=True`` or the environment variable
-``MEDSEG_ALLOW_DOWNLOAD=1``); they stream to a temporary file beside the target, check the
-SHA-256 and rename. Nothing here imports torch.
+``MEDSEG_ALLOW_DOWNLOAD=1``); they stream through :func:`medseg.io.atomic.atomic_path` (temporary
+file beside the target, length and SHA-256 checked, renamed). Nothing here imports torch.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
-import tempfile
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -158,13 +156,26 @@ def download_file(
     import urllib.error
     import urllib.request
 
+    from medseg.errors import OutputError
+    from medseg.io.atomic import atomic_path, os_reason
+
     d = Path(dest)
-    d.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{d.name}.", suffix=".part", dir=d.parent)
-    tmp_path = Path(tmp)
-    digest = hashlib.sha256()
     try:
-        with os.fdopen(fd, "wb") as out:
+        d.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise WeightsError(
+            f"cannot store weights in {d.parent} ({os_reason(exc)}); set MEDSEG_HOME to a "
+            f"writable folder or download {url} by hand and pass --weights PATH"
+        ) from None
+    digest = hashlib.sha256()
+    done = 0
+
+    def verify(tmp: Path) -> None:
+        if tmp.stat().st_size != done:
+            raise OSError(f"wrote {tmp.stat().st_size} of {done} bytes")
+
+    try:
+        with atomic_path(d, verify=verify) as tmp, open(tmp, "wb") as out:
             try:
                 resp = urllib.request.urlopen(url, timeout=timeout)
             except urllib.error.HTTPError as exc:
@@ -179,24 +190,21 @@ def download_file(
                 ) from None
             with resp:
                 total = int(resp.headers.get("Content-Length") or 0)
-                done = 0
                 for chunk in iter(lambda: resp.read(1 << 20), b""):
                     out.write(chunk)
                     digest.update(chunk)
                     done += len(chunk)
                     if progress is not None:
                         progress(done, total)
-        got = digest.hexdigest()
-        if sha256 is not None and got != sha256.lower():
-            raise WeightsError(
-                f"download of {url} is corrupted: expected sha256 {sha256}, got {got}; "
-                "try again or download it by hand"
-            )
-        os.replace(tmp_path, d)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp_path.unlink()
-        raise
+            out.flush()
+            got = digest.hexdigest()
+            if sha256 is not None and got != sha256.lower():
+                raise WeightsError(
+                    f"download of {url} is corrupted: expected sha256 {sha256}, got {got}; "
+                    "try again or download it by hand"
+                )
+    except OutputError as exc:
+        raise WeightsError(f"download of {url} could not be saved: {exc}") from None
     with _HASH_LOCK:
         st = d.stat()
         _HASH_CACHE[(str(d.resolve()), st.st_size, st.st_mtime_ns)] = got

@@ -3,7 +3,10 @@
 A disk entry's name is the SHA-256 of everything that determines the embedding: the volume's
 content (array bytes, shape, dtype), the model name and weights digest, the slicing axis and
 index, the intensity mapping (:attr:`medseg.intensity.Intensity.key`) and the encoder precision.
-Writes are atomic (temporary file + rename); an unreadable entry is deleted and recomputed.
+Writes go through :func:`medseg.io.atomic.atomic_path` (temporary file, size check, rename); an
+unreadable entry, or one of the wrong shape or dtype, is deleted and recomputed. A cache folder that
+cannot be created or written (read-only ``MEDSEG_HOME``, full disk) turns the disk tier off with one
+warning; the job still runs from memory.
 """
 
 from __future__ import annotations
@@ -12,8 +15,8 @@ import contextlib
 import hashlib
 import json
 import os
-import tempfile
 import threading
+import warnings
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -93,8 +96,10 @@ class EmbeddingCache:
         memory_items: most slices kept in memory (``0`` disables the memory tier).
         disk_dir: folder for ``.npy`` entries, or ``None`` for memory only.
         base_key: the parts that are the same for every slice of one predictor (volume digest,
-            model, weights, axis, intensity, precision) as a dict; each slice's disk key adds its
-            index.
+            model, weights, axis, spacing, intensity, precision) as a dict; each slice's disk key
+            adds its index.
+        entry_shape: the shape every entry must have, e.g. ``(1, 256, 64, 64)``; a disk entry of
+            another shape (or not float32, or not finite) is a miss. ``None``: any 4D shape.
     """
 
     def __init__(
@@ -102,9 +107,14 @@ class EmbeddingCache:
         memory_items: int = 256,
         disk_dir: str | os.PathLike[str] | None = None,
         base_key: dict[str, Any] | None = None,
+        entry_shape: tuple[int, ...] | None = None,
     ) -> None:
         self.memory_items = max(0, int(memory_items))
+        self.entry_shape = tuple(int(v) for v in entry_shape) if entry_shape else None
+        self.warning: str | None = None
         self.disk_dir = Path(disk_dir).expanduser() if disk_dir is not None else None
+        if self.disk_dir is not None:
+            self.disk_dir = self._usable(self.disk_dir)
         self.base_key = dict(base_key or {})
         self._mem: OrderedDict[int, np.ndarray] = OrderedDict()
         self._lock = threading.RLock()
@@ -115,6 +125,36 @@ class EmbeddingCache:
             "disk_writes": 0,
             "disk_errors": 0,
         }
+
+    def _usable(self, folder: Path) -> Path | None:
+        """``folder`` when it can be created and written, else ``None`` with one warning."""
+        from medseg.io.atomic import os_reason
+
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            ok = os.access(folder, os.W_OK | os.X_OK)
+            reason = "permission denied"
+        except OSError as exc:
+            ok, reason = False, os_reason(exc)
+        if not ok:
+            self._disable(f"embedding cache folder {folder} cannot be written ({reason})")
+            return None
+        return folder
+
+    def _disable(self, why: str) -> None:
+        """Turn the disk tier off, warning once."""
+        self.disk_dir = None
+        if self.warning is None:
+            self.warning = f"{why}; running without a disk cache (set MEDSEG_HOME or --cache-dir)"
+            warnings.warn(self.warning, RuntimeWarning, stacklevel=3)
+
+    def valid(self, arr: np.ndarray) -> bool:
+        """Whether ``arr`` can be an entry: float32, 4D (:attr:`entry_shape` if set), finite."""
+        if not isinstance(arr, np.ndarray) or arr.dtype != np.float32 or arr.ndim != 4:
+            return False
+        if self.entry_shape is not None and tuple(arr.shape) != self.entry_shape:
+            return False
+        return bool(np.all(np.isfinite(arr)))
 
     # ----------------------------------------------------------------- keys
     def key(self, index: int) -> str:
@@ -150,7 +190,7 @@ class EmbeddingCache:
         if p is not None and p.is_file():
             try:
                 arr = np.load(p, allow_pickle=False)
-                if arr.dtype != np.float32 or arr.ndim != 4 or not np.all(np.isfinite(arr)):
+                if not self.valid(arr):
                     raise ValueError("bad entry")
             except (OSError, ValueError, EOFError):
                 self.stats["disk_errors"] += 1
@@ -173,20 +213,17 @@ class EmbeddingCache:
         p = self.path(i)
         if p is None or p.is_file():
             return
+        from medseg.errors import OutputError
+        from medseg.io.atomic import atomic_path
+
         try:
             p.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{p.stem[:16]}.", suffix=".npy.part", dir=p.parent)
-            try:
-                with os.fdopen(fd, "wb") as fh:
-                    np.save(fh, arr, allow_pickle=False)
-                os.replace(tmp, p)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
-                raise
+            with atomic_path(p, verify=_check_npy) as tmp, open(tmp, "wb") as fh:
+                np.save(fh, arr, allow_pickle=False)
             self.stats["disk_writes"] += 1
-        except OSError:  # a full or read-only cache folder must not stop the segmentation
+        except (OSError, OutputError) as exc:  # a full or read-only folder must not stop the job
             self.stats["disk_errors"] += 1
+            self._disable(f"cannot write the embedding cache: {exc}")
 
     def _remember(self, index: int, arr: np.ndarray) -> None:
         if self.memory_items == 0:
@@ -211,5 +248,14 @@ class EmbeddingCache:
             "memory_bytes": nbytes,
             "memory_limit_items": self.memory_items,
             "disk_dir": str(self.disk_dir) if self.disk_dir is not None else None,
+            "warning": self.warning,
             **self.stats,
         }
+
+
+def _check_npy(path: Path) -> None:
+    """Raise when a just-written ``.npy`` does not hold its whole array (header + data length)."""
+    arr = np.load(path, mmap_mode="r", allow_pickle=False)
+    need = int(arr.nbytes) + int(arr.offset)
+    if path.stat().st_size < need:
+        raise OSError(f"{path.name}: short write")

@@ -146,9 +146,10 @@ class VolumePredictor:
                 "input_size": self.spec.input_size,
                 "spacing": [round(float(s), 6) for s in volume.spacing],
             }
-        self.cache = EmbeddingCache(memory_slices, cache_dir, base_key)
-        if cache_dir is not None:  # keep the folder within its budget (oldest entries go first)
-            prune_disk_cache(cache_dir, disk_budget_bytes())
+        e = int(self.spec.embedding_size)
+        self.cache = EmbeddingCache(memory_slices, cache_dir, base_key, entry_shape=(1, 256, e, e))
+        if self.cache.disk_dir is not None:  # keep it within budget (oldest entries go first)
+            prune_disk_cache(self.cache.disk_dir, disk_budget_bytes())
         self.encoder_calls = 0  # number of slices run through the image encoder
         self.decoder_calls = 0
         self._lock = threading.RLock()  # one encoder run at a time (GUI worker threads)
