@@ -157,7 +157,7 @@ class EvaluateWidget(Container):
 
     def export_csv(self) -> None:
         """Write the table to the chosen CSV file (atomic; never over an input)."""
-        from medseg.io.files import atomic_path, check_output_path
+        from medseg.io.files import write_text
 
         if not self.rows:
             show_error("nothing to export: press Evaluate first")
@@ -171,9 +171,7 @@ class EvaluateWidget(Container):
             md = getattr(layer, "metadata", None) or {}
             inputs += [md[k] for k in ("source", "image_source") if md.get(k)]
         try:
-            out = check_output_path(path, inputs=inputs, overwrite=True)
-            with atomic_path(out) as tmp:
-                tmp.write_text(self.csv_text())
+            out = write_text(self.csv_text(), path, inputs=inputs, overwrite=True)
         except MedsegError as exc:
             show_error(str(exc))
             return

@@ -481,9 +481,18 @@ def write_dicom_seg(
     text = fit_report_json(report, SEG_JSON_LIMIT)
     if text is not None:
         seg.ImageComments = text
-    with atomic_path(o) as tmp:
+    with atomic_path(o, verify=_readable_dicom) as tmp:
         seg.save_as(tmp)
     return o
+
+
+def _readable_dicom(path: Path) -> None:
+    """Verify a written DICOM file: it parses whole, pixel data included (else a short write)."""
+    import pydicom
+
+    ds = pydicom.dcmread(path)
+    if "PixelData" in ds:
+        _ = len(ds.PixelData)
 
 
 # --------------------------------------------------------------------------- reading

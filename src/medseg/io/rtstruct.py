@@ -244,7 +244,9 @@ def write_rtstruct(
     ds.ROIContourSequence = Sequence(contours_seq)
     ds.RTROIObservationsSequence = Sequence(observations)
     ds.ApprovalStatus = "UNAPPROVED"
-    with atomic_path(o) as tmp:
+    from medseg.io.dicom_seg import _readable_dicom
+
+    with atomic_path(o, verify=_readable_dicom) as tmp:
         ds.save_as(tmp, enforce_file_format=True)
     return o
 

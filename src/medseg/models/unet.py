@@ -205,6 +205,8 @@ def save_checkpoint(ckpt: dict[str, Any], path: str | os.PathLike[str]) -> Path:
 
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(p) as tmp:
+    with atomic_path(
+        p, verify=lambda t: torch.load(t, map_location="cpu", weights_only=True)
+    ) as tmp:
         torch.save(ckpt, tmp)
     return p
