@@ -130,3 +130,33 @@ def test_export_rtstruct_and_refusals(segmented, capsys) -> None:
     err = capsys.readouterr().err
     assert rc == 2 and "spacing" in err and err.count("\n") == 1
     assert not (root / "o.dcm").exists()
+
+
+def test_read_labels_and_napari_reader_open_seg_and_rtstruct(segmented) -> None:
+    import medseg
+    from medseg._napari._reader import napari_get_reader
+    from medseg.errors import InputError
+
+    root, series = segmented["root"], segmented["series"]
+    ct = medseg.read_volume(series)
+    lm = medseg.read_labels(segmented["labels"], reference=ct)
+    seg = root / "for_read.dcm"
+    rt = root / "for_read_rt.dcm"
+    medseg.export(lm, series, "dicom-seg", seg)
+    medseg.export(lm, series, "rtstruct", rt)
+
+    back = medseg.read_labels(seg, reference=ct)  # the API's one reader for label maps
+    assert back.same_grid(ct) and np.array_equal(back.array, lm.array)
+    with pytest.raises(InputError, match="reference"):
+        medseg.read_labels(rt)
+    ras = medseg.read_labels(rt, reference=ct)
+    assert ras.same_grid(ct) and set(ras.present()) == set(lm.present())
+
+    # napari: the SEG opens as a labels layer placed in the world like the series
+    [(data, kwargs, kind)] = napari_get_reader(str(seg))(str(seg))
+    assert kind == "labels"
+    z0 = int(np.flatnonzero(lm.array.any(axis=(1, 2)))[0])
+    np.testing.assert_allclose(kwargs["translate"][0], ct.index_to_world((z0, 0, 0))[2], atol=1e-3)
+    assert int(data.sum()) == int(lm.array.sum())
+    with pytest.raises(InputError, match="RT Structure Set"):
+        napari_get_reader(str(rt))(str(rt))

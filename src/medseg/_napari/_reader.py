@@ -115,7 +115,20 @@ def read_path(path: PathLike, series: str | None = None) -> list[tuple[Any, dict
         return [(data, kwargs, kind)]
 
     from medseg.io import read_volume
+    from medseg.io.files import dicom_object_kind
 
+    kind = dicom_object_kind(p)
+    if kind == "SEG":  # a DICOM-SEG opens as labels on the grid of its frames (world-placed)
+        from medseg.io.dicom_seg import read_dicom_seg
+
+        return [labels_layer_data(read_dicom_seg(p), _layer_name(p))]
+    if kind == "RTSTRUCT":
+        from medseg.errors import InputError
+
+        raise InputError(
+            f"{p.name}: an RT Structure Set holds contours of another series; rasterise it with "
+            "medseg.read_labels(path, reference=image) or medseg export"
+        )
     vol = read_volume(p)
     name = _layer_name(p)
     if is_label_file(str(p), vol.array):

@@ -126,10 +126,16 @@ def read_labels(
     The label table comes from ``labels``, else from a ``dataset.json`` found beside or one level
     above the file (Medical Segmentation Decathlon layout), else from the file's metadata.
 
+    A DICOM-SEG opens on ``reference``'s grid (its referenced series; without one, on the grid
+    of its own frames) and an RT Structure Set is rasterised onto ``reference`` (required).
+
     Raises:
-        InputError: fractional/negative/NaN values or not 3D.
+        InputError: fractional/negative/NaN values or not 3D; an RTSTRUCT without ``reference``.
         GeometryError: ``reference`` given and grids differ.
     """
+    kind = dicom_object_kind(Path(path))
+    if kind is not None:
+        return _read_dicom_labels(Path(path), kind, reference, labels)
     vol = read_volume(path)
     table = dict(labels or {}) or _label_table_near(Path(path)) or vol.meta.get("labels", {})
     try:
@@ -145,6 +151,43 @@ def read_labels(
         raise
     except (ValueError, TypeError, OverflowError) as exc:  # e.g. a corrupt label-table entry
         raise InputError(f"{path}: not a usable label map ({_one_line(exc)})") from None
+    if reference is not None:
+        check_same_grid(lm, reference)
+    return lm
+
+
+def dicom_object_kind(path: Path) -> str | None:
+    """``"SEG"`` / ``"RTSTRUCT"`` for such a DICOM file, else ``None`` (cheap header peek)."""
+    if not path.is_file() or image_suffix(path) is not None:
+        return None
+    from medseg.io.dicom import is_dicom_file
+
+    if not is_dicom_file(path):
+        return None
+    from medseg.io.dicom_seg import read_dicom_file
+
+    modality = str(read_dicom_file(path, stop_before_pixels=True).get("Modality", ""))
+    return modality if modality in ("SEG", "RTSTRUCT") else None
+
+
+def _read_dicom_labels(
+    path: Path, kind: str, reference: Volume | None, labels: dict[int, str] | None
+) -> LabelMap:
+    if kind == "SEG":
+        from medseg.io.dicom_seg import read_dicom_seg
+
+        lm = read_dicom_seg(path, reference=reference)
+    else:
+        if reference is None:
+            raise InputError(
+                f"{path}: an RT Structure Set holds contours, not voxels; give the image it was "
+                "drawn on as reference to rasterise it"
+            )
+        from medseg.io.rtstruct import read_rtstruct
+
+        lm = read_rtstruct(path, reference=reference)
+    if labels:
+        lm.labels = {int(k): str(v) for k, v in labels.items() if int(k) != 0}
     if reference is not None:
         check_same_grid(lm, reference)
     return lm
