@@ -160,3 +160,26 @@ def test_read_labels_and_napari_reader_open_seg_and_rtstruct(segmented) -> None:
     assert int(data.sum()) == int(lm.array.sum())
     with pytest.raises(InputError, match="RT Structure Set"):
         napari_get_reader(str(rt))(str(rt))
+
+
+def test_napari_writer_saves_a_dicom_seg_of_the_source_series(segmented, tmp_path) -> None:
+    import medseg
+    from medseg._napari._layers import labels_layer_data
+    from medseg._napari._writer import write_dicom_seg_layer
+    from medseg.errors import InputError
+    from medseg.io.dicom_seg import read_dicom_seg, read_provenance
+
+    series = segmented["series"]
+    ct = medseg.read_volume(series)
+    lm = medseg.read_labels(segmented["labels"], reference=ct)
+    data, attrs, _ = labels_layer_data(lm, "seg", image_source=str(series))
+    report = json.loads((segmented["root"] / "seg.json").read_text())
+    attrs["metadata"]["medseg_report"] = report
+    [written] = write_dicom_seg_layer(str(tmp_path / "napari_seg"), data, attrs)
+    assert written == str(tmp_path / "napari_seg.dcm")
+    assert np.array_equal(read_dicom_seg(written, reference=series).array, lm.array)
+    assert read_provenance(written)["image"]["sha256"] == report["image"]["sha256"]
+    data, attrs, _ = labels_layer_data(lm, "seg", image_source=str(segmented["labels"]))
+    with pytest.raises(InputError, match="not opened from a DICOM folder"):
+        write_dicom_seg_layer(str(tmp_path / "x.dcm"), data, attrs)
+    assert not (tmp_path / "x.dcm").exists()

@@ -85,7 +85,7 @@ def test_reader_writer_sample_modules_import_nothing_heavy():
     """Importing medseg._napari and the reader/writer/sample modules napari resolves at start-up
     loads none of torch, monai, SimpleITK, pydicom, napari or Qt."""
     names = [n for n in _python_names() if "_widget" not in n]
-    assert len(names) == 4  # reader, writer, 2 samples
+    assert len(names) == 5  # reader, 2 writers (image grid, DICOM-SEG), 2 samples
     code = (
         "import importlib, json, sys\n"
         "import medseg._napari\n"

@@ -91,5 +91,32 @@ def write_labels_layer(path: str, data: Any, attributes: dict[str, Any]) -> list
     return [str(written)]
 
 
+def write_dicom_seg_layer(path: str, data: Any, attributes: dict[str, Any]) -> list[str]:
+    """Write one Labels layer as a DICOM-SEG referencing the DICOM series its image came from.
+
+    The image must have been opened from a DICOM folder (its path is the layer's
+    ``metadata["image_source"]``); a panel's report (``metadata["medseg_report"]``) travels inside.
+
+    Raises:
+        InputError: the image was not opened from DICOM.
+        GeometryError: the labels are not on that series' grid.
+    """
+    from medseg._napari._layers import labelmap_from_layer
+    from medseg.errors import InputError
+    from medseg.exports import export
+
+    md = attributes.get("metadata") or {}
+    ref = md.get("image_source")
+    if not ref or not (Path(ref).is_dir() or str(ref).lower().endswith(".dcm")):
+        raise InputError(
+            "a DICOM-SEG references the DICOM series its labels were drawn on; these labels "
+            "belong to an image not opened from a DICOM folder - save as .nii.gz or .nrrd"
+        )
+    out = Path(path) if str(path).lower().endswith(".dcm") else Path(str(path) + ".dcm")
+    lm = labelmap_from_layer(_LayerView(data, attributes))
+    report = md.get("medseg_report") if isinstance(md.get("medseg_report"), dict) else None
+    return [str(export(lm, ref, "dicom-seg", out, report=report, overwrite=True))]
+
+
 #: Suffixes offered in napari's save dialog (the manifest lists the same).
 WRITER_SUFFIXES = tuple(s for s in IMAGE_SUFFIXES if s not in (".nhdr", ".mhd"))
