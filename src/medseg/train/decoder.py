@@ -75,6 +75,8 @@ class FinetuneResult:
         train_cases / val_cases: case ids of the split.
         train_slices: number of distinct training slices.
         encoder_calls: slices run through the image encoder in this run (cache misses).
+        state: the saved decoder weights (under ``torchrun`` every rank returns its replica;
+            only rank 0 writes files and has ``sha256``).
     """
 
     path: Path
@@ -88,6 +90,7 @@ class FinetuneResult:
     val_cases: list[str]
     train_slices: int
     encoder_calls: int
+    state: dict[str, Any] = field(default_factory=dict, repr=False)
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -693,6 +696,7 @@ def finetune(
     # ---- resume
     history: list[dict[str, Any]] = []
     start_epoch, start_step = 1, 0
+    resumed_losses: list[float] = []
     best: dict[str, Any] = {"epoch": 0, "score": -math.inf, "state": None}
     if resume is not None:
         ck = _read_checkpoint(resume)
@@ -705,6 +709,7 @@ def finetune(
             )
         trainer.load_state({"decoder": ck["decoder"], "optimizer": ck["optimizer"]})
         start_epoch, start_step = int(ck["epoch"]), int(ck["step"])
+        resumed_losses = [float(x) for x in ck.get("epoch_losses", [])]
         history = list(ck["history"])
         best = {"epoch": int(ck["best_epoch"]), "score": float(ck["best_score"])}
         best["state"] = ck.get("best_state")
@@ -731,6 +736,7 @@ def finetune(
             "decoder": st["decoder"],
             "optimizer": st["optimizer"],
             "history": history,
+            "epoch_losses": [float(x) for x in losses],
             "best_epoch": int(best["epoch"]),
             "best_score": float(best["score"]),
             "best_state": best.get("state"),
@@ -746,10 +752,10 @@ def finetune(
         best = {"epoch": 0, "score": v["box_dice"], "state": None}
 
     epoch, step = start_epoch, start_step
+    losses: list[float] = list(resumed_losses)
     try:
         while epoch <= epochs:
             t_ep = time.perf_counter()
-            losses: list[float] = []
             while step < trainer.steps_per_epoch:
                 if _is_cancelled(cancel):
                     raise Cancelled("cancelled")
@@ -766,7 +772,7 @@ def finetune(
                 from medseg.models.decoder import decoder_state
 
                 best = {"epoch": epoch, "score": score, "state": decoder_state(trainer.decoder)}
-            epoch, step = epoch + 1, 0
+            epoch, step, losses = epoch + 1, 0, []
             save_checkpoint(epoch, step)
     except (KeyboardInterrupt, Cancelled):
         save_checkpoint(epoch, step)
@@ -836,6 +842,7 @@ def finetune(
         val_cases=training["val_cases"],
         train_slices=len(samples),
         encoder_calls=encoder_calls,
+        state=state,
         extra={"seconds": time.perf_counter() - t_start, "rank": rank, "world_size": world},
     )
 
