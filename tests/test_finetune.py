@@ -347,3 +347,93 @@ def test_torchrun_two_processes_agree_with_one(tiny, tmp_path):
         moved += int(not torch.equal(v, base[f"mask_decoder.{k}"]))
     assert moved > 0  # the step changed the decoder
     assert (tmp_path / "two" / "d.pt").is_file()
+
+
+# --------------------------------------------------------------------------- real LiteMedSAM
+def kidney_crop(seed: int) -> tuple[str, Volume, LabelMap]:
+    """Three kidney slices of a phantom, cropped to 64x64 around the kidney."""
+    from medseg.phantom import make_phantom
+
+    img, lab = make_phantom(seed, shape=(24, 96, 96), spacing=(6.0, 2.0, 2.0))
+    m = lab.array == 3
+    zs = np.flatnonzero(m.any(axis=(1, 2)))
+    zc = int(zs[len(zs) // 2])
+    ys, xs = np.nonzero(m[zc])
+    y0 = int(np.clip(ys.mean() - 32, 0, 96 - 64))
+    x0 = int(np.clip(xs.mean() - 32, 0, 96 - 64))
+    sl = np.s_[zc - 1 : zc + 2, y0 : y0 + 64, x0 : x0 + 64]
+    vol = Volume(np.ascontiguousarray(img.array[sl]), spacing=img.spacing, meta={"modality": "CT"})
+    return f"kidney{seed}", vol, LabelMap.like(vol, m[sl].astype(np.uint8), {1: "kidney"})
+
+
+def test_litemedsam_finetune_cli_and_segment_with_decoder(tmp_path):
+    """`medseg finetune` on the real LiteMedSAM, then `medseg segment --decoder`: other masks,
+    the decoder's hash in the report, the embedding cache of plain runs reused."""
+    import medseg
+    from medseg.io.files import write_labels, write_volume
+
+    root = tmp_path / "ds"
+    write_msd_dataset(
+        root, (kidney_crop(s) for s in (1, 2)), name="k", description="k", labels={1: "kidney"}
+    )
+    env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
+    cache = tmp_path / "cache"
+    dec = tmp_path / "kidney.pt"
+    cli = [sys.executable, "-m", "medseg"]
+    r = subprocess.run(
+        [*cli, "finetune", "--data", str(root), "--label", "kidney", "--out", str(dec)]
+        + ["--epochs", "2", "--val-fraction", "0", "--lr", "1e-3", "--batch-size", "3"]
+        + ["--cache-dir", str(cache), "--quiet"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    sha = hashlib.sha256(dec.read_bytes()).hexdigest()
+    assert f"sha256 {sha}" in r.stdout
+    assert read_decoder(dec).base["model"] == "litemedsam"
+
+    _, img, gt = kidney_crop(0)  # an unseen volume
+    box = medseg.box_from_gt(gt)
+    plain = medseg.segment(img, "litemedsam", prompts=box, gt=gt, oracle=True, cache_dir=cache)
+    assert plain.report["model"]["decoder_sha256"] is None
+    tuned = medseg.segment(
+        img, "litemedsam", prompts=box, gt=gt, oracle=True, cache_dir=cache, decoder=dec
+    )
+    assert tuned.report["model"]["decoder_sha256"] == sha
+    assert tuned.report["model"]["decoder"] == str(dec)
+    assert tuned.report["sam"]["cache"]["encoder_calls"] == 0  # the same embeddings
+    assert not np.array_equal(tuned.oracle.mask, plain.oracle.mask)
+    medseg.validate_report(tuned.report)
+    again = medseg.segment(img, "litemedsam", prompts=box, gt=gt, oracle=True, cache_dir=cache)
+    assert np.array_equal(again.oracle.mask, plain.oracle.mask)  # shared model untouched
+    assert np.array_equal(again.labels.array, plain.labels.array)
+
+    # the command line: same result, hash in the report
+    write_volume(img, tmp_path / "img.nii.gz")
+    write_labels(gt, tmp_path / "gt.nii.gz")
+    rep = tmp_path / "r.json"
+    r = subprocess.run(
+        [*cli, "segment", str(tmp_path / "img.nii.gz"), "--decoder", str(dec)]
+        + ["--box-from-gt", str(tmp_path / "gt.nii.gz"), "--gt", str(tmp_path / "gt.nii.gz")]
+        + ["--json", str(rep), "--cache-dir", str(cache), "--quiet"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    report = json.loads(rep.read_text())
+    assert report["model"]["decoder_sha256"] == sha
+    assert report["sam"]["oracle"]["dice"] == tuned.report["sam"]["oracle"]["dice"]
+    # a decoder with the U-Net is refused with one line, exit 2
+    r = subprocess.run(
+        [*cli, "segment", str(tmp_path / "img.nii.gz"), "--model", "unet-demo"]
+        + ["--decoder", str(dec)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
