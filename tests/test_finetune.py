@@ -381,9 +381,27 @@ def test_litemedsam_finetune_cli_and_segment_with_decoder(tmp_path):
     dec = tmp_path / "kidney.pt"
     cli = [sys.executable, "-m", "medseg"]
     r = subprocess.run(
-        [*cli, "finetune", "--data", str(root), "--label", "kidney", "--out", str(dec)]
-        + ["--epochs", "2", "--val-fraction", "0", "--lr", "1e-3", "--batch-size", "3"]
-        + ["--cache-dir", str(cache), "--quiet"],
+        [
+            *cli,
+            "finetune",
+            "--data",
+            str(root),
+            "--label",
+            "kidney",
+            "--out",
+            str(dec),
+            "--epochs",
+            "2",
+            "--val-fraction",
+            "0",
+            "--lr",
+            "1e-3",
+            "--batch-size",
+            "3",
+            "--cache-dir",
+            str(cache),
+            "--quiet",
+        ],
         env=env,
         capture_output=True,
         text=True,
@@ -415,9 +433,22 @@ def test_litemedsam_finetune_cli_and_segment_with_decoder(tmp_path):
     write_labels(gt, tmp_path / "gt.nii.gz")
     rep = tmp_path / "r.json"
     r = subprocess.run(
-        [*cli, "segment", str(tmp_path / "img.nii.gz"), "--decoder", str(dec)]
-        + ["--box-from-gt", str(tmp_path / "gt.nii.gz"), "--gt", str(tmp_path / "gt.nii.gz")]
-        + ["--json", str(rep), "--cache-dir", str(cache), "--quiet"],
+        [
+            *cli,
+            "segment",
+            str(tmp_path / "img.nii.gz"),
+            "--decoder",
+            str(dec),
+            "--box-from-gt",
+            str(tmp_path / "gt.nii.gz"),
+            "--gt",
+            str(tmp_path / "gt.nii.gz"),
+            "--json",
+            str(rep),
+            "--cache-dir",
+            str(cache),
+            "--quiet",
+        ],
         env=env,
         capture_output=True,
         text=True,
@@ -429,11 +460,31 @@ def test_litemedsam_finetune_cli_and_segment_with_decoder(tmp_path):
     assert report["sam"]["oracle"]["dice"] == tuned.report["sam"]["oracle"]["dice"]
     # a decoder with the U-Net is refused with one line, exit 2
     r = subprocess.run(
-        [*cli, "segment", str(tmp_path / "img.nii.gz"), "--model", "unet-demo"]
-        + ["--decoder", str(dec)],
+        [
+            *cli,
+            "segment",
+            str(tmp_path / "img.nii.gz"),
+            "--model",
+            "unet-demo",
+            "--decoder",
+            str(dec),
+        ],
         env=env,
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_single_volume_trains_without_validation(tiny, tmp_path):
+    wpath, spec = tiny
+    root = tmp_path / "one"
+    write_msd_dataset(root, [blob_case(7)], name="o", description="o", labels={1: "blob"})
+    kw = {"weights": wpath, "label": 1, "epochs": 1, "precision": "fp32", "cache_dir": None}
+    with pytest.raises(InputError, match="held-out volumes"):
+        finetune(root, spec, out=tmp_path / "x.pt", val_fraction=0.2, **kw)
+    res = finetune(root, spec, out=tmp_path / "d.pt", **kw)  # default: no validation
+    assert res.val_cases == [] and res.baseline is None and res.best_epoch == 1
+    assert "no held-out validation" in res.extra["note"]
+    assert read_decoder(res.path).training["val_cases"] == []

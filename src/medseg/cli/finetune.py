@@ -36,9 +36,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--val-fraction",
         type=float,
-        default=0.2,
+        default=None,
         metavar="F",
-        help="fraction of volumes held out for validation (default 0.2; 0: none)",
+        help="fraction of volumes held out for validation (default 0.2, none with one volume)",
     )
     p.add_argument("--resume", metavar="CKPT", help="continue from a .resume.pt checkpoint")
     p.add_argument("--seed", type=int, default=0, help="seed of split, prompts and order")
@@ -93,6 +93,8 @@ def run(args: argparse.Namespace) -> int:
         f"trained the {args.model} mask decoder on {res.train_slices} slices of "
         f"{len(res.train_cases)} volume(s); validated on {len(res.val_cases)} held-out volume(s)"
     ]
+    if res.extra.get("note"):
+        lines.append(f"note: {res.extra['note']}")
     base, best = res.baseline, res.best
     if base is not None and best is not None:
         lines.append(

@@ -57,6 +57,8 @@ PathLike = str | os.PathLike[str]
 CancelToken = Callable[[], bool] | threading.Event
 
 CHECKPOINT_FORMAT = "medseg-finetune-checkpoint"
+#: Fraction of the volumes held out when ``val_fraction`` is not given (and there are >= 2).
+DEFAULT_VAL_FRACTION = 0.2
 
 
 @dataclass
@@ -482,7 +484,7 @@ def finetune(
     label: int | str,
     out: PathLike,
     epochs: int = 10,
-    val_fraction: float = 0.2,
+    val_fraction: float | None = None,
     resume: PathLike | None = None,
     seed: int = 0,
     batch_size: int = 4,
@@ -511,7 +513,8 @@ def finetune(
             ``.curve.json`` and ``.curve.png``.
         epochs: epochs to train (in total, counting those of a resumed run).
         val_fraction: fraction of the *volumes* held out for validation (0: none; the last
-            epoch is saved).
+            epoch is saved). Default ``None``: 0.2 with two or more volumes, none with one
+            (noted in the result's ``extra["note"]``).
         resume: a ``.resume.pt`` checkpoint to continue from (same data, model and settings).
         seed: seeds the split, prompt simulation and sample order.
         batch_size: slices per optimizer step (over all processes under ``torchrun``).
@@ -570,6 +573,11 @@ def finetune(
             check_output_path(ckpt_p, inputs, overwrite=overwrite)
     ds = load_dataset(data_p)
     value, lname = resolve_label(label, ds.labels)
+    note = None
+    if val_fraction is None:
+        val_fraction = DEFAULT_VAL_FRACTION if len(ds) >= 2 else 0.0
+        if len(ds) < 2:
+            note = "one volume: no held-out validation; the last epoch is saved"
     train_idx, val_idx = split_cases(len(ds), val_fraction, seed)
     ax = axis_index(axis)
     ax_name = "zyx"[ax]
@@ -843,7 +851,12 @@ def finetune(
         train_slices=len(samples),
         encoder_calls=encoder_calls,
         state=state,
-        extra={"seconds": time.perf_counter() - t_start, "rank": rank, "world_size": world},
+        extra={
+            "seconds": time.perf_counter() - t_start,
+            "rank": rank,
+            "world_size": world,
+            "note": note,
+        },
     )
 
 
