@@ -5,8 +5,11 @@ difference is that the second epoch runs the frozen image encoder for every samp
 fine-tuner without the embedding cache would.
 
     PYTHONPATH=src python benchmarks/bench_finetune.py [--slices 12] [--batch-size 4]
+        [--model sam_vit_b --out benchmarks/results/finetune_epoch_vit_b.json]
 
-Prints JSON and writes ``benchmarks/results/finetune_epoch.json``.
+Prints JSON and writes ``benchmarks/results/finetune_epoch.json``. The ratio is
+``1 + encoder time / decoder training step``: LiteMedSAM's TinyViT encoder costs only a few
+decoder forward+backward passes, the ViT-B encoder (SAM, MedSAM) tens of them.
 """
 
 from __future__ import annotations
@@ -26,6 +29,12 @@ def main() -> None:
     ap.add_argument("--slices", type=int, default=12)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--precision", default="auto")
+    ap.add_argument(
+        "--model",
+        default="litemedsam",
+        choices=["litemedsam", "sam_vit_b"],
+        help="sam_vit_b: the full ViT-B architecture with random weights (timing only)",
+    )
     ap.add_argument("--out", default="benchmarks/results/finetune_epoch.json")
     args = ap.parse_args()
 
@@ -39,7 +48,17 @@ def main() -> None:
     img, lab = make_phantom(0)
     mask = lab.array == 3  # kidney
     idxs = [int(i) for i in np.flatnonzero(mask.any(axis=(1, 2)))][: args.slices]
-    base = get_sam_model("litemedsam", precision=args.precision)
+    if args.model == "litemedsam":
+        base = get_sam_model("litemedsam", precision=args.precision)
+    else:  # no official ViT-B file offline: same architecture, random weights, same cost
+        import tempfile
+
+        from medseg.models.sam import build_sam_model, load_sam_model
+
+        wfile = Path(tempfile.mkdtemp()) / "random_vit_b.pth"
+        torch.manual_seed(0)
+        torch.save(build_sam_model("sam_vit_b").state_dict(), wfile)
+        base = load_sam_model("sam_vit_b", weights=wfile, precision=args.precision)
     pred = VolumePredictor(img, base, cache_dir=None)
     samples = []
     for i in idxs:
@@ -81,7 +100,7 @@ def main() -> None:
     cached, calls_cached = epoch(_Trainer)
     reembed, calls_reembed = epoch(Reembed)
     out = {
-        "model": "litemedsam",
+        "model": args.model if args.model == "litemedsam" else "sam_vit_b (random weights)",
         "precision": base.precision,
         "slices": len(idxs),
         "batch_size": args.batch_size,
