@@ -124,6 +124,7 @@ def test_decoder_file_round_trip(trained, tiny):
     assert info.base["model"] == "tiny_vit_b"
     assert info.label == {"value": 1, "name": "blob"}
     assert info.preprocessing["input_size"] == 1024
+    assert info.window == "wide"  # the CT default it trained with, reproduced at segment time
     assert info.training["best_epoch"] == res.best_epoch
     assert info.training["train_cases"] == res.train_cases
     # loading puts exactly the file's weights in a copy; the base model keeps its own
@@ -225,6 +226,19 @@ def test_validation_uses_held_out_volumes_only(trained, tiny, blobs):
     orc = oracle_dice(pred, lab.array == 1)
     want = np.mean([r["dice"] for r in orc.per_slice])
     assert res.baseline["val_box_dice"] == pytest.approx(want, abs=1e-4)
+
+
+@pytest.mark.parametrize("modality", ["CT", "MR"])
+@pytest.mark.parametrize("window", [None, "liver", "-100,300", "percentile"])
+def test_saved_window_reproduces_the_mapping(modality, window):
+    from medseg.intensity import resolve_intensity
+    from medseg.train.decoder import window_of
+
+    arr = np.random.default_rng(0).integers(-1000, 400, (3, 8, 8)).astype(np.int16)
+    vol = Volume(arr, meta={"modality": modality})
+    used = resolve_intensity(vol, window)
+    again = resolve_intensity(Volume(arr), window_of(used))  # the test image may lack the tag
+    assert again.key == used.key
 
 
 @pytest.mark.parametrize("n", [2, 3, 5, 10])

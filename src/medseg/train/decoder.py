@@ -166,6 +166,18 @@ def split_cases(n: int, val_fraction: float, seed: int) -> tuple[list[int], list
     return sorted(int(i) for i in order[n_val:]), sorted(int(i) for i in order[:n_val])
 
 
+def window_of(intensity: Any) -> str:
+    """The ``window`` string that reproduces an intensity mapping: ``"LO,HI"`` for a CT window,
+    ``"percentile"`` for the percentile mapping (saved with a decoder so that segmenting with it
+    maps intensities the way training did, whatever the image's modality tag says)."""
+    name = str(intensity.name)
+    if name.startswith("percentile"):
+        return "percentile"
+    if name.startswith("window:"):
+        return name.split(":", 1)[1]  # a preset name or "LO,HI", as resolve_intensity named it
+    return f"{float(intensity.lo):g},{float(intensity.hi):g}"
+
+
 def _dist_info() -> tuple[int, int, int]:
     """``(rank, world_size, local_rank)`` from the torchrun environment (``(0, 1, 0)`` without)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -520,8 +532,9 @@ def finetune(
         batch_size: slices per optimizer step (over all processes under ``torchrun``).
         lr, weight_decay: AdamW settings.
         axis: slicing axis ``z`` / ``y`` / ``x``.
-        window: CT window preset / ``"LO,HI"`` / ``"percentile"`` (``None``: by modality); saved
-            in the decoder and used by ``segment(..., decoder=...)`` unless another is given.
+        window: CT window preset / ``"LO,HI"`` / ``"percentile"`` (``None``: by modality). The
+            mapping used (resolved on the first training volume) is saved in the decoder and
+            used by ``segment(..., decoder=...)`` unless another window is given.
         box_margin: pixel margin of the validation boxes.
         precision: image-encoder precision (``auto``/``fp32``/``bf16``; part of the cache key,
             so use the one you segment with).
@@ -600,6 +613,7 @@ def finetune(
     samples: list[_Sample] = []
     case_ids = ds.case_ids or [Path(p[0]).name for p in ds.training]
     intensity_key = None
+    used_window: str | None = window
     for ci in train_idx:
         img, lab = ds.load_case(ci)
         mask = lab.array == value
@@ -615,7 +629,9 @@ def finetune(
             cache_dir=cdir,
             memory_slices=max(256, len(idxs) + 8),
         )
-        intensity_key = intensity_key or pred.intensity.key
+        if intensity_key is None:
+            intensity_key = pred.intensity.key
+            used_window = window_of(pred.intensity)
         k = len(predictors)
         predictors.append(pred)
         for i in idxs:
@@ -823,7 +839,7 @@ def finetune(
             out_p,
             base,
             state,
-            window=window,
+            window=used_window,
             intensity=intensity_key,
             label={"value": value, "name": lname},
             training=training,
