@@ -215,6 +215,7 @@ class Segmentation:
     def _input_paths(self) -> list[str]:
         prov = self.report.get("provenance", {}).get("settings", {})
         paths = [self.report.get("image", {}).get("path"), prov.get("gt"), prov.get("weights")]
+        paths.append(prov.get("decoder"))
         return [str(p) for p in paths if p]
 
 
@@ -298,6 +299,7 @@ def segment(
     label: int | None = None,
     name: str | None = None,
     weights: PathLike | None = None,
+    decoder: PathLike | None = None,
     series: str | None = None,
     axis: str = "z",
     window: str | None = None,
@@ -334,6 +336,9 @@ def segment(
         name: SAM: the output label's name (default: from the ground truth's table, else
             ``"object"``).
         weights: SAM checkpoint file (else the weights cache / packaged copy).
+        decoder: SAM: a fine-tuned mask decoder (``medseg finetune``) used with the base
+            model's frozen encoder (same embedding cache); refused when trained on another base.
+            Its training window is used when ``window`` is ``None``.
         series: SeriesInstanceUID when ``image`` is a DICOM folder with several series.
         axis: SAM propagation axis: ``'z'`` axial, ``'y'`` coronal, ``'x'`` sagittal.
         window: CT window preset / ``"LO,HI"`` / ``"percentile"`` for the SAM model (and the
@@ -389,7 +394,13 @@ def segment(
                 "no prompt: give a Box, Point or MaskPrompt (command line: --box, --point, "
                 "--prompts FILE.json or --box-from-gt GT)"
             )
+        if decoder is not None and window is None:
+            from medseg.models.decoder import read_decoder
+
+            window = read_decoder(decoder).window  # checked before any slow work
     else:
+        if decoder is not None:
+            raise InputError("decoder is a fine-tuned SAM decoder; the U-Net takes none")
         if plist:
             raise InputError(
                 f"{ref.name} is an automatic U-Net: it takes no prompts (prompts are for "
@@ -419,6 +430,7 @@ def segment(
     settings: dict[str, Any] = {
         "model": str(model),
         "weights": str(weights) if weights else None,
+        "decoder": str(decoder) if decoder else None,
         "gt": gt_path,
         "series": series,
         "precision": precision,
@@ -443,6 +455,7 @@ def segment(
             label=label,
             name=name,
             weights=weights,
+            decoder=decoder,
             axis=axis,
             window=window,
             propagate=propagate,
@@ -482,6 +495,7 @@ def _segment_sam(
     label: int | None,
     name: str | None,
     weights: PathLike | None,
+    decoder: PathLike | None,
     axis: str,
     window: str | None,
     propagate: bool,
@@ -527,6 +541,7 @@ def _segment_sam(
         axis=axis,
         window=window,
         weights=weights,
+        decoder=decoder,
         cache_dir=cache_dir,
         precision=precision,
         device=device,
@@ -588,8 +603,8 @@ def _segment_sam(
         "engine": "sam",
         "weights": str(m.weights_path) if m.weights_path else None,
         "weights_sha256": m.weights_sha256,
-        "decoder": None,
-        "decoder_sha256": None,
+        "decoder": str(m.decoder_path) if getattr(m, "decoder_path", None) else None,
+        "decoder_sha256": getattr(m, "decoder_sha256", None),
         "precision": m.precision,
         "device": str(m.device),
     }
@@ -616,11 +631,17 @@ def _sam_predictor(
     axis: str,
     window: str | None,
     weights: PathLike | None,
+    decoder: PathLike | None,
     cache_dir: PathLike | bool | None,
     precision: str,
     device: str,
 ) -> VolumePredictor:
-    """The given predictor (checked to fit) or a new one on ``image``."""
+    """The given predictor (checked to fit) or a new one on ``image``.
+
+    With ``decoder`` the predictor gets its own model: the shared base model's encoders with a
+    copy of the decoder holding the file's weights (the shared model is never modified, so
+    plain runs keep the base decoder; the embedding cache is the base's).
+    """
     from medseg.predict.frame import axis_index
     from medseg.predict.sam import VolumePredictor, predictor_cache_dir
 
@@ -638,10 +659,26 @@ def _sam_predictor(
             raise InputError(
                 f"the predictor runs {predictor.spec.name}, not the requested {ref.spec.name}"
             )
+        want = None
+        if decoder is not None:
+            from medseg.models.decoder import read_decoder
+
+            want = read_decoder(decoder).sha256
+        if getattr(predictor.model, "decoder_sha256", None) != want:
+            raise InputError(
+                "the predictor runs another decoder than the one asked for; build one with it"
+            )
         return predictor
+    model: Any = ref.spec.name
+    if decoder is not None:
+        from medseg.models.decoder import with_decoder
+        from medseg.models.sam import get_sam_model
+
+        base = get_sam_model(ref.spec, weights=weights, device=device, precision=precision)
+        model = with_decoder(base, decoder)
     return VolumePredictor(
         image,
-        ref.spec.name,
+        model,
         axis=axis,
         window=window,
         weights=weights,

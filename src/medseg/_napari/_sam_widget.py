@@ -14,12 +14,15 @@ so a new prompt on an already embedded slice only runs the mask decoder.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from magicgui.widgets import (
+    CheckBox,
     ComboBox,
     Container,
+    FileEdit,
     FloatSpinBox,
     LineEdit,
     PushButton,
@@ -138,6 +141,8 @@ class SamWidget(Container):
             label="model", choices=models or ["litemedsam"], value=(models or ["litemedsam"])[0]
         )
         self._window = ComboBox(label="intensity", choices=list(WINDOW_CHOICES), value="auto")
+        self._use_decoder = CheckBox(label="fine-tuned decoder", value=False)
+        self._decoder = FileEdit(label="decoder file", mode="r", filter="*.pt")
         self._points = ComboBox(
             label="points (+)", choices=layer_choices(viewer, "points"), nullable=True
         )
@@ -175,6 +180,8 @@ class SamWidget(Container):
                 self._image,
                 self._model,
                 self._window,
+                self._use_decoder,
+                self._decoder,
                 self._points,
                 self._neg_points,
                 self._shapes,
@@ -229,26 +236,42 @@ class SamWidget(Container):
         w = self._window.value
         return None if w == "auto" else w
 
-    def _settings(self) -> tuple[str, str | None]:
-        """``(model name, window)`` read on the GUI thread before a job starts."""
-        return str(self._model.value), self._window_arg()
+    def _settings(self) -> tuple[str, str | None, str | None]:
+        """``(model name, window, decoder file or None)`` read on the GUI thread."""
+        decoder = None
+        if self._use_decoder.value:
+            path = self._decoder.value
+            if not path or not Path(path).is_file():
+                raise InputError("choose the decoder file (.pt from the Fine-tune panel)")
+            decoder = str(path)
+        return str(self._model.value), self._window_arg(), decoder
 
-    def _get_predictor(self, image_layer: Any, model_name: str, window: str | None) -> Any:
+    def _get_predictor(
+        self, image_layer: Any, model_name: str, window: str | None, decoder: str | None = None
+    ) -> Any:
         """The predictor for this image/model/window (built in the worker thread; the model is
         loaded once per name and reused for other images)."""
         from medseg._napari._layers import volume_from_layer
         from medseg.predict.cache import default_cache_dir
         from medseg.predict.sam import VolumePredictor
 
-        key = (id(image_layer), id(image_layer.data), model_name, window)
+        key = (id(image_layer), id(image_layer.data), model_name, window, decoder)
         if self.predictor is not None and self._predictor_key == key:
             return self.predictor
         vol = volume_from_layer(image_layer)
         model = self._models.get(model_name, model_name)
+        if decoder is not None:  # the shared base model's encoders with the decoder's weights
+            from medseg.models.decoder import with_decoder
+            from medseg.models.sam import get_sam_model
+
+            if isinstance(model, str):
+                model = self._models[model_name] = get_sam_model(model_name, precision="auto")
+            model = with_decoder(model, decoder)
         pred = VolumePredictor(
             vol, model=model, axis="z", window=window, cache_dir=default_cache_dir()
         )
-        self._models[model_name] = pred.model
+        if decoder is None:
+            self._models[model_name] = pred.model
         self.predictor, self._predictor_key = pred, key
         return pred
 
@@ -308,11 +331,11 @@ class SamWidget(Container):
         try:
             img = self._image_layer()
             pr = self._prompts(img)
+            settings = self._settings()
         except MedsegError as exc:
             show_error(str(exc))
             return
         shape = img.data.shape
-        settings = self._settings()
         signature = _prompt_signature(pr)
         prev = self._last_slice
         refine = (
@@ -387,10 +410,10 @@ class SamWidget(Container):
         try:
             img = self._image_layer()
             prompts = self._key_prompts(img)
+            settings = self._settings()
         except MedsegError as exc:
             show_error(str(exc))
             return
-        settings = self._settings()
         min_iou = float(self._min_iou.value) or None
 
         def work(progress: Any) -> Any:
@@ -403,6 +426,7 @@ class SamWidget(Container):
                 model=pred.spec.name,
                 prompts=_as_prompts(prompts),
                 predictor=pred,
+                decoder=settings[2],
                 window=settings[1],
                 config=PropagationConfig(min_iou=min_iou),
                 progress=progress,

@@ -52,6 +52,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--model", default="litemedsam", help=f"{' | '.join(known_models())} | CHECKPOINT.pt"
     )
     p.add_argument("--weights", help="checkpoint file for a SAM-Med model (overrides the cache)")
+    p.add_argument(
+        "--decoder",
+        metavar="DECODER.pt",
+        help="fine-tuned SAM-Med mask decoder from medseg finetune (same base model)",
+    )
     p.add_argument("--window", help="CT window preset (abdomen, liver, lung, brain, bone) or LO,HI")
     g = p.add_argument_group("prompts (SAM-Med models)")
     g.add_argument(
@@ -197,7 +202,11 @@ def run(args: argparse.Namespace) -> int:
     from medseg.report import report_path_for
 
     engine = resolve_model(args.model).engine
-    inputs = [p for p in (args.image, args.gt, args.box_from_gt, args.prompts, args.weights) if p]
+    inputs = [
+        p
+        for p in (args.image, args.gt, args.box_from_gt, args.prompts, args.weights, args.decoder)
+        if p
+    ]
     # outputs first: fail before any slow work
     outs: list[Path] = []
     if args.out:
@@ -248,6 +257,7 @@ def run(args: argparse.Namespace) -> int:
             gt=args.gt,
             label=args.label,
             weights=args.weights,
+            decoder=args.decoder,
             series=args.series,
             axis=args.axis,
             window=args.window,
