@@ -38,6 +38,7 @@ _LAZY = {
     "load_prompts": "medseg.prompts",
     "validate_report": "medseg.report",
     "export": "medseg.exports",
+    "finetune": "medseg.train.decoder",
 }
 
 __all__ = ["LabelMap", "MedsegError", "Volume", "__version__", *sorted(_LAZY)]
@@ -56,6 +57,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from medseg.prompts import box_from_gt as box_from_gt
     from medseg.prompts import load_prompts as load_prompts
     from medseg.report import validate_report as validate_report
+    from medseg.train.decoder import finetune as finetune
 
 
 def __getattr__(name: str) -> Any:
