@@ -38,11 +38,13 @@ _LAZY = {
     "load_prompts": "medseg.prompts",
     "validate_report": "medseg.report",
     "export": "medseg.exports",
+    "batch": "medseg.batches",
 }
 
 __all__ = ["LabelMap", "MedsegError", "Volume", "__version__", *sorted(_LAZY)]
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
+    from medseg.batches import batch as batch
     from medseg.exports import export as export
     from medseg.pipeline import Segmentation as Segmentation
     from medseg.pipeline import evaluate as evaluate

@@ -20,6 +20,7 @@ COMMANDS = {
     "segment": "medseg.cli.segment",
     "export": "medseg.cli.export",
     "train-unet": "medseg.cli.train_unet",
+    "batch": "medseg.cli.batch",
 }
 
 
