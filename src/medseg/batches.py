@@ -31,6 +31,7 @@ import hashlib
 import io
 import json
 import os
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -86,6 +87,7 @@ class StudyResult:
         report: its report.
         seconds: wall time spent on the study by its worker.
         worker: ``"host:pid"`` of the process that handled it.
+        model_loaded: this study made its worker load the model (once per worker process).
     """
 
     study: str
@@ -95,6 +97,7 @@ class StudyResult:
     report: Path | None = None
     seconds: float = 0.0
     worker: str = ""
+    model_loaded: bool = False
 
 
 @dataclass
@@ -311,29 +314,34 @@ class _Task:
 
 #: worker-local models, keyed by (model, precision, device): each worker process loads once
 _WORKER_MODELS: dict[tuple[str, str, str], Any] = {}
+_WORKER_LOCK = threading.Lock()
 
 
-def _warm_model(model: str, precision: str, device: str) -> None:
+def _warm_model(model: str, precision: str, device: str) -> bool:
     """Load ``model`` once per worker process and keep it (SAM models through their memo).
 
     SAM-family models are remembered by :func:`medseg.models.sam.get_sam_model`, which the
     pipeline's predictor uses, so holding the object here keeps it loaded for every study. The
     U-Net pipeline re-reads its (small) checkpoint per study; warming imports torch/MONAI once.
+    Thread-safe (a Dask worker may run several threads). Returns True when this call loaded it.
     """
     key = (model, precision, device)
-    if key in _WORKER_MODELS:
-        return
-    from medseg.models.registry import resolve_model
+    with _WORKER_LOCK:
+        if key in _WORKER_MODELS:
+            return False
+        from medseg.models.registry import resolve_model
 
-    ref = resolve_model(model)
-    if ref.engine == "sam":
-        from medseg.models.sam import get_sam_model
+        ref = resolve_model(model)
+        if ref.engine == "sam":
+            from medseg.models.sam import get_sam_model
 
-        _WORKER_MODELS[key] = get_sam_model(ref.spec.name, precision=precision, device=device)
-    else:
-        from medseg.predict.unet import UNetSegmenter
+            loaded: Any = get_sam_model(ref.spec.name, precision=precision, device=device)
+        else:
+            from medseg.predict.unet import UNetSegmenter
 
-        _WORKER_MODELS[key] = UNetSegmenter.load(ref.path, precision=precision, device=device)
+            loaded = UNetSegmenter.load(ref.path, precision=precision, device=device)
+        _WORKER_MODELS[key] = loaded
+        return True
 
 
 def _worker_id() -> str:
@@ -404,7 +412,9 @@ def _run_study(task: _Task) -> StudyResult:
             res.status = "skipped"
             return res
         kwargs = dict(task.kwargs)
-        _warm_model(task.model, kwargs.get("precision", "auto"), kwargs.get("device", "auto"))
+        res.model_loaded = _warm_model(
+            task.model, kwargs.get("precision", "auto"), kwargs.get("device", "auto")
+        )
         image = read_volume(study.image)
         image.meta.setdefault("source", str(study.image))
         gt = read_labels(study.gt, reference=image) if study.gt is not None else None
