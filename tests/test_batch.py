@@ -94,6 +94,8 @@ def _same_outputs(a: Path, b: Path, ids: list[str]) -> None:
         ma, mb = medseg.read_labels(la), medseg.read_labels(lb)
         assert ma.same_grid(mb) and np.array_equal(ma.array, mb.array), sid
     assert (a / "metrics.csv").read_bytes() == (b / "metrics.csv").read_bytes()
+    for png in ("dice_per_label.png", "worst_slices.png"):
+        assert (a / "plots" / png).read_bytes() == (b / "plots" / png).read_bytes(), png
     assert json.loads((a / "summary.json").read_text()) == json.loads(
         (b / "summary.json").read_text()
     )
@@ -260,6 +262,10 @@ def test_rerun_checks_outputs_not_existence(
     ]
     assert not any(".part" in f.name for f in (out / "studies").iterdir())
     _same_outputs(ref_out, out, GOOD)
+    # a setting given at its default (as the CLI does) or one that does not change results
+    # (the embedding cache) is the same run
+    dry = medseg.batch(data, "unet-demo", out, dry_run=True, precision="auto", cache_dir=None)
+    assert [r.status for r in dry.studies] == ["run", "skip", "skip", "skip", "skip"]
     # other settings are not the same outputs: everything reruns
     dry = medseg.batch(data, "unet-demo", out, dry_run=True, overlap=0.5)
     assert {r.status for r in dry.studies} == {"run"}
@@ -332,7 +338,10 @@ def test_dask_two_workers_same_dice_as_local(
         ) as cluster,
         Client(cluster) as client,
     ):
-        res = medseg.batch(data, "unet-demo", out, executor="dask", scheduler=client, workers=2)
+        assert len(client.scheduler_info()["workers"]) == 2
+        res = medseg.batch(
+            data, "unet-demo", out, executor="dask", scheduler=cluster.scheduler_address
+        )
     assert [(r.study, r.status) for r in res.studies] == [
         ("broken", "failed"),
         *[(s, "ok") for s in GOOD],

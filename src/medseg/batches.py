@@ -106,6 +106,7 @@ class BatchResult:
 
     Attributes:
         out: the output folder.
+        model: the model (name or checkpoint path) as given.
         studies: one :class:`StudyResult` per study, in study order.
         metrics_csv, summary_json: aggregate files (``None`` in a dry run).
         plots: plot files written (may be empty: no ground truth, or ``plots=False``).
@@ -114,6 +115,7 @@ class BatchResult:
 
     out: Path
     studies: list[StudyResult]
+    model: str = ""
     metrics_csv: Path | None = None
     summary_json: Path | None = None
     plots: list[Path] = field(default_factory=list)
@@ -274,6 +276,39 @@ def _fingerprint(model: str, prompts: Any, kwargs: Mapping[str, Any]) -> str:
         default=_jsonable,
     )
     return hashlib.sha256(blob.encode()).hexdigest()
+
+
+#: ``segment`` parameters the batch sets per study, or that do not change a result
+_PER_STUDY = ("image", "model", "prompts", "gt", "progress", "cancel", "provenance", "predictor")
+_NOT_RESULT = ("cache_dir",)
+
+
+def _settings(segment_kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """Every :func:`medseg.segment` setting of the run (its defaults filled in), so that a
+    setting given explicitly at its default value fingerprints like one left out.
+
+    Raises:
+        InputError: a keyword :func:`medseg.segment` does not take, or one the batch sets.
+    """
+    import inspect
+
+    from medseg.pipeline import segment
+
+    params = inspect.signature(segment).parameters
+    for k in segment_kwargs:
+        if k in _PER_STUDY:
+            raise InputError(f"batch sets {k!r} per study; do not pass it")
+        if k not in params:
+            raise InputError(
+                f"unknown segment option {k!r}; see help(medseg.segment) for the options"
+            )
+    eff = {
+        n: p.default
+        for n, p in params.items()
+        if n not in _PER_STUDY and n not in _NOT_RESULT and p.default is not inspect.Parameter.empty
+    }
+    eff.update({k: v for k, v in segment_kwargs.items() if k not in _NOT_RESULT})
+    return dict(sorted(eff.items()))
 
 
 def _jsonable(obj: Any) -> Any:
@@ -477,12 +512,22 @@ def _run_local(
 
     done: list[StudyResult] = []
     with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as ex:
-        futs = [ex.submit(_run_study, t) for t in tasks]
+        futs = {ex.submit(_run_study, t): t for t in tasks}
         for f in as_completed(futs):
-            r = f.result()
+            r = _result_or_failure(f, futs[f])
             on_done(r)
             done.append(r)
     return done
+
+
+def _result_or_failure(future: Any, task: _Task) -> StudyResult:
+    """A future's :class:`StudyResult`; a lost worker (killed, out of memory) fails the study."""
+    try:
+        return future.result()
+    except Exception as exc:
+        return StudyResult(
+            task.study.id, "failed", error=_one_line(f"worker lost: {type(exc).__name__}: {exc}")
+        )
 
 
 def _run_dask(
@@ -518,13 +563,13 @@ def _run_dask(
                 "(tcp://HOST:8786)"
             ) from None
     try:
-        futs = [
-            client.submit(_run_study, t, key=f"medseg-study-{t.study.id}-{t.fingerprint[:12]}")
+        futs = {
+            client.submit(_run_study, t, key=f"medseg-study-{t.study.id}-{t.fingerprint[:12]}"): t
             for t in tasks
-        ]
+        }
         done: list[StudyResult] = []
-        for f in as_completed(futs):
-            r = f.result()
+        for f in as_completed(list(futs)):
+            r = _result_or_failure(f, futs[f])
             on_done(r)
             done.append(r)
         return done
@@ -590,9 +635,7 @@ def batch(
         raise InputError(f"workers must be >= 1, got {workers}")
     if prompts_from_gt and prompts is not None:
         raise InputError("give either prompts_from_gt or prompts, not both")
-    for bad in ("image", "prompts", "gt", "progress", "cancel", "provenance", "predictor"):
-        if bad in segment_kwargs:
-            raise InputError(f"batch sets {bad!r} per study; do not pass it")
+    settings = _settings(segment_kwargs)
     from medseg.models.registry import resolve_model
 
     engine = resolve_model(model).engine
@@ -625,7 +668,7 @@ def batch(
         fp = _fingerprint(
             model_key,
             "gt-box" if prompts_from_gt else sp_json,
-            dict(sorted(segment_kwargs.items())),
+            settings,
         )
         tasks.append(
             _Task(
@@ -653,7 +696,7 @@ def batch(
                     report=study_paths(out_p, t.study.id)[1],
                 )
             )
-        return BatchResult(out=out_p, studies=results, dry_run=True)
+        return BatchResult(out=out_p, studies=results, model=str(model), dry_run=True)
 
     _prepare_out(out_p, [p for s in studies for p in (s.image, s.gt) if p is not None])
     missing = [t for t in tasks if per_study is not None and t.prompts is None]
@@ -675,12 +718,14 @@ def batch(
     for r in list(finished.values()):
         if on_study is not None:
             on_study(r)
+    if progress is not None:
+        progress(len(finished), total)
     if executor == "dask":
         _run_dask(runnable, int(workers), scheduler, on_done)
     else:
         _run_local(runnable, int(workers), on_done)
     results = [finished[s.id] for s in studies]
-    result = BatchResult(out=out_p, studies=results)
+    result = BatchResult(out=out_p, studies=results, model=str(model))
     write_aggregates(result, studies, plots=plots)
     return result
 
@@ -793,7 +838,7 @@ def write_aggregates(
     result.metrics_csv = out / "metrics.csv"
     with atomic_path(result.metrics_csv) as tmp:
         tmp.write_text(buf.getvalue(), encoding="utf-8")
-    summary = summarize(rows)
+    summary = {"model": result.model, **summarize(rows)}
     worst = worst_studies(rows, WORST_STUDIES)
     summary["worst_studies"] = worst
     result.summary_json = write_json(summary, out / "summary.json", overwrite=True)
