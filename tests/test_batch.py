@@ -186,7 +186,8 @@ def test_batch_reports_failures_and_aggregates(
         rep = json.loads(rep_path.read_text())
         medseg.validate_report(rep)
         assert rep["provenance"]["batch"]["study"] == sid
-        assert check_study_outputs(Study(sid, _image(data, sid), None), out) is None
+        study = Study(sid, _image(data, sid), data / f"{sid}_gt.nii.gz")
+        assert check_study_outputs(study, out) is None
         # Dice recomputed independently from the files on disk
         image = medseg.read_volume(_image(data, sid))
         pred = medseg.read_labels(lab_path, reference=image)
@@ -238,11 +239,13 @@ def test_rerun_checks_outputs_not_existence(
     (out / "studies" / ".case0.nii.gz.abc.part.nii.gz").write_bytes(b"junk")
     (out / "metrics.csv").write_text("stale")
 
-    why = check_study_outputs(Study("case1", data / "case1.nii.gz", None), out)
+    studies = {s.id: s for s in find_studies(data)}
+    why = check_study_outputs(studies["case1"], out)
     assert why is not None and why.startswith("unreadable")
-    assert check_study_outputs(Study("case2", data / "case2.nii.gz", None), out) == (
-        "the image changed"
-    )
+    assert check_study_outputs(studies["case2"], out) == "the image changed"
+    assert check_study_outputs(studies["case0"], out) is None
+    other_gt = Study("case0", data / "case0.nii.gz", data / "case1_gt.nii.gz")
+    assert check_study_outputs(other_gt, out) == "the ground truth changed"
 
     dry = medseg.batch(data, "unet-demo", out, dry_run=True)
     assert [(r.study, r.status) for r in dry.studies] == [

@@ -390,8 +390,8 @@ def check_study_outputs(study: Study, out: PathLike, fingerprint: str | None = N
 
     Checks (not file existence alone): the report parses and follows the schema, names this
     label map and report, carries this study id and settings ``fingerprint`` (when given), its
-    image digest equals the study image's now, ground-truth metrics are there when the study has
-    ground truth, and the label map reads back on the report's grid with its voxel counts.
+    image digest equals the study image's now, and so does the ground truth's (metrics and a GT
+    box depend on it), and the label map reads back on the report's grid with its voxel counts.
     """
     from medseg.io.files import read_labels, read_volume
     from medseg.report import labels_info, validate_report
@@ -416,11 +416,14 @@ def check_study_outputs(study: Study, out: PathLike, fingerprint: str | None = N
     if study.gt is not None and not rep.get("metrics"):
         return "no metrics although the study has ground truth"
     try:
-        image = read_volume(study.image)
         from medseg.predict.cache import array_digest
 
+        image = read_volume(study.image)
         if array_digest(image.array) != rep["image"]["sha256"]:
             return "the image changed"
+        gt_now = array_digest(read_labels(study.gt).array) if study.gt is not None else None
+        if gt_now != info.get("gt_sha256"):
+            return "the ground truth changed"
         lm = read_labels(lab_path)
     except MedsegError as exc:
         return f"unreadable ({str(exc).splitlines()[0]})"
@@ -453,8 +456,12 @@ def _run_study(task: _Task) -> StudyResult:
         image = read_volume(study.image)
         image.meta.setdefault("source", str(study.image))
         gt = read_labels(study.gt, reference=image) if study.gt is not None else None
+        gt_digest = None
         if gt is not None:
+            from medseg.predict.cache import array_digest
+
             gt.meta.setdefault("source", str(study.gt))
+            gt_digest = array_digest(gt.array)
         prompts: Any = list(task.prompts) if task.prompts is not None else None
         if task.prompts_from_gt:
             if gt is None:
@@ -477,6 +484,7 @@ def _run_study(task: _Task) -> StudyResult:
                     "fingerprint": task.fingerprint,
                     "image": str(study.image),
                     "gt": str(study.gt) if study.gt else None,
+                    "gt_sha256": gt_digest,
                     "prompts_from_gt": task.prompts_from_gt,
                 }
             },
@@ -700,7 +708,7 @@ def batch(
 
     _prepare_out(out_p, [p for s in studies for p in (s.image, s.gt) if p is not None])
     missing = [t for t in tasks if per_study is not None and t.prompts is None]
-    runnable = [t for t in tasks if t not in missing]
+    runnable = [t for t in tasks if per_study is None or t.prompts is not None]
     finished: dict[str, StudyResult] = {}
     for t in missing:
         finished[t.study.id] = StudyResult(
