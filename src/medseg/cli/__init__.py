@@ -21,6 +21,7 @@ COMMANDS = {
     "export": "medseg.cli.export",
     "train-unet": "medseg.cli.train_unet",
     "batch": "medseg.cli.batch",
+    "rank": "medseg.cli.rank",
 }
 
 
