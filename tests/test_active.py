@@ -97,6 +97,7 @@ def test_rank_entropy_puts_the_noisy_study_first(folder: Path, tmp_path: Path) -
         medseg.rank(folder, "unet-demo", strategy="iou")
 
 
+@pytest.mark.slow
 def test_rank_cli(folder: Path, tmp_path: Path) -> None:
     env = dict(os.environ)
     src = str(Path(medseg.__file__).resolve().parents[1])
@@ -119,6 +120,7 @@ def test_rank_cli(folder: Path, tmp_path: Path) -> None:
     assert bad.returncode == 2 and "SAM-family" in bad.stderr
 
 
+@pytest.mark.slow
 def test_rank_disagreement_is_unet_vs_sam_refinement(folder: Path, tmp_path: Path) -> None:
     import shutil
 

@@ -298,6 +298,7 @@ def test_dry_run_lists_and_writes_nothing(data: Path, tmp_path: Path) -> None:
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_sigkill_then_rerun_equals_uninterrupted(
     data: Path, reference: tuple[Path, medseg.batches.BatchResult], tmp_path: Path
 ) -> None:
@@ -354,6 +355,7 @@ def test_dask_two_workers_same_dice_as_local(
 
 
 # --------------------------------------------------------------------------- SAM
+@pytest.mark.slow
 def test_sam_prompts_from_gt_and_prompts_file(tmp_path: Path) -> None:
     data = tmp_path / "sam"
     _write_studies(data, {"s0": 0, "s1": 1})
