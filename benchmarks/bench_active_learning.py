@@ -90,7 +90,12 @@ def main(argv: list[str] | None = None) -> int:
             for img, lab in test:
                 seg = medseg.segment(img, model=ckpt, gt=lab)
                 dice.append(np.mean([r["dice"] for r in seg.report["metrics"]]))
-            return {"ckpt": ckpt, "dice": float(np.mean(dice)), "train_s": round(train_s, 1)}
+            return {
+                "ckpt": ckpt,
+                "dice": float(np.mean(dice)),
+                "per_test_case": [round(float(d), 6) for d in dice],
+                "train_s": round(train_s, 1),
+            }
 
         def unlabelled_folder(labelled: list[str], tag: str) -> Path:
             d = root / f"pool_{tag}"
@@ -111,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
                     {
                         "budget": len(labelled),
                         "labelled": list(labelled),
-                        "test_dice": round(res["dice"], 4),
+                        "test_dice": round(res["dice"], 6),
+                        "test_dice_per_case": res["per_test_case"],
                         "train_s": res["train_s"],
                     }
                 )
@@ -140,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         "metric": "mean Dice over the 4 phantom labels on the held-out test studies",
         "curves": curves,
         "entropy_minus_random_per_budget": [
-            round(e["test_dice"] - r["test_dice"], 4)
+            round(e["test_dice"] - r["test_dice"], 6)
             for e, r in zip(curves["entropy"], curves["random"], strict=True)
         ],
         "wall_s": round(time.perf_counter() - t_start, 1),
