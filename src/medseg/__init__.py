@@ -39,11 +39,15 @@ _LAZY = {
     "validate_report": "medseg.report",
     "export": "medseg.exports",
     "finetune": "medseg.train.decoder",
+    "batch": "medseg.batches",
+    "rank": "medseg.active",
 }
 
 __all__ = ["LabelMap", "MedsegError", "Volume", "__version__", *sorted(_LAZY)]
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
+    from medseg.active import rank as rank
+    from medseg.batches import batch as batch
     from medseg.exports import export as export
     from medseg.pipeline import Segmentation as Segmentation
     from medseg.pipeline import evaluate as evaluate

@@ -353,6 +353,28 @@ def load_prompts(path: str | Path, axis: str | None = None) -> list[Prompt]:
         raise InputError(f"{p}: no such prompts file") from None
     except (OSError, ValueError) as exc:
         raise InputError(f"{p}: not a readable JSON prompts file ({exc})") from None
+    return prompts_from_json(data, axis=axis, where=str(p), base_dir=p.parent)
+
+
+def prompts_from_json(
+    data: Any, axis: str | None = None, *, where: str = "prompts", base_dir: str | Path = "."
+) -> list[Prompt]:
+    """Prompts from an object in the prompts-file format (the parsed JSON of one file).
+
+    Args:
+        data: ``{"axis", "boxes", "points", "masks"}`` as in the module docstring.
+        axis: the propagation axis the caller will use; the object's ``axis`` must agree.
+        where: what to name in error messages (a file, or a file and a key).
+        base_dir: folder that ``masks[].file`` paths are relative to.
+
+    Returns:
+        The prompts in order: boxes, then points, then masks.
+
+    Raises:
+        InputError: a wrong structure, an axis that disagrees, no prompts.
+        PromptError: a malformed box or point.
+    """
+    p = where
     if not isinstance(data, dict):
         raise InputError(f"{p}: prompts file must be a JSON object: {PROMPTS_FILE_FORMAT}")
     unknown = set(data) - {"axis", "boxes", "points", "masks", "comment"}
@@ -391,7 +413,7 @@ def load_prompts(path: str | Path, axis: str | None = None) -> list[Prompt]:
             raise InputError(
                 f'{p}: masks[{i}] must be {{"slice": I, "file": "mask.npy"}}'
             ) from None
-        mpath = (p.parent / str(rel)).resolve()
+        mpath = (Path(base_dir) / str(rel)).resolve()
         try:
             arr = np.load(mpath, allow_pickle=False)
         except (OSError, ValueError) as exc:

@@ -21,6 +21,8 @@ COMMANDS = {
     "export": "medseg.cli.export",
     "train-unet": "medseg.cli.train_unet",
     "finetune": "medseg.cli.finetune",
+    "batch": "medseg.cli.batch",
+    "rank": "medseg.cli.rank",
 }
 
 
