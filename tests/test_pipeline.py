@@ -159,7 +159,7 @@ def test_registry_resolves_every_engine(tmp_path: Path) -> None:
         resolve_model(tmp_path / "missing.pt")
     bad = tmp_path / "junk.pt"
     bad.write_bytes(b"not a checkpoint")
-    with pytest.raises(WeightsError, match="cannot read"):
+    with pytest.raises(WeightsError, match="not a readable checkpoint"):
         resolve_model(bad)
 
 

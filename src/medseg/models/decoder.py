@@ -24,8 +24,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import os
-import pickle
-import zipfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -186,27 +184,13 @@ def read_decoder(path: str | os.PathLike[str]) -> DecoderInfo:
     Raises:
         WeightsError: missing, unreadable or not a medseg decoder file.
     """
-    import torch
 
     p = Path(path)
     if not p.is_file():
         raise WeightsError(f"{p}: no such decoder file; give the .pt that medseg finetune wrote")
-    try:
-        obj = torch.load(p, map_location="cpu", weights_only=True)
-    except (
-        pickle.UnpicklingError,
-        RuntimeError,
-        EOFError,
-        ValueError,
-        zipfile.BadZipFile,
-        OSError,
-        AttributeError,
-        TypeError,
-    ) as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
-        raise WeightsError(
-            f"{p}: not a readable decoder file ({first}); write it again with medseg finetune"
-        ) from None
+    from medseg.models.weights import load_torch_file
+
+    obj = load_torch_file(p, "decoder file", "write it again with medseg finetune")
     if not isinstance(obj, dict) or obj.get("format") != DECODER_FORMAT:
         raise WeightsError(
             f"{p}: not a medseg decoder file (a full model checkpoint goes to --weights; a "

@@ -210,15 +210,9 @@ def resolve_model(model: str | os.PathLike[str] | ModelSpec) -> ModelRef:
 
 def _checkpoint_kind(path: Path) -> str:
     """``"unet"`` for a medseg U-Net checkpoint, ``"state_dict"`` for a bare tensor dict."""
-    import torch
+    from medseg.models.weights import load_torch_file
 
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as exc:  # pickle errors, truncated or non-zip files
-        raise WeightsError(
-            f"{path}: cannot read as a safe (weights_only) checkpoint: "
-            f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
-        ) from None
+    obj = load_torch_file(path, "checkpoint", "is it a medseg U-Net checkpoint?", mmap=True)
     if isinstance(obj, dict) and {"config", "config_sha256", "state_dict"} <= set(obj):
         return "unet"
     if isinstance(obj, dict) and obj and all(hasattr(v, "shape") for v in obj.values()):

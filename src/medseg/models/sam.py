@@ -10,9 +10,7 @@ checkpoints load strictly and :meth:`SamModel.state_dict` writes that layout bac
 from __future__ import annotations
 
 import os
-import pickle
 import warnings
-import zipfile
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -236,18 +234,6 @@ def build_sam_model(spec_or_name: ModelSpec | str, *, small: bool = False, **arc
     return model
 
 
-def _load_error_reason(exc: BaseException) -> str:
-    """The short reason inside a ``torch.load`` error (not torch's advice to drop weights_only)."""
-    text = str(exc).strip()
-    if text.startswith("Weights only load failed"):
-        after = text.split("WeightsUnpickler error:", 1)[-1] if "WeightsUnpickler" in text else ""
-        reason = next((ln.strip() for ln in after.splitlines() if ln.strip()), "")
-        if reason.startswith("Unsupported global"):
-            return f"it holds objects other than tensors ({reason.split(' was not')[0]})"
-        return f"not a tensor pickle ({reason[:120] or 'unreadable'})"
-    return (text.splitlines() or [type(exc).__name__])[0][:200]
-
-
 def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     """Load a state dict safely (``weights_only=True``), unwrapping ``{"model": ...}`` /
     ``{"state_dict": ...}`` and a ``module.`` prefix.
@@ -255,24 +241,12 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     Raises:
         WeightsError: not a PyTorch checkpoint, truncated, or not a dict of tensors.
     """
+    from medseg.models.weights import load_torch_file
+
     p = Path(path)
-    try:
-        obj = torch.load(p, map_location="cpu", weights_only=True)
-    except (
-        pickle.UnpicklingError,
-        RuntimeError,
-        EOFError,
-        ValueError,
-        zipfile.BadZipFile,
-        OSError,
-        AttributeError,
-        TypeError,
-    ) as exc:
-        first = _load_error_reason(exc)
-        raise WeightsError(
-            f"{p}: not a readable PyTorch checkpoint (truncated or corrupted download?): {first}; "
-            "delete it and fetch it again"
-        ) from None
+    obj = load_torch_file(
+        p, "PyTorch checkpoint", "a truncated or corrupted download? delete it and fetch it again"
+    )
     for wrapper in ("model", "state_dict"):
         if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
             obj = obj[wrapper]

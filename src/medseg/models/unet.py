@@ -163,17 +163,13 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
         WeightsError: missing/unreadable file or not a medseg U-Net checkpoint.
         CheckpointConfigError: the config does not match its recorded hash (tampered/corrupt).
     """
-    import torch
 
     p = Path(path)
     if not p.is_file():
         raise WeightsError(f"{p}: no such checkpoint file")
-    try:
-        ckpt = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as exc:  # pickle errors, truncated files, non-tensor objects
-        raise WeightsError(
-            f"{p}: cannot load as a safe (weights_only) checkpoint: {str(exc).splitlines()[0]}"
-        ) from None
+    from medseg.models.weights import load_torch_file
+
+    ckpt = load_torch_file(p, "U-Net checkpoint", "train one with `medseg train-unet`")
     if not isinstance(ckpt, dict) or not {"state_dict", "config", "config_sha256"} <= set(ckpt):
         raise WeightsError(
             f"{p}: not a medseg U-Net checkpoint (needs state_dict, config, config_sha256); "

@@ -12,6 +12,7 @@ import os
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from medseg.errors import WeightsError
 from medseg.models.registry import ModelSpec, get_spec
@@ -209,3 +210,56 @@ def download_file(
         st = d.stat()
         _HASH_CACHE[(str(d.resolve()), st.st_size, st.st_mtime_ns)] = got
     return d
+
+
+def load_torch_file(
+    path: str | os.PathLike[str], what: str, advice: str, *, mmap: bool = False
+) -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU, every failure as one line.
+
+    The one safe loader for checkpoints, decoders and resume files: a pickle that holds anything
+    but tensors and plain containers, a truncated file or a non-PyTorch file is refused.
+
+    Args:
+        path: the file.
+        what: what the file should be (``"PyTorch checkpoint"``, ``"decoder file"`` ...).
+        advice: what the user should do (the end of the message).
+        mmap: map the file instead of reading it (cheap peeks at large files).
+
+    Raises:
+        WeightsError: ``"{path}: not a readable {what} ({reason}); {advice}"``.
+    """
+    import pickle
+    import zipfile
+
+    import torch
+
+    p = Path(path)
+    try:
+        return torch.load(p, map_location="cpu", weights_only=True, mmap=mmap)
+    except (
+        pickle.UnpicklingError,
+        RuntimeError,
+        EOFError,
+        ValueError,
+        zipfile.BadZipFile,
+        OSError,
+        AttributeError,
+        TypeError,
+        KeyError,
+    ) as exc:
+        raise WeightsError(
+            f"{p}: not a readable {what} ({load_error_reason(exc)}); {advice}"
+        ) from None
+
+
+def load_error_reason(exc: BaseException) -> str:
+    """The short reason inside a ``torch.load`` error (not torch's advice to drop weights_only)."""
+    text = str(exc).strip()
+    if text.startswith("Weights only load failed"):
+        after = text.split("WeightsUnpickler error:", 1)[-1] if "WeightsUnpickler" in text else ""
+        reason = next((ln.strip() for ln in after.splitlines() if ln.strip()), "")
+        if reason.startswith("Unsupported global"):
+            return f"it holds objects other than tensors ({reason.split(' was not')[0]})"
+        return f"not a tensor pickle ({reason[:120] or 'unreadable'})"
+    return (text.splitlines() or [type(exc).__name__])[0][:200]

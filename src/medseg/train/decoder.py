@@ -894,17 +894,13 @@ def _read_checkpoint(path: PathLike) -> dict[str, Any]:
     Raises:
         InputError: missing, unreadable or not a fine-tuning checkpoint.
     """
-    import torch
 
     p = Path(path)
     if not p.is_file():
         raise InputError(f"{p}: no such checkpoint; give the .resume.pt a run left")
-    try:
-        ck = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as exc:  # any unreadable file is the user's to replace
-        raise InputError(
-            f"{p}: unreadable checkpoint ({type(exc).__name__}); start again"
-        ) from None
+    from medseg.models.weights import load_torch_file
+
+    ck = load_torch_file(p, "fine-tuning checkpoint", "start again without --resume")
     if not isinstance(ck, dict) or ck.get("format") != CHECKPOINT_FORMAT:
         raise InputError(f"{p}: not a medseg finetune checkpoint (a .resume.pt)")
     return ck
