@@ -329,6 +329,31 @@ def load_reference_series(
     return ReferenceSeries(volume=vol, headers=headers)
 
 
+def prepare_export(
+    labels: LabelMap,
+    reference_dir: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    inputs: Any,
+    overwrite: bool,
+    series: str | None,
+) -> tuple[Path, ReferenceSeries, LabelMap, list[int]]:
+    """What every DICOM export checks first: ``(output path, reference series, label map on the
+    series' slice order, label values present)``.
+
+    Raises:
+        OutputError: bad output path. InputError: an empty label map. GeometryError: not on the
+            series' grid, or a tilted / uneven series.
+    """
+    from medseg.io.files import check_output_path
+
+    o = check_output_path(out, [reference_dir, *inputs], overwrite)
+    present = labels.present()
+    if not present:
+        raise InputError("the label map is empty (all background); there is nothing to export")
+    ref = load_reference_series(reference_dir, series)
+    return o, ref, align_to_reference(labels, ref.volume), present
+
+
 def align_to_reference(labels: LabelMap, ref: Volume) -> LabelMap:
     """``labels`` on ``ref``'s grid: as is, or with its slice order reversed when it is the same
     physical grid stored left-handed (z axis flipped).
@@ -411,14 +436,9 @@ def write_dicom_seg(
     import highdicom as hd
     from pydicom.sr.codedict import codes
 
-    from medseg.io.files import atomic_path, check_output_path
+    from medseg.io.files import atomic_path
 
-    o = check_output_path(out, [reference_dir, *inputs], overwrite)
-    present = labels.present()
-    if not present:
-        raise InputError("the label map is empty (all background); there is nothing to export")
-    ref = load_reference_series(reference_dir, series)
-    lm = align_to_reference(labels, ref.volume)
+    o, ref, lm, present = prepare_export(labels, reference_dir, out, inputs, overwrite, series)
 
     name, params, algo_type = _algorithm_fields(report)
     version = medseg_version()

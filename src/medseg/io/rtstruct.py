@@ -32,14 +32,13 @@ from medseg.errors import DicomError, GeometryError, InputError
 from medseg.io.dicom_seg import (
     RTSTRUCT_SOP_CLASS,
     _algorithm_fields,
-    align_to_reference,
     clean_lo,
     colour_for,
     concept_for,
     fit_report_json,
-    load_reference_series,
     medseg_version,
     parse_report_json,
+    prepare_export,
     read_dicom_file,
 )
 from medseg.volume import LabelMap, Volume
@@ -117,14 +116,9 @@ def write_rtstruct(
     from pydicom.sequence import Sequence
     from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, generate_uid
 
-    from medseg.io.files import atomic_path, check_output_path
+    from medseg.io.files import atomic_path
 
-    o = check_output_path(out, [reference_dir, *inputs], overwrite)
-    present = labels.present()
-    if not present:
-        raise InputError("the label map is empty (all background); there is nothing to export")
-    ref = load_reference_series(reference_dir, series)
-    lm = align_to_reference(labels, ref.volume)
+    o, ref, lm, present = prepare_export(labels, reference_dir, out, inputs, overwrite, series)
     vol = ref.volume
     h0 = ref.headers[0]
     name, _params, algo_type = _algorithm_fields(report)
