@@ -1,7 +1,5 @@
 """``python -m medseg`` runs the command line."""
 
-import sys
+from medseg.cli import entry
 
-from medseg.cli import main
-
-sys.exit(main())
+entry()

@@ -58,9 +58,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         print(f"medseg {args.command}: interrupted", file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
         return 130
     return int(rc or 0)
 
 
+def entry() -> None:
+    """The ``medseg`` executable (and ``python -m medseg``): run :func:`main` and exit with it.
+
+    After an interrupt (exit 130) the work is already cleaned up; the process leaves at once
+    rather than through interpreter shutdown, where a late interrupt would end it by signal.
+    """
+    import os
+
+    rc = main()
+    if rc == 130:
+        os._exit(rc)
+    sys.exit(rc)
+
+
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    entry()

@@ -141,6 +141,21 @@ def _prefix(target: Path) -> str:
 _STALE = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.[A-Za-z0-9_]+\.part")
 
 
+def _remove_own_parts(target: Path) -> None:
+    """Remove this process's temporary entries for ``target`` — also one whose name ``mkstemp``
+    or ``mkdtemp`` had not returned yet when an interrupt (Ctrl-C) arrived."""
+    folder = target.parent if str(target.parent) else Path(".")
+    prefix = _prefix(target)
+    with contextlib.suppress(OSError):
+        for e in folder.iterdir():
+            if e.name.startswith(prefix) and ".part" in e.name:
+                with contextlib.suppress(OSError):
+                    if e.is_dir() and not e.is_symlink():
+                        shutil.rmtree(e)
+                    else:
+                        e.unlink()
+
+
 def _pid_alive(pid: int) -> bool:
     if pid == os.getpid():
         return True
@@ -232,10 +247,16 @@ def atomic_path(
     folder = o.parent if str(o.parent) else Path(".")
     remove_stale_parts(o)
     try:
-        fd, name = tempfile.mkstemp(prefix=_prefix(o), suffix=f".part{_suffix(o.name)}", dir=folder)
-    except OSError as exc:
-        raise output_error(o, exc) from None
-    os.close(fd)
+        try:
+            fd, name = tempfile.mkstemp(
+                prefix=_prefix(o), suffix=f".part{_suffix(o.name)}", dir=folder
+            )
+        except OSError as exc:
+            raise output_error(o, exc) from None
+        os.close(fd)
+    except BaseException:  # an interrupt between creating the file and knowing its name
+        _remove_own_parts(o)
+        raise
     tmp = Path(name)
     try:
         try:
@@ -328,10 +349,14 @@ def atomic_dir(
     o = prepare_output_dir(out, overwrite)
     remove_stale_parts(o)
     try:
-        tmp = Path(tempfile.mkdtemp(prefix=_prefix(o), suffix=".part", dir=o.parent))
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700 folders
-    except OSError as exc:
-        raise output_error(o, exc) from None
+        try:
+            tmp = Path(tempfile.mkdtemp(prefix=_prefix(o), suffix=".part", dir=o.parent))
+            os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700 folders
+        except OSError as exc:
+            raise output_error(o, exc) from None
+    except BaseException:  # an interrupt between creating the folder and knowing its name
+        _remove_own_parts(o)
+        raise
     try:
         try:
             yield tmp
@@ -357,6 +382,7 @@ def atomic_dir(
             raise _renamed(exc, tmp, o) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        _remove_own_parts(o)
         raise
 
 
