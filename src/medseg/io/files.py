@@ -57,7 +57,8 @@ def read_volume(path: str | os.PathLike[str], series: str | None = None) -> Volu
     """Read a 3D image: a DICOM folder (or one DICOM file's folder) or a NIfTI/NRRD/MHA file.
 
     Args:
-        path: folder with DICOM files (searched recursively) or an image file.
+        path: folder with DICOM files (searched recursively), an image file, or a DICOMweb
+            series URL ``http(s)://HOST/.../studies/<StudyUID>/series/<SeriesUID>``.
         series: SeriesInstanceUID to pick when a folder holds several series.
 
     Returns:
@@ -70,6 +71,12 @@ def read_volume(path: str | os.PathLike[str], series: str | None = None) -> Volu
             pydicom, nibabel, SimpleITK or numpy on the file's bytes becomes a one-line
             :class:`InputError` (or :class:`~medseg.errors.DicomError`) naming the file.
     """
+    from medseg.io.remote import is_dicomweb_url
+
+    if is_dicomweb_url(path):  # a DICOMweb series URL: fetched into the cache, read as a folder
+        from medseg.io.remote import read_remote_volume
+
+        return read_remote_volume(str(path), series=series)
     p = Path(path)
     try:
         return _read_volume(p, series)

@@ -1,0 +1,29 @@
+"""``medseg pull URL OUTDIR``: download a DICOMweb series (WADO-RS) into a folder, nothing else.
+
+The URL is ``http(s)://HOST/.../studies/<StudyUID>/series/<SeriesUID>`` (``medseg search``
+prints them). Credentials come from MEDSEG_DICOMWEB_USER/PASSWORD, MEDSEG_DICOMWEB_TOKEN or a
+netrc file, never from the URL. The folder appears whole or not at all."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "pull", help="download a DICOMweb series into a folder", description=__doc__
+    )
+    p.add_argument("url", help="DICOMweb series URL .../studies/<StudyUID>/series/<SeriesUID>")
+    p.add_argument("outdir", help="folder to create with one .dcm per instance")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUTDIR")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``medseg pull``. Returns the exit status (0)."""
+    from medseg.io.remote import parse_series_url, pull_series
+
+    parse_series_url(args.url)  # a malformed URL fails before anything is created
+    files = pull_series(args.url, args.outdir, overwrite=args.overwrite)
+    print(f"pulled {len(files)} instances into {args.outdir}")
+    return 0

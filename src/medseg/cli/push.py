@@ -1,0 +1,33 @@
+"""``medseg push FILE... --to URL``: store DICOM files (a DICOM-SEG, an RTSTRUCT, a series) on a
+DICOMweb server (STOW-RS)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("push", help="store DICOM files on a DICOMweb server", description=__doc__)
+    p.add_argument("files", nargs="+", help="DICOM files or folders of DICOM files")
+    p.add_argument("--to", required=True, help="DICOMweb root URL (or a study/series URL)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``medseg push``. Returns the exit status (0)."""
+    from medseg.errors import InputError
+    from medseg.io.remote import push_files, server_root
+
+    server_root(args.to)
+    files: list[Path] = []
+    for f in map(Path, args.files):
+        if f.is_dir():
+            files += sorted(p for p in f.rglob("*") if p.is_file())
+        elif f.is_file():
+            files.append(f)
+        else:
+            raise InputError(f"{f}: no such file or folder")
+    stored = push_files(files, args.to)
+    print(f"stored {len(stored)} instances on {server_root(args.to)}")
+    return 0
