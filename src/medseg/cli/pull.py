@@ -10,20 +10,21 @@ import argparse
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "pull", help="download a DICOMweb series into a folder", description=__doc__
-    )
+    p = sub.add_parser("pull", help="download a DICOMweb series into a folder", description=__doc__)
     p.add_argument("url", help="DICOMweb series URL .../studies/<StudyUID>/series/<SeriesUID>")
     p.add_argument("outdir", help="folder to create with one .dcm per instance")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUTDIR")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """Run ``medseg pull``. Returns the exit status (0)."""
     from medseg.io.remote import parse_series_url, pull_series
+    from medseg.progress import tqdm_progress
 
     parse_series_url(args.url)  # a malformed URL fails before anything is created
-    files = pull_series(args.url, args.outdir, overwrite=args.overwrite)
+    with tqdm_progress("pull", enabled=not args.quiet) as cb:
+        files = pull_series(args.url, args.outdir, overwrite=args.overwrite, progress=cb)
     print(f"pulled {len(files)} instances into {args.outdir}")
     return 0

@@ -46,9 +46,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument(
-        "image", help="image file (NIfTI/NRRD/MHA), DICOM folder or DICOMweb series URL"
-    )
+    p.add_argument("image", help="image file (NIfTI/NRRD/MHA), DICOM folder or DICOMweb series URL")
     p.add_argument("--series", help="SeriesInstanceUID when the DICOM folder holds several")
     p.add_argument(
         "--model", default="litemedsam", help=f"{' | '.join(known_models())} | CHECKPOINT.pt"
