@@ -6,6 +6,7 @@ without them these tests skip with one line (a failure under ``MEDSEG_REQUIRE_SY
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -309,3 +310,58 @@ def test_series_changing_mid_download_leaves_nothing(
         assert not (tmp_path / "out").exists()
     finally:
         remote.push_files(sorted(folder.iterdir()), orthanc.root)  # restore for other tests
+
+
+def test_unknown_series_is_a_one_line_404(ct5n: tuple[Path, str], tmp_path: Path) -> None:
+    _, url = ct5n
+    res = _cli("pull", url + "9", str(tmp_path / "out"), "--quiet")
+    assert res.returncode == 2
+    assert res.stderr.count("\n") == 1 and "404 not found" in res.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_silent_server_times_out(tmp_path: Path, monkeypatch) -> None:
+    import threading
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)  # accepts connections, never answers
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        listener.settimeout(0.1)
+        while not stop.is_set():
+            with contextlib.suppress(OSError):
+                held.append(listener.accept()[0])
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        monkeypatch.setenv("MEDSEG_DICOMWEB_TIMEOUT", "0.3")
+        root = f"http://127.0.0.1:{listener.getsockname()[1]}/dicom-web"
+        with pytest.raises(MedsegError, match=r"no answer within 0.3 s"):
+            remote.pull_series(f"{root}/studies/1.2/series/1.2.3", tmp_path / "out")
+        assert not (tmp_path / "out").exists()
+        assert len(held) == 3  # the first try and two bounded retries
+    finally:
+        stop.set()
+        thread.join()
+        for s in held:
+            s.close()
+        listener.close()
+
+
+def test_session_security_defaults(monkeypatch, tmp_path: Path) -> None:
+    for var in ("MEDSEG_DICOMWEB_CA_BUNDLE", "MEDSEG_DICOMWEB_USER", "MEDSEG_DICOMWEB_TOKEN"):
+        monkeypatch.delenv(var, raising=False)
+    s = remote._session("https://pacs.example.org/dicom-web")
+    assert s.verify is True and s.auth is None
+    monkeypatch.setenv("MEDSEG_DICOMWEB_CA_BUNDLE", str(tmp_path / "ca.pem"))
+    monkeypatch.setenv("MEDSEG_DICOMWEB_TOKEN", "tok-123")
+    s = remote._session("https://pacs.example.org/dicom-web")
+    assert s.verify == str(tmp_path / "ca.pem")
+    import requests
+
+    req = requests.Request("GET", "https://pacs.example.org/x", auth=s.auth).prepare()
+    assert req.headers["Authorization"] == "Bearer tok-123"

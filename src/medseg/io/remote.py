@@ -218,7 +218,7 @@ def dicomweb_client(url: str) -> Any:
         raise MedsegError(
             "DICOMweb needs dicomweb-client: pip install 'medseg[pacs]' (or dicomweb-client)"
         ) from None
-    client = DICOMwebClient(url=root, session=_session(root))
+    client = DICOMwebClient(url=root, session=_session(root), timeout=_timeout())
     client.set_http_retry_params(retry=False)  # retries: the session's bounded urllib3 Retry
     return client
 
@@ -240,12 +240,17 @@ def _errors(root: str, what: str) -> Iterator[None]:
             f"{root}: TLS certificate verification failed while trying to {what}; give the "
             f"server's CA file in {_ENV_CA}"
         ) from None
-    except requests.exceptions.Timeout:
+    except (requests.exceptions.Timeout, requests.exceptions.ConnectionError) as exc:
+        if not isinstance(exc, requests.exceptions.Timeout) and "timed out" not in str(exc):
+            raise RemoteError(
+                f"{root}: cannot reach the DICOMweb server to {what} (connection failed); "
+                "check that it is running and the URL is right"
+            ) from None
         raise RemoteError(
             f"{root}: no answer within {_timeout():g} s while trying to {what}; try again later "
             f"or raise {_ENV_TIMEOUT}"
         ) from None
-    except (requests.exceptions.ConnectionError, requests.exceptions.RetryError):
+    except requests.exceptions.RetryError:
         raise RemoteError(
             f"{root}: cannot reach the DICOMweb server to {what} (connection failed); check that "
             "it is running and the URL is right"
