@@ -44,12 +44,12 @@ def _free_port() -> int:
 class Orthanc:
     """A running Orthanc: ``root`` is its DICOMweb root URL."""
 
-    def __init__(self, folder: Path, auth: bool = False) -> None:
+    def __init__(self, folder: Path, auth: bool = False, port: int | None = None) -> None:
         exe = require_program("Orthanc", ORTHANC_HINT)
         if not PLUGIN.is_file():
             require_program("orthanc-dicomweb-plugin", f"{PLUGIN} missing: {ORTHANC_HINT}")
         self.folder = folder
-        self.http = _free_port()
+        self.http = port or _free_port()
         config = {
             "Name": "medseg-test",
             "HttpPort": self.http,
@@ -365,3 +365,35 @@ def test_session_security_defaults(monkeypatch, tmp_path: Path) -> None:
 
     req = requests.Request("GET", "https://pacs.example.org/x", auth=s.auth).prepare()
     assert req.headers["Authorization"] == "Bearer tok-123"
+
+
+def test_server_stopped_mid_download_then_resumed(
+    tmp_path_factory: pytest.TempPathFactory, pydicom_test_files: Path, tmp_path: Path
+) -> None:
+    folder = tmp_path_factory.mktemp("orthanc_mid")
+    server = Orthanc(folder)
+    src = pydicom_test_files / "dicomdirtests" / "98892001" / "CT5N"
+    remote.push_files(sorted(src.iterdir()), server.root)
+    (row,) = remote.search(server.root)
+    shutil.rmtree(remote.cache_folder(row["url"]), ignore_errors=True)
+
+    def stop_after_two(done: int, total: int) -> None:
+        if done == 2:
+            server.stop()
+
+    with pytest.raises(MedsegError, match="cannot reach the DICOMweb server") as err:
+        remote.pull_series(row["url"], tmp_path / "out", progress=stop_after_two)
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "out").exists()
+    cached = remote.cache_folder(row["url"]) / "instances"
+    assert len([f for f in cached.iterdir() if f.suffix == ".dcm"]) == 2  # whole ones kept
+    assert [f for f in cached.iterdir() if ".part" in f.name] == []
+    kept = {f.name: f.stat().st_mtime_ns for f in cached.iterdir()}
+    server = Orthanc(folder, port=server.http)  # the same storage and address, a new process
+    try:
+        vol = medseg.read_volume(row["url"])  # resumes: only the 3 missing instances come
+        np.testing.assert_array_equal(vol.array, medseg.read_volume(src).array)
+        now = {f.name: f.stat().st_mtime_ns for f in cached.iterdir()}
+        assert len(now) == 5 and all(now[k] == v for k, v in kept.items())
+    finally:
+        server.stop()
