@@ -50,10 +50,14 @@ class Orthanc:
             require_program("orthanc-dicomweb-plugin", f"{PLUGIN} missing: {ORTHANC_HINT}")
         self.folder = folder
         self.http = port or _free_port()
+        self.dicom = _free_port()
         config = {
             "Name": "medseg-test",
             "HttpPort": self.http,
-            "DicomPort": _free_port(),
+            "DicomPort": self.dicom,
+            "DicomAet": "ORTHANC",
+            "DicomAlwaysAllowFind": True,  # DIMSE tests: C-FIND/C-GET from our unknown AE title
+            "DicomAlwaysAllowGet": True,
             "StorageDirectory": str(folder / "db"),
             "IndexDirectory": str(folder / "db"),
             "Plugins": [str(PLUGIN)],
@@ -68,6 +72,7 @@ class Orthanc:
             [exe, str(folder / "config.json")], stdout=self.log, stderr=subprocess.STDOUT
         )
         self.root = f"http://127.0.0.1:{self.http}/dicom-web"
+        self.dimse = f"dimse://ORTHANC@127.0.0.1:{self.dicom}"
         deadline = time.monotonic() + 30
         while True:
             try:
@@ -397,3 +402,33 @@ def test_server_stopped_mid_download_then_resumed(
         assert len(now) == 5 and all(now[k] == v for k, v in kept.items())
     finally:
         server.stop()
+
+
+def test_dimse_store_find_get_and_stopped(
+    tmp_path_factory: pytest.TempPathFactory, pydicom_test_files: Path, tmp_path: Path
+) -> None:
+    pytest.importorskip("pynetdicom")
+    from medseg.io.remote_dimse import dimse_store
+
+    server = Orthanc(tmp_path_factory.mktemp("orthanc_dimse"))
+    src = pydicom_test_files / "dicomdirtests" / "98892001" / "CT5N"
+    try:
+        assert len(dimse_store(sorted(src.iterdir()), server.dimse)) == 5  # C-STORE
+        res = _cli("search", server.dimse, "--modality", "CT", "--json")  # C-FIND
+        assert res.returncode == 0, res.stderr
+        (row,) = json.loads(res.stdout)
+        assert row["instances"] == 5 and row["url"].startswith(server.dimse + "/studies/")
+        assert remote.search(server.dimse, modality="MR") == []
+        res = _cli("pull", row["url"], str(tmp_path / "out"), "--quiet")  # C-GET
+        assert res.returncode == 0, res.stderr
+        np.testing.assert_array_equal(
+            medseg.read_volume(tmp_path / "out").array, medseg.read_volume(src).array
+        )
+        assert medseg.read_volume(row["url"]).meta["source"] == row["url"]
+    finally:
+        server.stop()
+    shutil.rmtree(remote.cache_folder(row["url"]), ignore_errors=True)
+    res = _cli("pull", row["url"], str(tmp_path / "out2"), "--quiet")
+    assert res.returncode == 2 and res.stderr.count("\n") == 1, res.stderr
+    assert "association refused or server unreachable" in res.stderr
+    assert not (tmp_path / "out2").exists()

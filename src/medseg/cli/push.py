@@ -10,16 +10,25 @@ from pathlib import Path
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("push", help="store DICOM files on a DICOMweb server", description=__doc__)
     p.add_argument("files", nargs="+", help="DICOM files or folders of DICOM files")
-    p.add_argument("--to", required=True, help="DICOMweb root URL (or a study/series URL)")
+    p.add_argument(
+        "--to",
+        required=True,
+        help="DICOMweb root URL (or a study/series URL), or dimse://AET@HOST:PORT",
+    )
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """Run ``medseg push``. Returns the exit status (0)."""
     from medseg.errors import InputError
-    from medseg.io.remote import push_files, server_root
+    from medseg.io.remote import is_dicomweb_url, push_files, server_root
 
-    server_root(args.to)
+    if is_dicomweb_url(args.to):
+        server_root(args.to)
+    else:
+        from medseg.io.remote_dimse import parse_dimse_url
+
+        parse_dimse_url(args.to)
     files: list[Path] = []
     for f in map(Path, args.files):
         if f.is_dir():
@@ -29,5 +38,6 @@ def run(args: argparse.Namespace) -> int:
         else:
             raise InputError(f"{f}: no such file or folder")
     stored = push_files(files, args.to)
-    print(f"stored {len(stored)} instances on {server_root(args.to)}")
+    where = server_root(args.to) if is_dicomweb_url(args.to) else args.to
+    print(f"stored {len(stored)} instances on {where}")
     return 0

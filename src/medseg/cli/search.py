@@ -13,7 +13,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "search", help="search a DICOMweb server for studies and series", description=__doc__
     )
-    p.add_argument("url", help="DICOMweb root URL (or a study URL)")
+    p.add_argument("url", help="DICOMweb root URL (or a study URL), or dimse://AET@HOST:PORT")
     p.add_argument("--patient", help="PatientID (wildcards * and ? where the server allows)")
     p.add_argument("--modality", help="series modality, e.g. CT, MR, SEG")
     p.add_argument("--study-date", help="YYYYMMDD or a range YYYYMMDD-YYYYMMDD")

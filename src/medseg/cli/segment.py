@@ -46,7 +46,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("image", help="image file (NIfTI/NRRD/MHA), DICOM folder or DICOMweb series URL")
+    p.add_argument(
+        "image", help="image file (NIfTI/NRRD/MHA), DICOM folder, DICOMweb or dimse:// series URL"
+    )
     p.add_argument("--series", help="SeriesInstanceUID when the DICOM folder holds several")
     p.add_argument(
         "--model", default="litemedsam", help=f"{' | '.join(known_models())} | CHECKPOINT.pt"
@@ -202,7 +204,7 @@ def run(args: argparse.Namespace) -> int:
     """Run ``medseg segment``. Returns the exit status (0)."""
     import medseg
     from medseg.io.files import check_output_path, image_suffix
-    from medseg.io.remote import is_dicomweb_url
+    from medseg.io.remote import is_remote_url
     from medseg.models.registry import resolve_model
     from medseg.pipeline import instance_paths
     from medseg.progress import tqdm_progress
@@ -215,11 +217,11 @@ def run(args: argparse.Namespace) -> int:
         if p
     ]
     if args.push and not (
-        is_dicomweb_url(args.image) and str(args.out or "").lower().endswith(".dcm")
+        is_remote_url(args.image) and str(args.out or "").lower().endswith(".dcm")
     ):
         raise InputError(
             "--push stores the DICOM-SEG on the server the image came from: give a DICOMweb "
-            "series URL as the image and --out NAME.dcm"
+            "(or dimse://) series URL as the image and --out NAME.dcm"
         )
     # outputs first: fail before any slow work
     outs: list[Path] = []
@@ -307,9 +309,9 @@ def run(args: argparse.Namespace) -> int:
             written["report"] = seg.save_report(args.json_out, overwrite=args.overwrite)
     lines = [*summary(seg.report), *(f"wrote {p}" for p in written.values())]
     if args.push:
-        from medseg.io.remote import parse_series_url, push_files
+        from medseg.io.remote import parse_remote_series, push_files
 
-        ref = parse_series_url(args.image)
+        ref = parse_remote_series(args.image)
         push_files([written["labels"]], ref.root, study=ref.study)
         lines.append(f"pushed {written['labels']} to {ref.root} (study {ref.study})")
     print("\n".join(lines))

@@ -58,7 +58,8 @@ def read_volume(path: str | os.PathLike[str], series: str | None = None) -> Volu
 
     Args:
         path: folder with DICOM files (searched recursively), an image file, or a DICOMweb
-            series URL ``http(s)://HOST/.../studies/<StudyUID>/series/<SeriesUID>``.
+            series URL ``http(s)://HOST/.../studies/<StudyUID>/series/<SeriesUID>`` (or the
+            ``dimse://AET@HOST:PORT/studies/...`` form for a DIMSE archive).
         series: SeriesInstanceUID to pick when a folder holds several series.
 
     Returns:
@@ -71,9 +72,9 @@ def read_volume(path: str | os.PathLike[str], series: str | None = None) -> Volu
             pydicom, nibabel, SimpleITK or numpy on the file's bytes becomes a one-line
             :class:`InputError` (or :class:`~medseg.errors.DicomError`) naming the file.
     """
-    from medseg.io.remote import is_dicomweb_url
+    from medseg.io.remote import is_remote_url
 
-    if is_dicomweb_url(path):  # a DICOMweb series URL: fetched into the cache, read as a folder
+    if is_remote_url(path):  # a DICOMweb/DIMSE series: fetched into the cache, read as a folder
         from medseg.io.remote import read_remote_volume
 
         return read_remote_volume(str(path), series=series)

@@ -39,6 +39,8 @@ __all__ = [
     "dicomweb_client",
     "fetch_series",
     "is_dicomweb_url",
+    "is_remote_url",
+    "parse_remote_series",
     "parse_series_url",
     "pull_series",
     "push_files",
@@ -82,6 +84,26 @@ class SeriesURL:
 def is_dicomweb_url(text: Any) -> bool:
     """Whether ``text`` is an ``http(s)://`` address (a DICOMweb URL is expected then)."""
     return isinstance(text, str) and text.lower().startswith(("http://", "https://"))
+
+
+def is_remote_url(text: Any) -> bool:
+    """Whether ``text`` is a DICOMweb (``http(s)://``) or DIMSE (``dimse://``) address."""
+    return is_dicomweb_url(text) or (isinstance(text, str) and text.lower().startswith("dimse://"))
+
+
+def parse_remote_series(url: str) -> Any:
+    """A series address of either kind: a :class:`SeriesURL` or a
+    :class:`medseg.io.remote_dimse.DimseAddress` (both have ``root``, ``study``, ``series`` and
+    ``url``).
+
+    Raises:
+        InputError: not a series address.
+    """
+    if is_dicomweb_url(url):
+        return parse_series_url(url)
+    from medseg.io.remote_dimse import parse_dimse_url
+
+    return parse_dimse_url(url, series=True)
 
 
 def _check_no_credentials(url: str) -> None:
@@ -309,7 +331,8 @@ def search(
     """QIDO-RS: the series of the studies matching the filters, one row per series.
 
     Args:
-        url: DICOMweb service root (or a study URL: only that study).
+        url: DICOMweb service root (or a study URL: only that study), or a ``dimse://AET@HOST:PORT``
+            address (C-FIND).
         patient: PatientID (wildcards ``*``/``?`` as the server allows).
         modality: series Modality (``CT``, ``MR``, ``SEG``...).
         study_date: ``YYYYMMDD`` or a range ``YYYYMMDD-YYYYMMDD``.
@@ -322,6 +345,10 @@ def search(
     Raises:
         RemoteError: the server cannot be reached or refuses.
     """
+    if is_remote_url(url) and not is_dicomweb_url(url):
+        from medseg.io.remote_dimse import dimse_search
+
+        return dimse_search(url, patient=patient, modality=modality, study_date=study_date)
     root = server_root(url)
     m = re.search(rf"/studies/({_UID})", url.split("?", 1)[0])
     client = dicomweb_client(root)
@@ -368,11 +395,12 @@ def _instance_uids(client: Any, ref: SeriesURL) -> list[str]:
 
 # --------------------------------------------------------------------------- WADO-RS
 def cache_folder(url: str) -> Path:
-    """The cache folder of a series URL: ``medseg_home()/dicomweb/<sha256 of the address>``;
-    the instances are in its ``instances`` sub-folder."""
+    """The cache folder of a series address (DICOMweb or DIMSE):
+    ``medseg_home()/dicomweb/<sha256 of root, study and series>``; the instances are in its
+    ``instances`` sub-folder."""
     from medseg.models.weights import medseg_home
 
-    ref = parse_series_url(url)
+    ref = parse_remote_series(url)
     key = hashlib.sha256(f"{ref.root}\n{ref.study}\n{ref.series}".encode()).hexdigest()[:32]
     return medseg_home() / "dicomweb" / key
 
@@ -385,6 +413,8 @@ def _safe_name(uid: str) -> str:
 
 def fetch_series(url: str, progress: Any = None) -> Path:
     """Download a DICOMweb series into the cache (only missing instances) and return its folder.
+
+    A ``dimse://`` address goes to :func:`medseg.io.remote_dimse.dimse_fetch_series`.
 
     Each instance is checked (its Study/Series/SOP Instance UIDs are the ones asked for) and
     written atomically; instances the server no longer lists are removed from the cache. The
@@ -405,6 +435,10 @@ def fetch_series(url: str, progress: Any = None) -> Path:
 
     from medseg.io.atomic import atomic_path
 
+    if is_remote_url(url) and not is_dicomweb_url(url):
+        from medseg.io.remote_dimse import dimse_fetch_series
+
+        return dimse_fetch_series(url, progress=progress)
     ref = parse_series_url(url)
     client = dicomweb_client(ref.root)
     folder = cache_folder(url) / "instances"
@@ -475,7 +509,7 @@ def fetch_series(url: str, progress: Any = None) -> Path:
 
 
 def read_remote_volume(url: str, series: str | None = None) -> Any:
-    """Fetch a series URL (see :func:`fetch_series`) and read it like a DICOM folder.
+    """Fetch a DICOMweb or DIMSE series (see :func:`fetch_series`) and read it like a DICOM folder.
 
     The volume's ``meta['source']`` is the URL and ``meta['dicom_folder']`` the cached folder.
     """
@@ -484,7 +518,7 @@ def read_remote_volume(url: str, series: str | None = None) -> Any:
     folder = fetch_series(url)
     vol = read_dicom_series(folder, series=series)
     vol.meta["dicom_folder"] = str(folder)
-    vol.meta["source"] = parse_series_url(url).url
+    vol.meta["source"] = parse_remote_series(url).url
     return vol
 
 
@@ -517,7 +551,8 @@ def push_files(
 
     Args:
         files: DICOM files (a DICOM-SEG, an RTSTRUCT, a series' slices...).
-        url: DICOMweb service root, or a study/series URL of that server.
+        url: DICOMweb service root, or a study/series URL of that server; or a ``dimse://``
+            address (C-STORE).
         study: StudyInstanceUID all files must belong to (checked) — default: no check.
 
     Returns:
@@ -529,6 +564,14 @@ def push_files(
     """
     import pydicom
 
+    if is_remote_url(url) and not is_dicomweb_url(url):
+        from medseg.io.remote_dimse import dimse_store
+
+        for f in files if study is not None else ():
+            got = str(pydicom.dcmread(f, stop_before_pixels=True).get("StudyInstanceUID", ""))
+            if got != study:
+                raise InputError(f"{f}: belongs to study {got}, not {study}")
+        return dimse_store(files, url)
     root = server_root(url)
     datasets = []
     for f in files:
