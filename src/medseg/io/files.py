@@ -74,12 +74,13 @@ def read_volume(path: str | os.PathLike[str], series: str | None = None) -> Volu
     """
     from medseg.io.remote import is_remote_url
 
-    if is_remote_url(path):  # a DICOMweb/DIMSE series: fetched into the cache, read as a folder
-        from medseg.io.remote import read_remote_volume
-
-        return read_remote_volume(str(path), series=series)
-    p = Path(path)
+    remote = is_remote_url(path)  # a DICOMweb/DIMSE series: fetched into the cache, then read
+    p: Any = str(path) if remote else Path(path)  # (Path would fold the URL's "//")
     try:
+        if remote:
+            from medseg.io.remote import read_remote_volume
+
+            return read_remote_volume(p, series=series)
         return _read_volume(p, series)
     except MedsegError:
         raise
