@@ -149,6 +149,8 @@ def test_search_finds_the_series(ct5n: tuple[Path, str], orthanc: Orthanc) -> No
     assert rows[0]["instances"] == 5 and rows[0]["study_date"] == "20010101"
     assert remote.search(orthanc.root, patient="nobody") == []
     assert remote.search(orthanc.root, modality="MR") == []
+    assert [r["url"] for r in remote.search(orthanc.root, study_date="20010101-20010131")] == [url]
+    assert remote.search(orthanc.root, study_date="20020101-") == []
     res = _cli("search", orthanc.root, "--modality", "CT", "--json")
     assert res.returncode == 0, res.stderr
     assert [r["series_uid"] for r in json.loads(res.stdout)] == [url.rsplit("/", 1)[1]]
