@@ -36,6 +36,7 @@ from medseg.errors import InputError, MedsegError
 __all__ = [
     "RemoteError",
     "SeriesURL",
+    "cache_folder",
     "dicomweb_client",
     "fetch_series",
     "is_dicomweb_url",
@@ -44,6 +45,7 @@ __all__ = [
     "parse_series_url",
     "pull_series",
     "push_files",
+    "read_remote_volume",
     "search",
     "server_root",
 ]

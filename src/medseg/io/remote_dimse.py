@@ -23,7 +23,14 @@ from typing import Any
 from medseg.errors import InputError, MedsegError
 from medseg.io.remote import RemoteError
 
-__all__ = ["DimseAddress", "dimse_fetch_series", "dimse_search", "dimse_store", "is_dimse_url"]
+__all__ = [
+    "DimseAddress",
+    "dimse_fetch_series",
+    "dimse_search",
+    "dimse_store",
+    "is_dimse_url",
+    "parse_dimse_url",
+]
 
 _UID = r"[0-9]+(?:\.[0-9]+)*"
 _RE = re.compile(
