@@ -203,6 +203,7 @@ class Segmentation:
         from medseg.io.dicom import is_dicom_file
 
         src = self.report.get("image", {}).get("path")
+        src = self.image.meta.get("dicom_folder") or src  # a DICOMweb URL: its cached folder
         p = Path(src) if src else None
         if p is None or not (p.is_dir() or (p.is_file() and is_dicom_file(p))):
             raise InputError(

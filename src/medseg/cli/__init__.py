@@ -23,6 +23,9 @@ COMMANDS = {
     "finetune": "medseg.cli.finetune",
     "batch": "medseg.cli.batch",
     "rank": "medseg.cli.rank",
+    "pull": "medseg.cli.pull",
+    "search": "medseg.cli.search",
+    "push": "medseg.cli.push",
 }
 
 

@@ -46,7 +46,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("image", help="image file (NIfTI/NRRD/MHA) or DICOM folder")
+    p.add_argument(
+        "image", help="image file (NIfTI/NRRD/MHA), DICOM folder, DICOMweb or dimse:// series URL"
+    )
     p.add_argument("--series", help="SeriesInstanceUID when the DICOM folder holds several")
     p.add_argument(
         "--model", default="litemedsam", help=f"{' | '.join(known_models())} | CHECKPOINT.pt"
@@ -111,6 +113,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     o.add_argument("--gt", help="ground-truth label map: add metrics to the report")
     o.add_argument(
         "--out", help="label map (.nii.gz, .nrrd, ... or .dcm: a DICOM-SEG); its report beside it"
+    )
+    o.add_argument(
+        "--push",
+        action="store_true",
+        help="store the DICOM-SEG (--out x.dcm) on the DICOMweb server the image URL names, "
+        "as a new series of the same study",
     )
     o.add_argument(
         "--json",
@@ -196,6 +204,7 @@ def run(args: argparse.Namespace) -> int:
     """Run ``medseg segment``. Returns the exit status (0)."""
     import medseg
     from medseg.io.files import check_output_path, image_suffix
+    from medseg.io.remote import is_remote_url
     from medseg.models.registry import resolve_model
     from medseg.pipeline import instance_paths
     from medseg.progress import tqdm_progress
@@ -207,6 +216,13 @@ def run(args: argparse.Namespace) -> int:
         for p in (args.image, args.gt, args.box_from_gt, args.prompts, args.weights, args.decoder)
         if p
     ]
+    if args.push and not (
+        is_remote_url(args.image) and str(args.out or "").lower().endswith(".dcm")
+    ):
+        raise InputError(
+            "--push stores the DICOM-SEG on the server the image came from: give a DICOMweb "
+            "(or dimse://) series URL as the image and --out NAME.dcm"
+        )
     # outputs first: fail before any slow work
     outs: list[Path] = []
     if args.out:
@@ -291,7 +307,14 @@ def run(args: argparse.Namespace) -> int:
             raise InputError("--probabilities and --instances need --out (the label map)")
         if args.json_out:
             written["report"] = seg.save_report(args.json_out, overwrite=args.overwrite)
-    print("\n".join([*summary(seg.report), *(f"wrote {p}" for p in written.values())]))
+    lines = [*summary(seg.report), *(f"wrote {p}" for p in written.values())]
+    if args.push:
+        from medseg.io.remote import parse_remote_series, push_files
+
+        ref = parse_remote_series(args.image)
+        push_files([written["labels"]], ref.root, study=ref.study)
+        lines.append(f"pushed {written['labels']} to {ref.root} (study {ref.study})")
+    print("\n".join(lines))
     return 0
 
 

@@ -57,7 +57,9 @@ def read_volume(path: str | os.PathLike[str], series: str | None = None) -> Volu
     """Read a 3D image: a DICOM folder (or one DICOM file's folder) or a NIfTI/NRRD/MHA file.
 
     Args:
-        path: folder with DICOM files (searched recursively) or an image file.
+        path: folder with DICOM files (searched recursively), an image file, or a DICOMweb
+            series URL ``http(s)://HOST/.../studies/<StudyUID>/series/<SeriesUID>`` (or the
+            ``dimse://AET@HOST:PORT/studies/...`` form for a DIMSE archive).
         series: SeriesInstanceUID to pick when a folder holds several series.
 
     Returns:
@@ -70,8 +72,15 @@ def read_volume(path: str | os.PathLike[str], series: str | None = None) -> Volu
             pydicom, nibabel, SimpleITK or numpy on the file's bytes becomes a one-line
             :class:`InputError` (or :class:`~medseg.errors.DicomError`) naming the file.
     """
-    p = Path(path)
+    from medseg.io.remote import is_remote_url
+
+    remote = is_remote_url(path)  # a DICOMweb/DIMSE series: fetched into the cache, then read
+    p: Any = str(path) if remote else Path(path)  # (Path would fold the URL's "//")
     try:
+        if remote:
+            from medseg.io.remote import read_remote_volume
+
+            return read_remote_volume(p, series=series)
         return _read_volume(p, series)
     except MedsegError:
         raise
