@@ -436,7 +436,7 @@ def test_every_manifest_widget_opens_in_napari(make_napari_viewer):
     for contrib in pm.contributions.widgets:
         _, widget = viewer.window.add_plugin_dock_widget("medseg", contrib.display_name)
         widgets.append(widget)
-    assert len(widgets) == 7
+    assert len(widgets) == 8
     img = viewer.add_image(np.zeros((3, 8, 8)), name="vol")
     viewer.add_labels(np.zeros((3, 8, 8), np.uint8), name="lab")
     for widget in widgets:  # the pickers follow the viewer's layers
@@ -486,7 +486,7 @@ def test_napari_discovery_and_panels_import_no_torch(pyradiomics_dir):
     )
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
-    assert len(result["widgets"]) == 7 and result["layers"] == 4  # image, phantom x2, painted
+    assert len(result["widgets"]) == 8 and result["layers"] == 4  # image, phantom x2, painted
     assert not any(result["loaded"].values()), result["loaded"]
 
 

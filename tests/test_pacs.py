@@ -165,6 +165,9 @@ def test_pull_equals_local_series(ct5n: tuple[Path, str], tmp_path: Path) -> Non
         np.testing.assert_allclose(vol.spacing, local.spacing)
         np.testing.assert_allclose(vol.origin, local.origin)
     assert medseg.read_volume(url).meta["source"] == url
+    info = _cli("info", url, "--json")  # every command takes a series URL
+    assert info.returncode == 0, info.stderr
+    assert json.loads(info.stdout)["shape"] == list(local.shape)
 
 
 def test_fetch_resumes_only_missing_instances(ct5n: tuple[Path, str], monkeypatch) -> None:

@@ -38,7 +38,12 @@ def describe(path: str | Path, series: str | None = None, progress: Any = None) 
         MedsegError: unreadable input (the message says why).
     """
     from medseg.errors import InputError
+    from medseg.io.remote import is_remote_url
 
+    if is_remote_url(str(path)):  # a DICOMweb / DIMSE series: fetched into the cache, then read
+        from medseg.io import read_volume
+
+        return {**_report(read_volume(str(path), series=series), []), "provenance": None}
     p = Path(path)
     if not p.exists():
         raise InputError(f"{p}: no such file or folder")
