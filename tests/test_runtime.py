@@ -208,3 +208,44 @@ def test_default_threads_are_shared_among_live_processes(
         torch.set_num_threads(start)
     assert runtime.sharing_processes() == 1  # the sleeper is gone
     assert runtime.default_threads() == min(start, runtime.cpu_budget())
+
+
+_MALLINFO_CHILD = r"""
+import ctypes, json, sys
+from medseg.runtime import tune_allocator
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd",
+                "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = MallInfo2
+tuned = tune_allocator()
+again = tune_allocator()
+before = libc.mallinfo2().hblkhd
+buf = ctypes.create_string_buffer(64 << 20)  # one 64 MiB malloc
+print(json.dumps({"tuned": tuned, "again": again, "mmapped": libc.mallinfo2().hblkhd - before}))
+"""
+
+
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux") or __import__("platform").libc_ver()[0] != "glibc",
+    reason="glibc only",
+)
+@pytest.mark.parametrize("switch", ["1", "0"])
+def test_tune_allocator_keeps_large_buffers_in_the_heap(switch: str) -> None:
+    import json
+
+    env = {**os.environ, "MEDSEG_MALLOC_TUNE": switch}
+    out = subprocess.run(
+        [sys.executable, "-c", _MALLINFO_CHILD], env=env, capture_output=True, text=True
+    )
+    if "mallinfo2" in out.stderr:
+        pytest.skip("glibc without mallinfo2 (< 2.33)")
+    assert out.returncode == 0, out.stderr
+    info = json.loads(out.stdout)
+    if switch == "1":  # tuned: the 64 MiB block comes from the heap, not its own mmap
+        assert info == {"tuned": True, "again": True, "mmapped": 0}
+    else:  # glibc default: a block that large is mmapped on its own
+        assert info["tuned"] is False and info["again"] is False
+        assert info["mmapped"] >= 64 << 20

@@ -14,6 +14,7 @@ cannot disagree:
 Environment:
 
 * ``MEDSEG_BF16=0|1`` overrides the native-bf16 detection (odd platforms, tests).
+* ``MEDSEG_MALLOC_TUNE=0`` turns off :func:`tune_allocator` (glibc heap kept for the encoder).
 * ``MEDSEG_THREADS=N`` is the thread count :func:`configure_threads` uses when given none
   (set it per batch worker or job, e.g. cores // workers, to pin the split yourself).
 
@@ -43,6 +44,7 @@ __all__ = [
     "resolve_device",
     "resolve_precision",
     "sharing_processes",
+    "tune_allocator",
 ]
 
 #: Precision names a caller may request.
@@ -245,3 +247,44 @@ def configure_threads(n: int | None = None) -> int:
         raise InputError(f"{source} must be a positive integer, got {n!r}")
     torch.set_num_threads(count)
     return old
+
+
+#: glibc ``mallopt`` parameters (``malloc.h``).
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+#: Free heap memory glibc keeps instead of returning it to the system (1 GiB).
+TRIM_THRESHOLD = 1 << 30
+_ALLOCATOR_TUNED: bool | None = None
+
+
+def tune_allocator() -> bool:
+    """Keep large buffers in glibc's heap between encoder calls; once per process.
+
+    glibc serves each big allocation with a fresh ``mmap`` and unmaps it on free, so every encoder
+    call page-faults its activation buffers in again. ``mallopt(M_MMAP_MAX, 0)`` and a high
+    ``M_TRIM_THRESHOLD`` (:data:`TRIM_THRESHOLD`) keep them mapped for reuse (the same as
+    ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=...``). Linux with glibc only; elsewhere, or with
+    ``MEDSEG_MALLOC_TUNE=0``, nothing happens.
+
+    Returns:
+        True when the settings are in effect (now or from an earlier call).
+    """
+    global _ALLOCATOR_TUNED
+    if _ALLOCATOR_TUNED is not None:
+        return _ALLOCATOR_TUNED
+    _ALLOCATOR_TUNED = False
+    if os.environ.get("MEDSEG_MALLOC_TUNE", "1").strip() == "0":
+        return False
+    import ctypes
+    import platform
+    import sys
+
+    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        ok = libc.mallopt(_M_MMAP_MAX, 0) == 1
+        ok = libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1 and ok
+    except (OSError, AttributeError):
+        return False
+    _ALLOCATOR_TUNED = ok
+    return ok

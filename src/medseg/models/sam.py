@@ -384,6 +384,9 @@ def load_sam_model(
         WeightsError: missing file (where to put it), corrupted file (sha256 mismatch), unreadable
             or truncated file, keys/shapes not matching the architecture.
     """
+    from medseg.runtime import tune_allocator
+
+    tune_allocator()  # once per process: the encoder's buffers stay in the heap between calls
     spec = get_spec(name)
     path = resolve_weights(spec, weights, download=download)
     digest = sha256_file(path)
