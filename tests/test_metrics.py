@@ -439,9 +439,15 @@ def _uncropped_distances(
     )
 
 
+@pytest.mark.parametrize("kdtree", [True, False])
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])
-def test_surface_distances_equal_the_uncropped_distance_transform(seed: int) -> None:
+def test_surface_distances_equal_the_uncropped_distance_transform(
+    seed: int, kdtree: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from scipy import ndimage
+
+    # the k-d tree path is taken for big boxes only; force either path on this small volume
+    monkeypatch.setattr(M, "_KDTREE_MIN_VOXELS", 0 if kdtree else 1 << 40)
 
     rng = np.random.default_rng(seed)
     shape = (30, 40, 36)
@@ -467,7 +473,9 @@ def test_surface_distances_equal_the_uncropped_distance_transform(seed: int) -> 
         assert sd.surface_dice(tol) == ref.surface_dice(tol)
 
 
-def test_surface_distances_small_hand_case() -> None:
+@pytest.mark.parametrize("kdtree", [True, False])
+def test_surface_distances_small_hand_case(kdtree: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(M, "_KDTREE_MIN_VOXELS", 0 if kdtree else 1 << 40)
     a = np.zeros((1, 1, 8), bool)
     b = np.zeros((1, 1, 8), bool)
     a[0, 0, 1] = True

@@ -210,6 +210,12 @@ class SurfaceDistances:
         return float(ok / (self.pred_to_gt.size + self.gt_to_pred.size))
 
 
+#: Boxes of at least this many voxels use surface-to-surface nearest neighbours (k-d tree)
+#: instead of two distance transforms over the box (~0.15 us per voxel each here, while importing
+#: ``scipy.spatial`` costs ~0.1 s once).
+_KDTREE_MIN_VOXELS = 1 << 20
+
+
 def surface_distances(
     pred: Any, gt: Any, spacing: Spacing | float | None = None
 ) -> SurfaceDistances:
@@ -237,6 +243,10 @@ def surface_distances(
             pred_to_gt=np.full(int(np.count_nonzero(sp_p)), np.inf),
             gt_to_pred=np.full(int(np.count_nonzero(sp_g)), np.inf),
         )
+    if p.size < _KDTREE_MIN_VOXELS:  # small box: the distance transforms are cheaper
+        d_to_g = ndimage.distance_transform_edt(~sp_g, sampling=sp)
+        d_to_p = ndimage.distance_transform_edt(~sp_p, sampling=sp)
+        return SurfaceDistances(pred_to_gt=d_to_g[sp_p], gt_to_pred=d_to_p[sp_g])
     pts_p, pts_g = np.argwhere(sp_p), np.argwhere(sp_g)  # C order, as ``d[sp_p]`` would be
     return SurfaceDistances(
         pred_to_gt=_nearest_distances(pts_p, pts_g, sp),
