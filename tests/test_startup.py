@@ -18,6 +18,8 @@ import sys
 from medseg.models.sam import build_sam_model, load_sam_model
 load_sam_model("litemedsam")  # the packaged real checkpoint, the path `medseg segment` takes
 build_sam_model("sam_vit_b", small=True)
+from medseg.report import _package_versions
+_package_versions()  # every report probes __version__ / Version of segment_anything
 heavy = [k for k in ("torchvision", "torch._dynamo", "timm.layers._fx") if k in sys.modules]
 # the stubs must not break a later full import of either package
 from segment_anything import SamPredictor, sam_model_registry

@@ -163,6 +163,18 @@ class SamModel(nn.Module):
 _IMPORT_PROBES = frozenset({"__path__", "__file__", "__spec__", "__loader__", "__builtins__"})
 
 
+def _may_define(origin: str | None, attr: str) -> bool:
+    """False only when the module's source cannot define ``attr``: the name does not occur in it
+    and it has no ``import *``. Probes such as the report's ``__version__`` / ``Version`` lookup
+    then get their AttributeError without loading the whole package (segment_anything has no
+    ``__version__``; loading it would import torchvision after all)."""
+    try:
+        text = Path(origin).read_text(encoding="utf-8") if origin else None
+    except (OSError, ValueError):
+        text = None
+    return text is None or attr in text or "import *" in text
+
+
 def _package_stub(name: str, preset: dict[str, Any] | None = None) -> ModuleType:
     """Register module ``name`` in ``sys.modules`` without running its code (yet).
 
@@ -185,8 +197,8 @@ def _package_stub(name: str, preset: dict[str, Any] | None = None) -> ModuleType
     mod = importlib.util.module_from_spec(spec)
 
     def __getattr__(attr: str) -> Any:
-        if attr in _IMPORT_PROBES:
-            raise AttributeError(attr)
+        if attr in _IMPORT_PROBES or not _may_define(spec.origin, attr):
+            raise AttributeError(f"module {name!r} has no attribute {attr!r}")
         vars(mod).pop("__getattr__", None)
         spec.loader.exec_module(mod)  # type: ignore[union-attr]
         return getattr(mod, attr)
