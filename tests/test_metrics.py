@@ -424,3 +424,62 @@ def test_speed_512_grid_crops():
     assert time.perf_counter() - t < 5.0  # generous: shared CI cores; full-grid EDT is far slower
     # farthest: a corner row of pred's top face, (1, 3, 2) voxels from gt's top face edge
     assert sd.hausdorff() == pytest.approx(math.sqrt(5.0**2 + (3 * 0.57) ** 2 + (2 * 0.57) ** 2))
+
+
+def _uncropped_distances(
+    a: np.ndarray, b: np.ndarray, sp: tuple[float, float, float]
+) -> tuple[np.ndarray, np.ndarray]:
+    """The reference: distance transforms over the whole volume, no crop, no k-d tree."""
+    from scipy import ndimage
+
+    sa, sb = M.surface(a), M.surface(b)
+    return (
+        ndimage.distance_transform_edt(~sb, sampling=sp)[sa],
+        ndimage.distance_transform_edt(~sa, sampling=sp)[sb],
+    )
+
+
+@pytest.mark.parametrize("kdtree", [True, False])
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_surface_distances_equal_the_uncropped_distance_transform(
+    seed: int, kdtree: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from scipy import ndimage
+
+    # the k-d tree path is taken for big boxes only; force either path on this small volume
+    monkeypatch.setattr(M, "_KDTREE_MIN_VOXELS", 0 if kdtree else 1 << 40)
+
+    rng = np.random.default_rng(seed)
+    shape = (30, 40, 36)
+    a = ndimage.gaussian_filter(rng.random(shape), 2) > 0.52
+    b = ndimage.gaussian_filter(rng.random(shape), 2) > 0.52
+    a[:, :3] = b[:, :3] = False  # leave background margins of different widths
+    b[-4:] = False
+    sp = (1.0, 0.78, 0.78) if seed % 2 else tuple(rng.uniform(0.4, 3.0, 3))
+    sd = M.surface_distances(a, b, sp)
+    ref_ab, ref_ba = _uncropped_distances(a, b, sp)
+    assert sd.pred_to_gt.shape == ref_ab.shape and sd.gt_to_pred.shape == ref_ba.shape
+    assert sd.pred_to_gt.size > 100 and sd.gt_to_pred.size > 100
+    # same voxels, same order, same distances: bitwise except where two nearest voxels tie in
+    # exact arithmetic and the sum's rounding differs (a few ulp)
+    np.testing.assert_allclose(sd.pred_to_gt, ref_ab, rtol=4e-16 * 4, atol=0)
+    np.testing.assert_allclose(sd.gt_to_pred, ref_ba, rtol=4e-16 * 4, atol=0)
+    assert np.mean(sd.pred_to_gt == ref_ab) > 0.95
+    ref = M.SurfaceDistances(ref_ab, ref_ba)
+    for p in (50.0, 95.0, 100.0):
+        assert sd.hausdorff(p) == pytest.approx(ref.hausdorff(p), rel=1e-14, abs=0)
+    assert sd.mean() == pytest.approx(ref.mean(), rel=1e-14, abs=0)
+    for tol in (0.5, 1.0, 2.0):
+        assert sd.surface_dice(tol) == ref.surface_dice(tol)
+
+
+@pytest.mark.parametrize("kdtree", [True, False])
+def test_surface_distances_small_hand_case(kdtree: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(M, "_KDTREE_MIN_VOXELS", 0 if kdtree else 1 << 40)
+    a = np.zeros((1, 1, 8), bool)
+    b = np.zeros((1, 1, 8), bool)
+    a[0, 0, 1] = True
+    b[0, 0, 4:6] = True
+    sd = M.surface_distances(a, b, (1.0, 1.0, 0.5))
+    assert sd.pred_to_gt.tolist() == [1.5]  # voxel 1 to voxel 4: 3 x 0.5 mm
+    assert sd.gt_to_pred.tolist() == [1.5, 2.0]

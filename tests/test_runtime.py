@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -157,3 +158,94 @@ def test_engines_use_the_runtime_rule(monkeypatch: pytest.MonkeyPatch) -> None:
             runtime.native_bf16.cache_clear()
     with pytest.raises(InputError, match="unknown precision"):
         UNetSegmenter.load("unet-demo", precision="half")
+
+
+def test_cpu_budget_follows_the_affinity_mask() -> None:
+    if not hasattr(os, "sched_setaffinity"):
+        pytest.skip("no sched_setaffinity on this platform")
+    code = (
+        "import os; from medseg.runtime import cpu_budget; "
+        "print(cpu_budget()); os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); "
+        "print(cpu_budget())"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    full, pinned = (int(v) for v in out.stdout.split())
+    assert full == runtime.cpu_budget() <= len(os.sched_getaffinity(0))
+    assert pinned == 1
+
+
+def test_default_threads_are_shared_among_live_processes(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("MEDSEG_HOME", str(tmp_path))
+    monkeypatch.delenv("MEDSEG_THREADS", raising=False)
+    start = torch.get_num_threads()
+    procs = tmp_path / "procs"
+    assert runtime.sharing_processes() == 1  # this process registers itself
+    assert (procs / str(os.getpid())).exists()
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    (procs / dead.stdout.strip()).touch()  # a finished process: dropped
+    (procs / "notapid").touch()
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (procs / str(sleeper.pid)).touch()
+        assert runtime.sharing_processes() == 2
+        assert sorted(p.name for p in procs.iterdir()) == sorted(
+            [str(os.getpid()), str(sleeper.pid)]
+        )
+        want = max(1, min(start, runtime.cpu_budget() // 2))
+        assert runtime.default_threads() == want
+        assert runtime.configure_threads() == start
+        assert torch.get_num_threads() == want
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+        torch.set_num_threads(start)
+    assert runtime.sharing_processes() == 1  # the sleeper is gone
+    assert runtime.default_threads() == min(start, runtime.cpu_budget())
+
+
+_MALLINFO_CHILD = r"""
+import ctypes, json, sys
+from medseg.runtime import tune_allocator
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd",
+                "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = MallInfo2
+tuned = tune_allocator()
+again = tune_allocator()
+before = libc.mallinfo2().hblkhd
+buf = ctypes.create_string_buffer(64 << 20)  # one 64 MiB malloc
+print(json.dumps({"tuned": tuned, "again": again, "mmapped": libc.mallinfo2().hblkhd - before}))
+"""
+
+
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux") or __import__("platform").libc_ver()[0] != "glibc",
+    reason="glibc only",
+)
+@pytest.mark.parametrize("switch", ["1", "0"])
+def test_tune_allocator_keeps_large_buffers_in_the_heap(switch: str) -> None:
+    import json
+
+    env = {**os.environ, "MEDSEG_MALLOC_TUNE": switch}
+    out = subprocess.run(
+        [sys.executable, "-c", _MALLINFO_CHILD], env=env, capture_output=True, text=True
+    )
+    if "mallinfo2" in out.stderr:
+        pytest.skip("glibc without mallinfo2 (< 2.33)")
+    assert out.returncode == 0, out.stderr
+    info = json.loads(out.stdout)
+    if switch == "1":  # tuned: the 64 MiB block comes from the heap, not its own mmap
+        assert info == {"tuned": True, "again": True, "mmapped": 0}
+    else:  # glibc default: a block that large is mmapped on its own
+        assert info["tuned"] is False and info["again"] is False
+        assert info["mmapped"] >= 64 << 20

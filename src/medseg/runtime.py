@@ -8,20 +8,25 @@ cannot disagree:
   (:func:`native_bf16`: AVX512-BF16 or AMX-BF16) or on a CUDA GPU that supports bf16, else
   ``"fp32"``. An explicit ``"fp32"``/``"bf16"`` is honoured everywhere (bf16 without native
   support is emulated: slower, but the caller asked).
-* :func:`configure_threads`: torch intra-op threads from an argument or ``MEDSEG_THREADS``.
+* :func:`configure_threads`: torch intra-op threads from an argument, ``MEDSEG_THREADS`` or
+  :func:`default_threads` (the CPUs this process may use, shared among live medseg processes).
 
 Environment:
 
 * ``MEDSEG_BF16=0|1`` overrides the native-bf16 detection (odd platforms, tests).
-* ``MEDSEG_THREADS=N`` is the thread count :func:`configure_threads` uses when given none.
+* ``MEDSEG_MALLOC_TUNE=0`` turns off :func:`tune_allocator` (glibc heap kept for the encoder).
+* ``MEDSEG_THREADS=N`` is the thread count :func:`configure_threads` uses when given none
+  (set it per batch worker or job, e.g. cores // workers, to pin the split yourself).
 
 Importing this module does not import torch; the functions that need it import it lazily.
 """
 
 from __future__ import annotations
 
+import atexit
 import functools
 import os
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from medseg.errors import InputError
@@ -32,10 +37,14 @@ if TYPE_CHECKING:
 __all__ = [
     "PRECISIONS",
     "configure_threads",
+    "cpu_budget",
     "cpu_flags",
+    "default_threads",
     "native_bf16",
     "resolve_device",
     "resolve_precision",
+    "sharing_processes",
+    "tune_allocator",
 ]
 
 #: Precision names a caller may request.
@@ -138,13 +147,81 @@ def resolve_precision(requested: str = "auto", device: str | torch.device | None
     return "fp32"
 
 
+def cpu_budget() -> int:
+    """CPUs this process may use: the smallest of the CPU count, the affinity mask
+    (``taskset``, batch schedulers) and a cgroup v2 CPU quota (containers), at least 1."""
+    counts = [os.cpu_count() or 1]
+    if hasattr(os, "sched_getaffinity"):
+        counts.append(len(os.sched_getaffinity(0)))
+    try:
+        text = Path("/sys/fs/cgroup/cpu.max").read_text(encoding="ascii")
+        quota, period = text.split()[:2]
+        if quota != "max":
+            counts.append(int(quota) // int(period))
+    except (OSError, ValueError):
+        pass
+    return max(1, min(counts))
+
+
+def _procs_dir() -> Path:
+    from medseg.models.weights import medseg_home
+
+    return medseg_home() / "procs"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def sharing_processes() -> int:
+    """Live medseg processes sharing this medseg home (``MEDSEG_HOME``) that let
+    :func:`configure_threads` choose, this one included (registered on first call as
+    ``procs/<pid>``, removed at exit; entries of dead processes are dropped)."""
+    folder = _procs_dir()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        mine = folder / str(os.getpid())
+        if not mine.exists():
+            mine.touch()
+            atexit.register(mine.unlink, missing_ok=True)
+        live = 0
+        for entry in folder.iterdir():
+            pid = int(entry.name) if entry.name.isdigit() else -1
+            if pid == os.getpid() or (pid > 0 and _alive(pid)):
+                live += 1
+            else:
+                entry.unlink(missing_ok=True)
+        return max(1, live)
+    except OSError:
+        return 1
+
+
+def default_threads() -> int:
+    """The intra-op thread count used when none is asked for: :func:`cpu_budget` shared among
+    the live medseg processes (:func:`sharing_processes`), at least 1, never more than torch's
+    current setting (so it only ever lowers the count)."""
+    import torch
+
+    return max(1, min(torch.get_num_threads(), cpu_budget() // sharing_processes()))
+
+
 def configure_threads(n: int | None = None) -> int:
     """Set torch's intra-op CPU threads; returns the number in effect *before* the call.
 
-    ``n`` wins; without it ``MEDSEG_THREADS`` is used; with neither nothing changes. On a busy
-    shared CPU one thread can be several times faster per step than two (no spinning between
-    OpenMP threads), which is why this is a setting rather than a guess. Restore a previous value
-    with ``configure_threads(old)``.
+    ``n`` wins; without it ``MEDSEG_THREADS``; with neither :func:`default_threads`: the CPUs
+    this process may use (affinity, cgroup quota) shared among the medseg processes running on
+    the machine, so several ``medseg segment`` runs or batch workers do not oversubscribe the
+    cores (OpenMP threads spinning against each other made 4 runs on 2 cores 8x slower each).
+    Alone on an unrestricted machine that is torch's default, i.e. unchanged. On a busy shared
+    CPU one thread can be several times faster per step than two, which is why
+    ``MEDSEG_THREADS=1`` is worth setting there. Restore a previous value with
+    ``configure_threads(old)``.
 
     Args:
         n: threads (``>= 1``) or ``None``.
@@ -159,6 +236,7 @@ def configure_threads(n: int | None = None) -> int:
     if n is None:
         env = os.environ.get("MEDSEG_THREADS", "").strip()
         if not env:
+            torch.set_num_threads(default_threads())
             return old
         source, n = "MEDSEG_THREADS", env  # type: ignore[assignment]
     try:
@@ -169,3 +247,44 @@ def configure_threads(n: int | None = None) -> int:
         raise InputError(f"{source} must be a positive integer, got {n!r}")
     torch.set_num_threads(count)
     return old
+
+
+#: glibc ``mallopt`` parameters (``malloc.h``).
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+#: Free heap memory glibc keeps instead of returning it to the system (1 GiB).
+TRIM_THRESHOLD = 1 << 30
+_ALLOCATOR_TUNED: bool | None = None
+
+
+def tune_allocator() -> bool:
+    """Keep large buffers in glibc's heap between encoder calls; once per process.
+
+    glibc serves each big allocation with a fresh ``mmap`` and unmaps it on free, so every encoder
+    call page-faults its activation buffers in again. ``mallopt(M_MMAP_MAX, 0)`` and a high
+    ``M_TRIM_THRESHOLD`` (:data:`TRIM_THRESHOLD`) keep them mapped for reuse (the same as
+    ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=...``). Linux with glibc only; elsewhere, or with
+    ``MEDSEG_MALLOC_TUNE=0``, nothing happens.
+
+    Returns:
+        True when the settings are in effect (now or from an earlier call).
+    """
+    global _ALLOCATOR_TUNED
+    if _ALLOCATOR_TUNED is not None:
+        return _ALLOCATOR_TUNED
+    _ALLOCATOR_TUNED = False
+    if os.environ.get("MEDSEG_MALLOC_TUNE", "1").strip() == "0":
+        return False
+    import ctypes
+    import platform
+    import sys
+
+    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        ok = libc.mallopt(_M_MMAP_MAX, 0) == 1
+        ok = libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1 and ok
+    except (OSError, AttributeError):
+        return False
+    _ALLOCATOR_TUNED = ok
+    return ok

