@@ -178,7 +178,7 @@ def test_default_threads_are_shared_among_live_processes(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     monkeypatch.setenv("MEDSEG_HOME", str(tmp_path))
-    monkeypatch.delenv("MEDSEG_THREADS", raising=False)
+    monkeypatch.setenv("MEDSEG_THREADS", "auto")
     start = torch.get_num_threads()
     procs = tmp_path / "procs"
     assert runtime.sharing_processes() == 1  # this process registers itself

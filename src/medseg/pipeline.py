@@ -520,7 +520,8 @@ def _segment_sam(
     from medseg.predict.propagate import propagate as run_propagation
     from medseg.runtime import configure_threads
 
-    settings["threads"] = configure_threads()  # MEDSEG_THREADS, when set, applies from here on
+    configure_threads()  # MEDSEG_THREADS, when set, applies from here on
+    settings["threads"] = _threads_in_effect()
     gt_mask: np.ndarray | None = None
     value, lname = (int(label) if label is not None else 1), "object"
     if gt is not None:
@@ -713,7 +714,8 @@ def _segment_unet(
     from medseg.predict.unet import UNetSegmenter
     from medseg.runtime import configure_threads
 
-    settings["threads"] = configure_threads()  # MEDSEG_THREADS, when set, applies from here on
+    configure_threads()  # MEDSEG_THREADS, when set, applies from here on
+    settings["threads"] = _threads_in_effect()
 
     t = time.perf_counter()
     seg = UNetSegmenter.load(
@@ -901,3 +903,9 @@ def _write_probabilities(
     img.SetOrigin(image.origin)
     img.SetDirection(tuple(float(v) for v in image.direction.reshape(-1)))
     write_sitk_image(img, out, inputs=inputs, overwrite=overwrite)
+
+
+def _threads_in_effect() -> int:
+    import torch
+
+    return int(torch.get_num_threads())

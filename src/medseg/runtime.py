@@ -214,13 +214,13 @@ def default_threads() -> int:
 def configure_threads(n: int | None = None) -> int:
     """Set torch's intra-op CPU threads; returns the number in effect *before* the call.
 
-    ``n`` wins; without it ``MEDSEG_THREADS``; with neither :func:`default_threads`: the CPUs
-    this process may use (affinity, cgroup quota) shared among the medseg processes running on
-    the machine, so several ``medseg segment`` runs or batch workers do not oversubscribe the
-    cores (OpenMP threads spinning against each other made 4 runs on 2 cores 8x slower each).
-    Alone on an unrestricted machine that is torch's default, i.e. unchanged. On a busy shared
-    CPU one thread can be several times faster per step than two, which is why
-    ``MEDSEG_THREADS=1`` is worth setting there. Restore a previous value with
+    ``n`` wins; without it ``MEDSEG_THREADS`` (a count, or ``auto``: :func:`default_threads`,
+    the CPUs this process may use — affinity, cgroup quota — shared among the medseg processes
+    running on the machine, so several ``medseg segment`` runs or batch workers do not
+    oversubscribe the cores: OpenMP threads spinning against each other made 4 runs on 2 cores
+    8x slower each); with neither, torch's count is left as it is. ``auto`` is opt-in because a
+    thread count that depends on other processes may move floating-point results by a rounding,
+    and a rerun must give the same label map. Restore a previous value with
     ``configure_threads(old)``.
 
     Args:
@@ -236,6 +236,8 @@ def configure_threads(n: int | None = None) -> int:
     if n is None:
         env = os.environ.get("MEDSEG_THREADS", "").strip()
         if not env:
+            return old
+        if env.lower() == "auto":
             torch.set_num_threads(default_threads())
             return old
         source, n = "MEDSEG_THREADS", env  # type: ignore[assignment]
@@ -244,7 +246,8 @@ def configure_threads(n: int | None = None) -> int:
     except (TypeError, ValueError):
         count = 0
     if count < 1 or str(n).strip() != str(count):
-        raise InputError(f"{source} must be a positive integer, got {n!r}")
+        hint = " or auto" if source == "MEDSEG_THREADS" else ""
+        raise InputError(f"{source} must be a positive integer{hint}, got {n!r}")
     torch.set_num_threads(count)
     return old
 
