@@ -215,6 +215,15 @@ def test_batch_evaluation_records_the_failure_and_goes_on(tmp_path: Path) -> Non
     assert len(report["per_case"]) == len(ok) * len(table)
     assert [st["case"] for st in report["status"]] == s["studies"]
 
+    # medseg.batch over the same dataset gives the hand-written loop's Dice, study by study
+    expect = {f"{c}/{name}": d for c in ok for name, d in status[c]["dice"].items()}
+    assert set(s["batch_dice"]) == set(expect)
+    for key, d in expect.items():
+        assert s["batch_dice"][key] == pytest.approx(d, abs=1e-9), key
+    assert s["batch_counts"] == {"ok": len(ok)}
+    assert s["batch_rerun_counts"] == {"skipped": len(ok)}  # a rerun redoes nothing
+    assert {Path(p).name for p in s["batch_plots"]} == {"dice_per_label.png", "worst_slices.png"}
+
 
 @pytest.mark.slow
 def test_export_notebook_round_trips_seg_and_rtstruct(tmp_path: Path) -> None:
@@ -234,3 +243,27 @@ def test_export_notebook_round_trips_seg_and_rtstruct(tmp_path: Path) -> None:
     seg = hd.seg.segread(out / "seg.dcm")
     assert seg.Modality == "SEG" and len(seg.SegmentSequence) == len(s["rt_dice"])
     assert pydicom.dcmread(out / "rt.dcm").Modality == "RTSTRUCT"
+
+
+@pytest.mark.slow
+def test_finetune_notebook_trains_and_scores_before_after(tmp_path: Path) -> None:
+    _, s = _execute("finetune_decoder.ipynb", tmp_path)
+
+    from medseg.models.decoder import read_decoder
+    from medseg.models.weights import sha256_file
+
+    decoder = tmp_path / s["decoder"]
+    assert decoder.is_file() and sha256_file(decoder, disk_cache=False) == s["decoder_sha256"]
+    info = read_decoder(decoder)
+    assert info.base["model"] == "litemedsam" and info.label["name"] == "tumour"
+    assert s["before"]["decoder_sha256"] is None
+    assert s["after"]["decoder_sha256"] == s["decoder_sha256"]
+    # validation on a held-out volume only; epoch 0 is the zero-shot decoder
+    assert len(s["val_cases"]) == 1 and not set(s["val_cases"]) & set(s["train_cases"])
+    assert [r["epoch"] for r in s["history"]] == [0, 1, 2]
+    # the kept epoch is the best on the held-out volume (epoch 0 = the base decoder)
+    best = max(r["val_box_dice"] for r in s["history"])
+    assert s["history"][s["best_epoch"]]["val_box_dice"] == best
+    # before/after on the unseen volume are real scores of different decoders
+    for step in ("before", "after"):
+        assert 0.3 < s[step]["oracle_dice"] <= 1.0 and 0.0 <= s[step]["propagated_dice"] <= 1.0
