@@ -11,7 +11,7 @@ import traceback
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from medseg.errors import MedsegError
+from medseg.errors import InputError, MedsegError
 
 if TYPE_CHECKING:
     import napari
@@ -62,6 +62,28 @@ def show_info(message: str) -> None:
     from napari.utils.notifications import show_info as _show_info
 
     _show_info(message)
+
+
+def chosen_path(value: Any) -> str | None:
+    """A magicgui file/folder box's value, or ``None`` when nothing is chosen (an empty box
+    reads ``.``)."""
+    if value is None or str(value) in ("", "."):
+        return None
+    return str(value)
+
+
+def unet_model_source(model: str, checkpoint: Any, demo: str = "unet-demo") -> str:
+    """The U-Net to run: the shipped ``demo`` or the chosen checkpoint file.
+
+    Raises:
+        InputError: a checkpoint is asked for but none is chosen.
+    """
+    if model == demo:
+        return demo
+    path = chosen_path(checkpoint)
+    if path is None:
+        raise InputError(f"choose a checkpoint file (.pt) or the {demo} model")
+    return path
 
 
 def error_message(exc: BaseException) -> str:

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from magicgui.widgets import ComboBox, Container, FileEdit, PushButton
 
-from medseg._napari._common import Job, show_error, status_label
+from medseg._napari._common import Job, chosen_path, show_error, status_label
 from medseg.errors import MedsegError
 
 if TYPE_CHECKING:
@@ -45,8 +45,8 @@ class DicomSeriesWidget(Container):
 
     def scan_folder(self) -> None:
         """List the folder's series (largest first)."""
-        folder = self._folder.value
-        if folder is None or str(folder) in ("", "."):
+        folder = chosen_path(self._folder.value)
+        if folder is None:
             show_error("choose the folder holding the DICOM files first")
             return
 

@@ -22,6 +22,7 @@ from magicgui.widgets import (
 
 from medseg._napari._common import (
     Job,
+    chosen_path,
     keep_choices_fresh,
     layer_choices,
     show_error,
@@ -162,8 +163,8 @@ class EvaluateWidget(Container):
         if not self.rows:
             show_error("nothing to export: press Evaluate first")
             return
-        path = self._csv_path.value
-        if path is None or str(path) in ("", "."):
+        path = chosen_path(self._csv_path.value)
+        if path is None:
             show_error("choose a CSV file to export to")
             return
         inputs = []

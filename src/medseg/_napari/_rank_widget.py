@@ -12,7 +12,15 @@ from typing import TYPE_CHECKING, Any
 
 from magicgui.widgets import ComboBox, Container, FileEdit, PushButton, SpinBox, Table
 
-from medseg._napari._common import Job, goto_slice, show_error, show_info, status_label
+from medseg._napari._common import (
+    Job,
+    chosen_path,
+    goto_slice,
+    show_error,
+    show_info,
+    status_label,
+    unet_model_source,
+)
 from medseg.errors import InputError, MedsegError
 
 if TYPE_CHECKING:
@@ -70,18 +78,13 @@ class RankWidget(Container):
         self._status.value = text
 
     def _model_source(self) -> str:
-        if self._model.value == DEMO:
-            return DEMO
-        path = self._checkpoint.value
-        if path is None or not str(path) or str(path) == ".":
-            raise InputError("choose a checkpoint file (.pt) or the unet-demo model")
-        return str(path)
+        return unet_model_source(str(self._model.value), self._checkpoint.value, DEMO)
 
     def run(self) -> None:
         """Rank the folder's unlabelled studies."""
         try:
-            folder = self._folder.value
-            if folder is None or not str(folder) or str(folder) == ".":
+            folder = chosen_path(self._folder.value)
+            if folder is None:
                 raise InputError("choose a folder of studies (or an MSD / nnU-Net dataset)")
             source = self._model_source()
         except MedsegError as exc:

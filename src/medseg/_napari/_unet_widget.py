@@ -12,7 +12,14 @@ from typing import TYPE_CHECKING, Any
 
 from magicgui.widgets import ComboBox, Container, FileEdit, PushButton
 
-from medseg._napari._common import Job, keep_choices_fresh, layer_choices, show_error, status_label
+from medseg._napari._common import (
+    Job,
+    keep_choices_fresh,
+    layer_choices,
+    show_error,
+    status_label,
+    unet_model_source,
+)
 from medseg.errors import InputError, MedsegError
 
 if TYPE_CHECKING:
@@ -59,12 +66,7 @@ class UNetWidget(Container):
         self._status.value = text
 
     def _model_source(self) -> str:
-        if self._model.value == DEMO:
-            return DEMO
-        path = self._checkpoint.value
-        if path is None or not str(path) or str(path) == ".":
-            raise InputError("choose a checkpoint file (.pt) or the unet-demo model")
-        return str(path)
+        return unet_model_source(str(self._model.value), self._checkpoint.value, DEMO)
 
     def run(self) -> None:
         """Segment the chosen image layer with the chosen model."""
