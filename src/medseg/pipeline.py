@@ -81,12 +81,6 @@ class Segmentation:
     oracle: OracleResult | None = field(default=None, repr=False)
     predictor: VolumePredictor | None = field(default=None, repr=False)
 
-    @property
-    def dice(self) -> float | None:
-        """Dice of the first scored label (SAM: the object); ``None`` without ground truth."""
-        rows = self.report.get("metrics") or []
-        return None if not rows or rows[0].get("dice") is None else float(rows[0]["dice"])
-
     def save(
         self,
         path: PathLike,

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from medseg.errors import InputError, PromptError
+from medseg.prompts import DEFAULT_BOX_MARGIN
 
 BOX_USAGE = "I,R0,C0,R1,C1 (axial: Z,Y0,X0,Y1,X1) in voxels"
 POINT_USAGE = "Z,Y,X or Z,Y,X,L with L = 1 (foreground) or 0 (background)"
@@ -89,9 +90,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument(
         "--box-margin",
         type=float,
-        default=3.0,
+        default=DEFAULT_BOX_MARGIN,
         metavar="PX",
-        help="margin in pixels of the --box-from-gt and oracle boxes (default 3)",
+        help=f"box margin (pixels) for --box-from-gt and oracle (default {DEFAULT_BOX_MARGIN:g})",
     )
     g.add_argument(
         "--axis", choices=["z", "y", "x"], default="z", help="propagation axis (default z: axial)"
