@@ -14,7 +14,18 @@ Every study goes through :func:`medseg.segment` (no other flow) and is saved wit
 
 Studies come from ``data`` (:func:`find_studies`): an MSD / nnU-Net dataset folder
 (``dataset.json``), or a folder of studies — image files (NIfTI/NRRD/MHA) and DICOM subfolders —
-where the ground truth of study ``NAME`` is the file ``NAME_gt.<ext>`` beside it.
+where the ground truth of study ``NAME`` is the file ``NAME_gt.<ext>`` beside it — or from a
+PACS query (:func:`medseg.io.remote.query_series`): ``data`` a QIDO-RS address with filters
+(``http://host/dicom-web/studies?Modality=CT&PatientID=X``, or ``dimse://AET@HOST:PORT?...``),
+one study per matching image series, its id the series URL (its files are named by the
+SeriesInstanceUID).
+
+Pushing (``push=True``): each study's label map is also written as a DICOM-SEG
+(``OUT/studies/<study>.dcm``) and stored as a new series of the source study on the server it was
+read from (or ``to``); ``OUT/studies/<study>.push.json`` records what was stored (server,
+SOPInstanceUID, the settings fingerprint and the label map's digest), so a rerun never pushes the
+same result twice, and a push that failed (the study then fails, its label map kept) is retried
+by the rerun without segmenting again.
 
 Resuming: a rerun skips a study whose outputs are complete and valid — its report follows the
 schema, names the expected files, was made with the same settings (a fingerprint), its image
@@ -70,8 +81,15 @@ class Study:
     """
 
     id: str
-    image: Path
+    image: Path | str
     gt: Path | None = None
+
+    @property
+    def remote(self) -> bool:
+        """The image is a series URL (DICOMweb or DIMSE), not a local path."""
+        from medseg.io.remote import is_remote_url
+
+        return is_remote_url(self.image)
 
 
 @dataclass
@@ -81,13 +99,16 @@ class StudyResult:
     Attributes:
         study: the study id.
         status: ``"ok"`` (segmented now), ``"skipped"`` (valid outputs kept from an earlier run),
-            ``"failed"`` (``error`` says why) or, in a dry run, ``"run"`` / ``"skip"``.
+            ``"failed"`` (``error`` says why; a failed push too) or, in a dry run, ``"run"`` /
+            ``"skip"``.
         error: the one-line error of a failed study (``""`` otherwise).
         labels: the label map written (or kept).
         report: its report.
         seconds: wall time spent on the study by its worker.
         worker: ``"host:pid"`` of the process that handled it.
         model_loaded: this study made its worker load the model (once per worker process).
+        pushed: SOPInstanceUID of the DICOM-SEG stored on the server for this result (now or by
+            an earlier run); ``""`` when not pushed.
     """
 
     study: str
@@ -98,6 +119,7 @@ class StudyResult:
     seconds: float = 0.0
     worker: str = ""
     model_loaded: bool = False
+    pushed: str = ""
 
 
 @dataclass
@@ -111,6 +133,7 @@ class BatchResult:
         metrics_csv, summary_json: aggregate files (``None`` in a dry run).
         plots: plot files written (may be empty: no ground truth, or ``plots=False``).
         dry_run: nothing was written.
+        push: the results were pushed (``metrics.csv`` then has a ``pushed`` column).
     """
 
     out: Path
@@ -120,6 +143,7 @@ class BatchResult:
     summary_json: Path | None = None
     plots: list[Path] = field(default_factory=list)
     dry_run: bool = False
+    push: bool = False
 
     @property
     def failed(self) -> list[StudyResult]:
@@ -149,9 +173,17 @@ def find_studies(data: PathLike) -> list[Study]:
     series) is a study named after it; the ground truth of study ``NAME`` is ``NAME_gt.<ext>``
     (any of those suffixes) in the same folder. Hidden entries are ignored.
 
+    ``data`` may also be a PACS query address (:func:`medseg.io.remote.query_series`): one study
+    per matching image series, its id the series URL, without ground truth.
+
     Raises:
-        InputError: no such folder, no studies, two studies with one name, a malformed dataset.
+        InputError: no such folder, no studies, two studies with one name, a malformed dataset;
+            RemoteError: the server cannot be reached or refuses the query.
     """
+    from medseg.io.remote import is_remote_url
+
+    if is_remote_url(data):
+        return _remote_studies(str(data))
     root = Path(data)
     if not root.is_dir():
         raise InputError(f"{root}: no such folder; --data takes a dataset or a folder of studies")
@@ -170,6 +202,19 @@ def find_studies(data: PathLike) -> list[Study]:
             )
         seen[s.id] = s.image
     return studies
+
+
+def _remote_studies(url: str) -> list[Study]:
+    from medseg.io.remote import query_series
+
+    rows = query_series(url)
+    if not rows:
+        raise InputError(
+            f"{url.split('?', 1)[0]}: the query matched no image series; check the filters "
+            "(medseg search lists what the server holds)"
+        )
+    urls = list(dict.fromkeys(str(r["url"]) for r in rows))
+    return [Study(u, u, None) for u in urls]
 
 
 def _dataset_studies(root: Path) -> list[Study]:
@@ -263,9 +308,24 @@ def load_batch_prompts(
 
 # --------------------------------------------------------------------------- paths
 def study_paths(out: PathLike, study_id: str) -> tuple[Path, Path]:
-    """``(label map, report)`` paths of a study in the output folder."""
+    """``(label map, report)`` paths of a study in the output folder (a series-URL study is named
+    by its SeriesInstanceUID)."""
     d = Path(out) / "studies"
-    return d / f"{study_id}.nii.gz", d / f"{study_id}.json"
+    stem = _file_stem(study_id)
+    return d / f"{stem}.nii.gz", d / f"{stem}.json"
+
+
+def push_paths(out: PathLike, study_id: str) -> tuple[Path, Path]:
+    """``(DICOM-SEG, push record)`` paths of a study whose result is pushed."""
+    d = Path(out) / "studies"
+    stem = _file_stem(study_id)
+    return d / f"{stem}.dcm", d / f"{stem}.push.json"
+
+
+def _file_stem(study_id: str) -> str:
+    from medseg.io.remote import is_remote_url, parse_remote_series
+
+    return parse_remote_series(study_id).series if is_remote_url(study_id) else study_id
 
 
 def _fingerprint(model: str, prompts: Any, kwargs: Mapping[str, Any]) -> str:
@@ -345,6 +405,8 @@ class _Task:
     fingerprint: str
     overwrite: bool
     kwargs: dict[str, Any]
+    push: bool = False
+    push_to: str | None = None
 
 
 #: worker-local models, keyed by (model, precision, device): each worker process loads once
@@ -448,6 +510,8 @@ def _run_study(task: _Task) -> StudyResult:
     try:
         if not task.overwrite and check_study_outputs(study, task.out, task.fingerprint) is None:
             res.status = "skipped"
+            if task.push:
+                res.pushed = _push_study(task)
             return res
         kwargs = dict(task.kwargs)
         res.model_loaded = _warm_model(
@@ -490,14 +554,82 @@ def _run_study(task: _Task) -> StudyResult:
             },
             **kwargs,
         )
-        inputs = [p for p in (study.image, study.gt) if p is not None]
+        inputs = [p for p in (study.image, study.gt) if p is not None and not study.remote]
         seg.save(lab_path, report=rep_path, overwrite=True, inputs=inputs)
+        if task.push:
+            res.pushed = _push_study(task)
+    except _PushFailed as exc:
+        res.status, res.error = "failed", _one_line(f"push failed: {exc}; rerun to push again")
     except MedsegError as exc:
         res.status, res.error = "failed", _one_line(str(exc))
     except Exception as exc:  # a bug or a library error in one study must not stop the batch
         res.status, res.error = "failed", _one_line(f"{type(exc).__name__}: {exc}")
     res.seconds = round(time.perf_counter() - t0, 4)
     return res
+
+
+class _PushFailed(Exception):
+    """Storing a study's DICOM-SEG failed (its label map and report are kept)."""
+
+
+def _push_study(task: _Task) -> str:
+    """Write the study's DICOM-SEG and store it, unless its push record says this result is
+    already on that server. Returns the stored SOPInstanceUID.
+
+    Raises:
+        _PushFailed: the SEG cannot be written or the server refuses / is down.
+    """
+    from medseg.exports import export
+    from medseg.io.files import read_labels, write_json
+    from medseg.io.remote import fetch_series, push_result, push_target
+    from medseg.predict.cache import array_digest
+
+    study = task.study
+    lab_path, rep_path = study_paths(task.out, study.id)
+    seg_path, record_path = push_paths(task.out, study.id)
+    try:
+        target = push_target(study.image, task.push_to)
+        labels = read_labels(lab_path)
+        digest = array_digest(labels.array)
+        old = _read_push_record(record_path)
+        if (
+            old.get("to") == target
+            and old.get("fingerprint") == task.fingerprint
+            and old.get("labels_sha256") == digest
+            and old.get("sop_instance_uid")
+        ):
+            return str(old["sop_instance_uid"])
+        record_path.unlink(missing_ok=True)
+        if study.remote:
+            reference: Any = fetch_series(str(study.image))
+        elif Path(study.image).is_dir():
+            reference = study.image
+        else:
+            raise InputError(
+                f"study {study.id} is not a DICOM series; only DICOM studies can be pushed"
+            )
+        report = json.loads(rep_path.read_text(encoding="utf-8"))
+        export(labels, reference, "dicom-seg", seg_path, report=report, overwrite=True)
+        stored = push_result(seg_path, source=study.image, to=task.push_to)
+    except MedsegError as exc:
+        raise _PushFailed(str(exc)) from None
+    record = {
+        **stored.to_json(),
+        "study": study.id,
+        "fingerprint": task.fingerprint,
+        "labels_sha256": digest,
+        "file": seg_path.name,
+    }
+    write_json(record, record_path, overwrite=True)
+    return stored.sop_instance
+
+
+def _read_push_record(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def _one_line(text: str) -> str:
@@ -604,12 +736,15 @@ def batch(
     plots: bool = True,
     progress: Callable[[int, int], None] | None = None,
     on_study: Callable[[StudyResult], None] | None = None,
+    push: bool = False,
+    to: str | None = None,
     **segment_kwargs: Any,
 ) -> BatchResult:
     """Segment every study of ``data`` with ``model`` through :func:`medseg.segment`.
 
     Args:
-        data: an MSD / nnU-Net dataset folder or a folder of studies (:func:`find_studies`).
+        data: an MSD / nnU-Net dataset folder, a folder of studies, or a PACS query address
+            (QIDO-RS URL with filters, or ``dimse://...``; see :func:`find_studies`).
         model: registry name (``unet-demo``, ``litemedsam``, ...) or a U-Net checkpoint path.
         out: output folder (layout in the module docstring); must lie outside ``data``.
         prompts_from_gt: SAM models: one box around each study's ground truth on its largest
@@ -626,6 +761,11 @@ def batch(
         plots: write the plots (needs matplotlib).
         progress: ``progress(done, total)`` after each study.
         on_study: called with each :class:`StudyResult` as it finishes (any order).
+        push: also write each DICOM study's label map as a DICOM-SEG and store it on the server
+            it was read from (STOW-RS / C-STORE) as a new series of its study; recorded per study
+            (a failed push fails the study, is retried by a rerun; a stored one is never resent).
+        to: the server to push to (DICOMweb root or ``dimse://AET@HOST:PORT``); needed when
+            ``data`` is local.
         **segment_kwargs: passed on to :func:`medseg.segment` (``label``, ``window``,
             ``precision``, ``device``, ``overlap``, ...).
 
@@ -655,13 +795,23 @@ def batch(
         raise InputError(f"{model} is an automatic U-Net: prompts are for SAM-Med models")
     if plots and not dry_run:
         _require_matplotlib()
+    from medseg.io.remote import is_remote_url, push_target
 
-    data_p, out_p = Path(data), Path(out).absolute()
+    if to and not push:
+        raise InputError("--to names the server to push to; add --push")
+    if push:
+        push_target(data if is_remote_url(data) else None, to)  # no server: fail before work
+
+    out_p = Path(out).absolute()
     if out_p.exists() and not out_p.is_dir():
         raise OutputError(f"{out_p}: is a file; give a folder for the batch outputs")
-    if data_p.resolve() == out_p.resolve() or data_p.resolve() in out_p.resolve().parents:
-        raise OutputError(f"{out_p}: lies inside the data folder {data_p}; choose another folder")
-    studies = find_studies(data_p)
+    if not is_remote_url(data):
+        data_p = Path(data)
+        if data_p.resolve() == out_p.resolve() or data_p.resolve() in out_p.resolve().parents:
+            raise OutputError(
+                f"{out_p}: lies inside the data folder {data_p}; choose another folder"
+            )
+    studies = find_studies(str(data) if is_remote_url(data) else Path(data))
     per_study: dict[str, list[Any]] | None = None
     if prompts is not None:
         per_study = load_batch_prompts(prompts, axis=segment_kwargs.get("axis"))
@@ -688,6 +838,8 @@ def batch(
                 fingerprint=fp,
                 overwrite=overwrite,
                 kwargs=dict(segment_kwargs),
+                push=push,
+                push_to=to,
             )
         )
 
@@ -706,7 +858,9 @@ def batch(
             )
         return BatchResult(out=out_p, studies=results, model=str(model), dry_run=True)
 
-    _prepare_out(out_p, [p for s in studies for p in (s.image, s.gt) if p is not None])
+    _prepare_out(
+        out_p, [p for s in studies for p in (s.image, s.gt) if p is not None and not s.remote]
+    )
     missing = [t for t in tasks if per_study is not None and t.prompts is None]
     runnable = [t for t in tasks if per_study is None or t.prompts is not None]
     finished: dict[str, StudyResult] = {}
@@ -733,7 +887,7 @@ def batch(
     else:
         _run_local(runnable, int(workers), on_done)
     results = [finished[s.id] for s in studies]
-    result = BatchResult(out=out_p, studies=results, model=str(model))
+    result = BatchResult(out=out_p, studies=results, model=str(model), push=push)
     write_aggregates(result, studies, plots=plots)
     return result
 
@@ -838,11 +992,14 @@ def write_aggregates(
     out = result.out
     by_id = {r.study: r for r in result.studies}
     rows = [row for s in studies for row in _study_rows(s, by_id[s.id])]
+    columns = METRICS_COLUMNS + (("pushed",) if result.push else ())
+    for r in rows:  # the SOPInstanceUID of the study's stored DICOM-SEG
+        r["pushed"] = by_id[r["study"]].pushed
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=METRICS_COLUMNS, lineterminator="\n")
+    w = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
     w.writeheader()
     for r in rows:
-        w.writerow({k: "" if r[k] is None else r[k] for k in METRICS_COLUMNS})
+        w.writerow({k: "" if r[k] is None else r[k] for k in columns})
     result.metrics_csv = out / "metrics.csv"
     with atomic_path(result.metrics_csv) as tmp:
         tmp.write_text(buf.getvalue(), encoding="utf-8")

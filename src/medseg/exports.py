@@ -2,7 +2,9 @@
 
 ``export(labels, reference, "dicom-seg" | "rtstruct", out)`` writes a label map that lies on a
 DICOM series' grid as a DICOM-SEG (:mod:`medseg.io.dicom_seg`) or an RT Structure Set
-(:mod:`medseg.io.rtstruct`) referencing that series, with the pipeline report inside.
+(:mod:`medseg.io.rtstruct`) referencing that series, with the pipeline report inside. The
+series may be a DICOMweb / DIMSE series URL (fetched into the cache first);
+:func:`medseg.io.remote.push_result` then stores the file on that server.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ def export(
     Args:
         labels: a :class:`LabelMap` ``(z, y, x)`` or a label file (NIfTI/NRRD/...; its label table
             from ``dataset.json`` or the file's metadata), on the reference series' grid.
-        reference: the source DICOM series folder (or one of its files).
+        reference: the source DICOM series folder (or one of its files), or its series URL.
         format: ``"dicom-seg"`` or ``"rtstruct"``.
         out: output file (``.dcm``); written atomically; never an input.
         report: the pipeline report (provenance and algorithm identification travel inside).
@@ -58,6 +60,12 @@ def export(
     if fmt not in FORMATS:
         raise InputError(f"unknown export format {format!r}; use one of {', '.join(FORMATS)}")
     _require("highdicom" if fmt == "dicom-seg" else "skimage", fmt)
+    from medseg.io.remote import is_remote_url
+
+    if is_remote_url(str(reference)):
+        from medseg.io.remote import fetch_series
+
+        reference = fetch_series(str(reference))
     inputs: list[str | os.PathLike[str]] = [reference]
     if isinstance(labels, LabelMap):
         lm = labels

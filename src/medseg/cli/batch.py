@@ -18,6 +18,18 @@ the image digest, the settings and the label map read back) and rebuilds the agg
 a killed run can simply be run again. A failing study is recorded with its error and the batch
 goes on; the exit status is 1 when any study failed (2: bad options or data).
 
+``--data URL`` runs a PACS query instead: a QIDO-RS address with filters
+(``http://host/dicom-web/studies?Modality=CT&PatientID=X``; ``--patient``, ``--modality`` and
+``--study-date`` add the same filters, as in ``medseg search``) or ``dimse://AET@HOST:PORT``: one
+study per matching image series, its id (``study`` in ``metrics.csv``) the series URL, its files
+named by the SeriesInstanceUID.
+
+``--push`` also writes each DICOM study's label map as a DICOM-SEG (``studies/NAME.dcm``) and
+stores it as a new series of its study on the server it was read from (``--to URL`` for local
+data, or another server); ``studies/NAME.push.json`` and the ``pushed`` column of ``metrics.csv``
+record the SOPInstanceUID stored. A failed push fails that study (the label map is kept) and the
+batch goes on; a rerun retries it without segmenting again, and never pushes a stored result twice.
+
 ``--prompts FILE.json`` maps study ids to prompts in the ``medseg segment --prompts`` format:
 ``{"NAME": {"boxes": [{"slice": I, "box": [R0, C0, R1, C1]}], "points": [...]}, ...}``.
 """
@@ -39,7 +51,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--data", required=True, metavar="DIR", help="dataset or folder of studies")
+    p.add_argument(
+        "--data",
+        required=True,
+        metavar="DIR|URL",
+        help="dataset or folder of studies, or a PACS query (QIDO-RS URL with filters)",
+    )
     p.add_argument("--model", required=True, help=f"{' | '.join(known_models())} | CHECKPOINT.pt")
     p.add_argument("--out", required=True, metavar="OUTDIR", help="output folder")
     g = p.add_mutually_exclusive_group()
@@ -62,6 +79,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    q = p.add_argument_group("PACS (--data URL, --push)")
+    q.add_argument("--patient", help="query filter: PatientID")
+    q.add_argument("--modality", help="query filter: series Modality (CT, MR, ...)")
+    q.add_argument("--study-date", help="query filter: YYYYMMDD or YYYYMMDD-YYYYMMDD")
+    q.add_argument(
+        "--push",
+        action="store_true",
+        help="store each result as a DICOM-SEG on the server the study came from (or --to)",
+    )
+    q.add_argument("--to", metavar="URL", help="the server to push to (DICOMweb root or dimse://)")
     p.set_defaults(func=run)
 
 
@@ -71,6 +98,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.scheduler and args.executor != "dask":
         raise InputError("--scheduler needs --executor dask")
+    data = _query_data(args)
     kwargs = {"precision": args.precision, "device": args.device}
     if args.label is not None:
         kwargs["label"] = args.label
@@ -100,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         res = batch(
-            args.data,
+            data,
             args.model,
             args.out,
             prompts_from_gt=args.prompts_from_gt,
@@ -113,6 +141,8 @@ def run(args: argparse.Namespace) -> int:
             plots=not args.no_plots,
             progress=progress,
             on_study=on_study,
+            push=args.push,
+            to=args.to,
             **kwargs,
         )
     finally:
@@ -144,5 +174,30 @@ def run(args: argparse.Namespace) -> int:
         )
     for f in summ["failed"]:
         print(f"  failed: {f['study']}: {f['error']}")
+    if res.push:
+        print(f"  pushed: {sum(bool(r.pushed) for r in res.studies)} DICOM-SEG stored")
     print(f"wrote {res.metrics_csv}, {res.summary_json}" + "".join(f", {p}" for p in res.plots))
     return 1 if res.failed else 0
+
+
+def _query_data(args: argparse.Namespace) -> str:
+    """``--data``, with the ``--patient/--modality/--study-date`` filters added to a query URL."""
+    from urllib.parse import urlencode
+
+    from medseg.io.remote import is_remote_url
+
+    filters = {
+        k: v
+        for k, v in (
+            ("PatientID", args.patient),
+            ("Modality", args.modality),
+            ("StudyDate", args.study_date),
+        )
+        if v
+    }
+    if not filters:
+        return str(args.data)
+    if not is_remote_url(args.data):
+        raise InputError("--patient, --modality and --study-date filter a PACS query: --data URL")
+    sep = "&" if "?" in args.data else "?"
+    return f"{args.data}{sep}{urlencode(filters)}"

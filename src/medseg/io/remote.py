@@ -34,6 +34,8 @@ from typing import Any
 from medseg.errors import InputError, MedsegError
 
 __all__ = [
+    "NON_IMAGE_MODALITIES",
+    "PushRecord",
     "RemoteError",
     "SeriesURL",
     "cache_folder",
@@ -45,6 +47,9 @@ __all__ = [
     "parse_series_url",
     "pull_series",
     "push_files",
+    "push_result",
+    "push_target",
+    "query_series",
     "read_remote_volume",
     "search",
     "server_root",
@@ -593,3 +598,140 @@ def push_files(
     if failed:
         raise RemoteError(f"{root}: the server refused {len(failed)} of {len(datasets)} instances")
     return [str(d.SOPInstanceUID) for d in datasets]
+
+
+# --------------------------------------------------------------------------- results back
+#: Series modalities that hold no image: :func:`query_series` skips them unless the query names
+#: the modality (so a batch rerun over a study does not try to segment the SEGs it pushed).
+NON_IMAGE_MODALITIES = frozenset(
+    {"SEG", "RTSTRUCT", "RTPLAN", "RTDOSE", "RTRECORD", "SR", "PR", "KO", "REG", "DOC"}
+)
+
+#: QIDO query keys :func:`query_series` understands, and the :func:`search` filter each sets.
+_QUERY_KEYS = {
+    "patientid": "patient",
+    "patient": "patient",
+    "modality": "modality",
+    "studydate": "study_date",
+    "study_date": "study_date",
+    "studyinstanceuid": "study",
+}
+
+
+def query_series(url: str) -> list[dict[str, Any]]:
+    """Every image series a query address matches, as :func:`search` rows (``url`` is the series
+    URL).
+
+    ``url`` is a QIDO-RS address with filters, e.g.
+    ``http://host/dicom-web/studies?PatientID=X&Modality=CT&StudyDate=20200101-20201231``
+    (also ``StudyInstanceUID=``, or a study URL ``.../studies/<uid>``), the bare service root (all
+    series), a ``dimse://AET@HOST:PORT`` address with the same ``?filters`` (C-FIND), or one
+    series URL (that series alone). Without a ``Modality`` filter, series of
+    :data:`NON_IMAGE_MODALITIES` (SEG, RTSTRUCT, ...) are left out.
+
+    Raises:
+        InputError: an unknown filter; RemoteError: the server cannot be reached or refuses.
+    """
+    from urllib.parse import parse_qsl
+
+    base, _, query = str(url).partition("?")
+    with contextlib.suppress(InputError):
+        ref = parse_remote_series(base)
+        return [{"url": ref.url, "study_uid": ref.study, "series_uid": ref.series}]
+    base = re.sub(r"/(?:studies|series)$", "", base.rstrip("/"))  # QIDO ".../studies?..."
+    filters: dict[str, str] = {}
+    for key, value in parse_qsl(query, keep_blank_values=False):
+        name = _QUERY_KEYS.get(key.lower())
+        if name is None:
+            raise InputError(
+                f"{key}: unknown query filter; use PatientID, Modality, StudyDate or "
+                "StudyInstanceUID (e.g. .../dicom-web/studies?Modality=CT&PatientID=X)"
+            )
+        filters[name] = value
+    study = filters.pop("study", None)
+    if study:
+        if not re.fullmatch(_UID, study):
+            raise InputError(f"StudyInstanceUID={study[:64]!r}: not a DICOM UID")
+        base = f"{base.rstrip('/')}/studies/{study}"
+    rows = search(base, **filters)
+    if "modality" not in filters:
+        rows = [r for r in rows if str(r.get("modality") or "").upper() not in NON_IMAGE_MODALITIES]
+    return rows
+
+
+@dataclass(frozen=True)
+class PushRecord:
+    """What :func:`push_result` stored: the server (no credentials) and the stored object's UIDs."""
+
+    to: str
+    study: str
+    series: str
+    sop_instance: str
+
+    def to_json(self) -> dict[str, str]:
+        """JSON-ready dict (keys ``to``, ``study_uid``, ``series_uid``, ``sop_instance_uid``)."""
+        return {
+            "to": self.to,
+            "study_uid": self.study,
+            "series_uid": self.series,
+            "sop_instance_uid": self.sop_instance,
+        }
+
+
+def push_target(source: Any = None, to: str | None = None) -> str:
+    """The server a result made on ``source`` is stored on: ``to`` when given (its DICOMweb root
+    or ``dimse://AET@HOST:PORT``), else the server ``source`` (a series or query URL) is on.
+
+    Raises:
+        InputError: ``source`` is local and no ``to`` is given; a malformed ``to``.
+    """
+    if to:
+        if is_dicomweb_url(to):
+            return server_root(to)
+        from medseg.io.remote_dimse import parse_dimse_url
+
+        return parse_dimse_url(str(to)).root
+    if is_dicomweb_url(str(source or "")):
+        return server_root(str(source))
+    if is_remote_url(str(source or "")):
+        from medseg.io.remote_dimse import parse_dimse_url
+
+        return parse_dimse_url(str(source).split("?", 1)[0]).root
+    raise InputError(
+        f"{source}: was read from local files, so there is no server to push to; give --to URL "
+        "(a DICOMweb root or dimse://AET@HOST:PORT)"
+    )
+
+
+def push_result(
+    file: str | os.PathLike[str], source: Any = None, to: str | None = None
+) -> PushRecord:
+    """Store a DICOM-SEG or RTSTRUCT made on ``source`` as a new series of the source's study.
+
+    Args:
+        file: the DICOM-SEG / RTSTRUCT file (it references the source series).
+        source: the series it was made on (a series URL: its server is the default target and its
+            study must be the file's), or a local folder/file.
+        to: the server to store on (see :func:`push_target`); needed when ``source`` is local.
+
+    Returns:
+        The :class:`PushRecord` (the SOPInstanceUID stored).
+
+    Raises:
+        InputError: no target, not a DICOM file, another study; RemoteError: the server is down or
+            refuses.
+    """
+    import pydicom
+
+    target = push_target(source, to)
+    try:
+        ds = pydicom.dcmread(file, stop_before_pixels=True)
+    except Exception as exc:
+        raise InputError(f"{file}: not a DICOM file ({type(exc).__name__})") from None
+    study = str(ds.get("StudyInstanceUID", ""))
+    if is_remote_url(str(source or "")):
+        want = parse_remote_series(str(source)).study
+        if study != want:
+            raise InputError(f"{file}: belongs to study {study}, not {want} of {source}")
+    (sop,) = push_files([file], target, study=study)
+    return PushRecord(target, study, str(ds.get("SeriesInstanceUID", "")), sop)
