@@ -66,21 +66,8 @@ def test_batch_over_query_pushes_each_seg_once(
 ) -> None:
     out = tmp_path / "OUT"
     query = f"{server.root}/studies?PatientID={PATIENT}"
-    res = _cli(
-        "batch",
-        "--data",
-        query,
-        "--modality",
-        "CT",
-        "--model",
-        "unet-demo",
-        "--out",
-        str(out),
-        "--push",
-        "--no-plots",
-        "--quiet",
-    )
-    assert res.returncode == 0, res.stderr
+    res = medseg.batch(query + "&Modality=CT", "unet-demo", out, push=True, plots=False)
+    assert res.ok and res.push
     rows = _read_csv(out / "metrics.csv")
     assert sorted(r["study"] for r in rows) == sorted(series)  # one row per series, id = URL
     assert {r["status"] for r in rows} == {"no_gt"}
@@ -105,8 +92,15 @@ def test_batch_over_query_pushes_each_seg_once(
         assert want.array.max() > 0  # real segments are compared
         np.testing.assert_array_equal(back.array, want.array)
 
-    # resume (API, the query without Modality: the pushed SEG series are not studies): nothing
-    # is segmented or pushed again
+    # the CLI with the search filter flags sees the same two studies, both complete
+    args = ["batch", "--data", query, "--modality", "CT", "--model", "unet-demo", "--out"]
+    res = _cli(*args, str(out), "--push", "--dry-run")
+    assert res.returncode == 0, res.stderr
+    assert sorted(line.split()[:2] for line in res.stdout.splitlines()[:-1]) == sorted(
+        ["skip", u] for u in series
+    )
+    # resume (the query without Modality: the pushed SEG series are not studies): nothing is
+    # segmented or pushed again
     again = medseg.batch(query, "unet-demo", out, push=True, plots=False)
     assert sorted((r.study, r.status) for r in again.studies) == sorted(
         (u, "skipped") for u in series
@@ -125,9 +119,8 @@ def test_push_failure_is_recorded_and_retried(
     down = Orthanc(tmp_path_factory.mktemp("orthanc_down"))
     down.stop()  # stopped before the push
     out = tmp_path / "OUT"
-    args = ["batch", "--data", str(data), "--model", "unet-demo", "--out", str(out), "--push"]
-    res = _cli(*args, "--to", down.root, "--no-plots", "--quiet")
-    assert res.returncode == 1, res.stderr
+    res = medseg.batch(data, "unet-demo", out, push=True, to=down.root, plots=False)
+    assert [(r.study, r.status) for r in res.failed] == [("case0", "failed"), ("case1", "failed")]
     rows = _read_csv(out / "metrics.csv")
     assert [(r["study"], r["status"], r["pushed"]) for r in rows] == [
         ("case0", "failed", ""),
