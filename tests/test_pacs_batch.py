@@ -66,6 +66,7 @@ def test_batch_over_query_pushes_each_seg_once(
 ) -> None:
     out = tmp_path / "OUT"
     query = f"{server.root}/studies?PatientID={PATIENT}"
+    n_segs = len(_segs(server))
     res = medseg.batch(query + "&Modality=CT", "unet-demo", out, push=True, plots=False)
     assert res.ok and res.push
     rows = _read_csv(out / "metrics.csv")
@@ -74,23 +75,9 @@ def test_batch_over_query_pushes_each_seg_once(
     pushed = {r["study"]: r["pushed"] for r in rows}
     assert all(pushed.values())
 
-    segs = _segs(server)
-    assert len(segs) == 2
+    assert len(_segs(server)) == n_segs + 2
     for url, local in series.items():
-        ref = remote.parse_series_url(url)
-        record = json.loads((out / "studies" / f"{ref.series}.push.json").read_text())
-        assert record["sop_instance_uid"] == pushed[url] and record["to"] == server.root
-        (seg_row,) = [s for s in segs if s["study_uid"] == ref.study]  # same study, new series
-        assert seg_row["series_uid"] != ref.series
-        pulled = tmp_path / f"pulled_{ref.series}"
-        remote.pull_series(seg_row["url"], pulled)
-        (seg_file,) = list(pulled.iterdir())
-        assert str(pydicom.dcmread(seg_file).SOPInstanceUID) == pushed[url]
-        image = medseg.read_volume(local)
-        back = medseg.read_labels(seg_file, reference=image)
-        want = medseg.read_labels(out / "studies" / f"{ref.series}.nii.gz", reference=image)
-        assert want.array.max() > 0  # real segments are compared
-        np.testing.assert_array_equal(back.array, want.array)
+        _check_pushed(server, out, url, local, pushed[url], server.root, tmp_path)
 
     # the CLI with the search filter flags sees the same two studies, both complete
     args = ["batch", "--data", query, "--modality", "CT", "--model", "unet-demo", "--out"]
@@ -106,7 +93,44 @@ def test_batch_over_query_pushes_each_seg_once(
         (u, "skipped") for u in series
     )
     assert {r.study: r.pushed for r in again.studies} == pushed
-    assert len(_segs(server)) == 2
+    assert len(_segs(server)) == n_segs + 2
+
+
+def _check_pushed(
+    server: Orthanc, out: Path, study: str, local: Path, sop: str, to: str, tmp: Path
+) -> None:
+    """The push record of ``study`` names ``sop`` on ``to``; that SEG, fetched back from the
+    server, is a new series of the source study and equals the batch's label map."""
+    ref = remote.parse_remote_series(study)
+    record = json.loads((out / "studies" / f"{ref.series}.push.json").read_text())
+    assert record["sop_instance_uid"] == sop and record["to"] == to
+    assert record["study_uid"] == ref.study and record["series_uid"] != ref.series
+    seg_url = f"{server.root}/studies/{ref.study}/series/{record['series_uid']}"
+    pulled = tmp / f"pulled_{record['series_uid']}"
+    remote.pull_series(seg_url, pulled)
+    (seg_file,) = list(pulled.iterdir())
+    assert str(pydicom.dcmread(seg_file).SOPInstanceUID) == sop
+    image = medseg.read_volume(local)
+    back = medseg.read_labels(seg_file, reference=image)
+    want = medseg.read_labels(out / "studies" / f"{ref.series}.nii.gz", reference=image)
+    assert want.array.max() > 0  # real segments are compared
+    np.testing.assert_array_equal(back.array, want.array)
+
+
+def test_batch_over_dimse_query_pushes_by_c_store(
+    server: Orthanc, series: dict[str, Path], tmp_path: Path
+) -> None:
+    out = tmp_path / "OUT"
+    res = medseg.batch(
+        f"{server.dimse}?PatientID={PATIENT}", "unet-demo", out, push=True, plots=False
+    )
+    assert res.ok
+    by_series = {remote.parse_series_url(u).series: local for u, local in series.items()}
+    assert sorted(r.study.rsplit("/", 1)[1] for r in res.studies) == sorted(by_series)
+    for r in res.studies:
+        assert r.study.startswith(server.dimse + "/studies/")
+        local = by_series[r.study.rsplit("/", 1)[1]]
+        _check_pushed(server, out, r.study, local, r.pushed, server.dimse, tmp_path)
 
 
 def test_push_failure_is_recorded_and_retried(
