@@ -139,11 +139,11 @@ class BatchResult:
     out: Path
     studies: list[StudyResult]
     model: str = ""
+    push: bool = False
     metrics_csv: Path | None = None
     summary_json: Path | None = None
     plots: list[Path] = field(default_factory=list)
     dry_run: bool = False
-    push: bool = False
 
     @property
     def failed(self) -> list[StudyResult]:
@@ -403,10 +403,10 @@ class _Task:
     prompts: tuple[Any, ...] | None
     prompts_from_gt: bool
     fingerprint: str
+    push: bool  # store the result's DICOM-SEG (on push_to, else the study's server)
+    push_to: str | None
     overwrite: bool
     kwargs: dict[str, Any]
-    push: bool = False
-    push_to: str | None = None
 
 
 #: worker-local models, keyed by (model, precision, device): each worker process loads once
@@ -734,10 +734,10 @@ def batch(
     dry_run: bool = False,
     overwrite: bool = False,
     plots: bool = True,
-    progress: Callable[[int, int], None] | None = None,
-    on_study: Callable[[StudyResult], None] | None = None,
     push: bool = False,
     to: str | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    on_study: Callable[[StudyResult], None] | None = None,
     **segment_kwargs: Any,
 ) -> BatchResult:
     """Segment every study of ``data`` with ``model`` through :func:`medseg.segment`.
@@ -759,13 +759,13 @@ def batch(
         dry_run: list what would run (``"run"``) or be kept (``"skip"``); write nothing.
         overwrite: redo every study even when its outputs are complete.
         plots: write the plots (needs matplotlib).
-        progress: ``progress(done, total)`` after each study.
-        on_study: called with each :class:`StudyResult` as it finishes (any order).
         push: also write each DICOM study's label map as a DICOM-SEG and store it on the server
             it was read from (STOW-RS / C-STORE) as a new series of its study; recorded per study
             (a failed push fails the study, is retried by a rerun; a stored one is never resent).
         to: the server to push to (DICOMweb root or ``dimse://AET@HOST:PORT``); needed when
             ``data`` is local.
+        progress: ``progress(done, total)`` after each study.
+        on_study: called with each :class:`StudyResult` as it finishes (any order).
         **segment_kwargs: passed on to :func:`medseg.segment` (``label``, ``window``,
             ``precision``, ``device``, ``overlap``, ...).
 
@@ -836,10 +836,10 @@ def batch(
                 prompts=tuple(sp) if sp is not None else None,
                 prompts_from_gt=prompts_from_gt,
                 fingerprint=fp,
-                overwrite=overwrite,
-                kwargs=dict(segment_kwargs),
                 push=push,
                 push_to=to,
+                overwrite=overwrite,
+                kwargs=dict(segment_kwargs),
             )
         )
 
