@@ -76,9 +76,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dry-run", action="store_true", help="list what would run; write nothing")
     p.add_argument("--overwrite", action="store_true", help="redo studies with valid outputs")
     p.add_argument("--no-plots", action="store_true", help="skip the matplotlib plots")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
     q = p.add_argument_group("PACS (--data URL, --push)")
     q.add_argument("--patient", help="query filter: PatientID")
     q.add_argument("--modality", help="query filter: series Modality (CT, MR, ...)")
@@ -89,6 +86,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="store each result as a DICOM-SEG on the server the study came from (or --to)",
     )
     q.add_argument("--to", metavar="URL", help="the server to push to (DICOMweb root or dimse://)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
 
@@ -139,10 +139,10 @@ def run(args: argparse.Namespace) -> int:
             dry_run=args.dry_run,
             overwrite=args.overwrite,
             plots=not args.no_plots,
-            progress=progress,
-            on_study=on_study,
             push=args.push,
             to=args.to,
+            progress=progress,
+            on_study=on_study,
             **kwargs,
         )
     finally:
