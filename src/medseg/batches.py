@@ -418,8 +418,8 @@ def _warm_model(model: str, precision: str, device: str) -> bool:
     """Load ``model`` once per worker process and keep it (SAM models through their memo).
 
     SAM-family models are remembered by :func:`medseg.models.sam.get_sam_model`, which the
-    pipeline's predictor uses, so holding the object here keeps it loaded for every study. The
-    U-Net pipeline re-reads its (small) checkpoint per study; warming imports torch/MONAI once.
+    pipeline's predictor uses, so holding the object here keeps it loaded for every study; a
+    U-Net is kept by :func:`medseg.predict.unet.keep_loaded`, which the pipeline's load finds.
     Thread-safe (a Dask worker may run several threads). Returns True when this call loaded it.
     """
     key = (model, precision, device)
@@ -434,9 +434,10 @@ def _warm_model(model: str, precision: str, device: str) -> bool:
 
             loaded: Any = get_sam_model(ref.spec.name, precision=precision, device=device)
         else:
-            from medseg.predict.unet import UNetSegmenter
+            from medseg.predict.unet import UNetSegmenter, keep_loaded
 
             loaded = UNetSegmenter.load(ref.path, precision=precision, device=device)
+            keep_loaded(loaded, precision, device)
         _WORKER_MODELS[key] = loaded
         return True
 

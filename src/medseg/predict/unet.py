@@ -117,8 +117,11 @@ class UNetSegmenter:
         path = demo_model_path() if str(model) == DEMO_NAME else Path(model)
         if str(model) == DEMO_NAME and not path.is_file():
             raise WeightsError(f"the demo model is missing from the installation ({path})")
-        ckpt = load_checkpoint(path)
-        cfg = ckpt["config"]
+        kept = _KEPT.get(_kept_key(path, precision, device))  # a batch worker's model
+        cfg = kept.config if kept is not None else None
+        if cfg is None:
+            ckpt = load_checkpoint(path)
+            cfg = ckpt["config"]
         have = labels_of(cfg)
         if labels is not None:
             want = {int(k): str(v) for k, v in labels.items() if int(k) != 0}
@@ -127,6 +130,8 @@ class UNetSegmenter:
                     f"{path.name}: the checkpoint segments {_fmt_table(have)} but "
                     f"{_fmt_table(want)} was requested; use a model trained for those labels"
                 )
+        if kept is not None:
+            return kept
         net = build_network(cfg)
         try:
             net.load_state_dict(ckpt["state_dict"], strict=True)
@@ -311,6 +316,30 @@ def _count_windows(grid: tuple[int, ...], roi: tuple[int, ...], overlap: float) 
         step = max(int(r * (1 - overlap)), 1)
         n *= int(np.ceil((g - r) / step)) + 1
     return n
+
+
+#: U-Nets a batch worker keeps loaded (:func:`keep_loaded`), by checkpoint file and settings
+_KEPT: dict[tuple[str, int, int, str, str], UNetSegmenter] = {}
+
+
+def _kept_key(path: Path, precision: str, device: str) -> tuple[str, int, int, str, str]:
+    """The checkpoint file (resolved path, mtime, size: a replaced file is another model) and the
+    requested precision and device."""
+    try:
+        st = path.stat()
+    except OSError:
+        return (str(path), -1, -1, str(precision), str(device))
+    return (str(path.resolve()), st.st_mtime_ns, st.st_size, str(precision), str(device))
+
+
+def keep_loaded(
+    segmenter: UNetSegmenter, precision: str = "auto", device: str = "auto"
+) -> UNetSegmenter:
+    """Keep ``segmenter`` (loaded with these requested ``precision``/``device``) for this process:
+    later :meth:`UNetSegmenter.load` calls for the same, unchanged checkpoint file return it
+    instead of reading the file again (a batch worker loads its U-Net once). Returns it."""
+    _KEPT[_kept_key(Path(segmenter.source), precision, device)] = segmenter
+    return segmenter
 
 
 def _fmt_table(t: dict[int, str]) -> str:
