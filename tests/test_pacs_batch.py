@@ -18,7 +18,7 @@ import pytest
 
 import medseg
 from medseg.io import remote
-from medseg.io.files import write_labels
+from medseg.io.files import write_labels, write_volume
 from test_pacs import Orthanc, _cli
 
 PATIENT = "BATCHPACS"
@@ -140,21 +140,24 @@ def test_push_failure_is_recorded_and_retried(
     data.mkdir()
     for i, folder in enumerate(series.values()):
         (data / f"case{i}").symlink_to(folder, target_is_directory=True)
+    write_volume(medseg.read_volume(folder), data / "nifti.nii.gz")  # no DICOM: cannot be pushed
     down = Orthanc(tmp_path_factory.mktemp("orthanc_down"))
     down.stop()  # stopped before the push
     out = tmp_path / "OUT"
     res = medseg.batch(data, "unet-demo", out, push=True, to=down.root, plots=False)
-    assert [(r.study, r.status) for r in res.failed] == [("case0", "failed"), ("case1", "failed")]
+    assert [r.study for r in res.failed] == ["case0", "case1", "nifti"]
     rows = _read_csv(out / "metrics.csv")
     assert [(r["study"], r["status"], r["pushed"]) for r in rows] == [
         ("case0", "failed", ""),
         ("case1", "failed", ""),
+        ("nifti", "failed", ""),
     ]  # the batch went on after the first failure
-    assert all("push failed" in r["error"] and "cannot reach" in r["error"] for r in rows)
+    assert all("push failed" in r["error"] and "cannot reach" in r["error"] for r in rows[:2])
+    assert "not a DICOM series" in rows[2]["error"] and "push failed" not in rows[2]["error"]
     assert (out / "studies" / "case0.nii.gz").is_file()  # the segmentation is kept
     assert not (out / "studies" / "case0.push.json").exists()
     summary = json.loads((out / "summary.json").read_text())
-    assert [f["study"] for f in summary["failed"]] == ["case0", "case1"]
+    assert [f["study"] for f in summary["failed"]] == ["case0", "case1", "nifti"]
 
     up = Orthanc(tmp_path_factory.mktemp("orthanc_up"))
     try:
@@ -163,6 +166,7 @@ def test_push_failure_is_recorded_and_retried(
         assert [(r.study, r.status) for r in again.studies] == [
             ("case0", "skipped"),
             ("case1", "skipped"),
+            ("nifti", "failed"),
         ]  # pushed now, not segmented again
         assert (out / "studies" / "case0.json").stat().st_mtime_ns == before
         segs = [r for r in remote.search(up.root) if r["modality"] == "SEG"]
@@ -171,7 +175,7 @@ def test_push_failure_is_recorded_and_retried(
         )
         rows = _read_csv(out / "metrics.csv")
         assert [r["pushed"] for r in rows] == [r.pushed for r in again.studies]
-        assert all(r.pushed for r in again.studies)
+        assert [bool(r.pushed) for r in again.studies] == [True, True, False]
     finally:
         up.stop()
 

@@ -578,6 +578,7 @@ def _push_study(task: _Task) -> str:
     already on that server. Returns the stored SOPInstanceUID.
 
     Raises:
+        InputError: the study is no DICOM series.
         _PushFailed: the SEG cannot be written or the server refuses / is down.
     """
     from medseg.exports import export
@@ -588,6 +589,10 @@ def _push_study(task: _Task) -> str:
     study = task.study
     lab_path, rep_path = study_paths(task.out, study.id)
     seg_path, record_path = push_paths(task.out, study.id)
+    if not study.remote and not Path(study.image).is_dir():
+        raise InputError(
+            f"study {study.id} is not a DICOM series: --push stores DICOM-SEGs of DICOM studies"
+        )
     try:
         target = push_target(study.image, task.push_to)
         labels = read_labels(lab_path)
@@ -601,14 +606,7 @@ def _push_study(task: _Task) -> str:
         ):
             return str(old["sop_instance_uid"])
         record_path.unlink(missing_ok=True)
-        if study.remote:
-            reference: Any = fetch_series(str(study.image))
-        elif Path(study.image).is_dir():
-            reference = study.image
-        else:
-            raise InputError(
-                f"study {study.id} is not a DICOM series; only DICOM studies can be pushed"
-            )
+        reference: Any = fetch_series(str(study.image)) if study.remote else study.image
         report = json.loads(rep_path.read_text(encoding="utf-8"))
         export(labels, reference, "dicom-seg", seg_path, report=report, overwrite=True)
         stored = push_result(seg_path, source=study.image, to=task.push_to)
