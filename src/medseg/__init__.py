@@ -41,6 +41,8 @@ _LAZY = {
     "finetune": "medseg.train.decoder",
     "batch": "medseg.batches",
     "rank": "medseg.active",
+    "simulate_interaction": "medseg.protocol",
+    "InteractionResult": "medseg.protocol",
 }
 
 __all__ = ["LabelMap", "MedsegError", "Volume", "__version__", *sorted(_LAZY)]
@@ -60,6 +62,8 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from medseg.prompts import Point as Point
     from medseg.prompts import box_from_gt as box_from_gt
     from medseg.prompts import load_prompts as load_prompts
+    from medseg.protocol import InteractionResult as InteractionResult
+    from medseg.protocol import simulate_interaction as simulate_interaction
     from medseg.report import validate_report as validate_report
     from medseg.train.decoder import finetune as finetune
 
