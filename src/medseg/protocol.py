@@ -270,6 +270,7 @@ class InteractionResult:
         spacing: voxel size ``(z, y, x)`` mm used for NSD.
         labels: the final label map (not in :meth:`to_json`).
         steps: each step's prediction mask ``(z, y, x)`` when kept (not in :meth:`to_json`).
+        predictor: the session's SAM predictor (its embeddings; reuse it on the same image).
     """
 
     label: int
@@ -283,6 +284,7 @@ class InteractionResult:
     engine: str = ""
     labels: LabelMap | None = field(default=None, repr=False)
     steps: list[np.ndarray] | None = field(default=None, repr=False)
+    predictor: Any = field(default=None, repr=False)
 
     @property
     def dsc_auc(self) -> float:
@@ -463,6 +465,39 @@ def _gt_mask(gt: LabelMap, label: int | None) -> tuple[np.ndarray, int, str]:
     return mask, int(label), gt.labels.get(int(label), f"label {label}")
 
 
+def load_study(
+    image: Volume | PathLike, gt: LabelMap | PathLike | None
+) -> tuple[Volume, LabelMap, dict[int, ChallengeBox]]:
+    """Image, ground truth (on the image's grid) and any stored challenge boxes.
+
+    ``gt=None`` takes the ``gts`` (and ``boxes``) of a challenge ``.npz`` image.
+
+    Raises:
+        InputError: unreadable inputs, no ground truth. GeometryError: grids differ.
+    """
+    from medseg.io.npz import is_npz, read_npz
+    from medseg.pipeline import read_labels, read_volume
+    from medseg.volume import LabelMap, Volume, check_same_grid
+
+    boxes: dict[int, ChallengeBox] = {}
+    if isinstance(image, Volume):
+        img = image
+    elif is_npz(image):
+        study = read_npz(image)
+        img = study.image
+        if gt is None:
+            if study.gt is None:
+                raise InputError(f"{image}: the .npz has no 'gts'; give the ground truth")
+            gt, boxes = study.gt, study.boxes
+    else:
+        img = read_volume(image)
+    if gt is None:
+        raise InputError("give the ground truth (gt= / --gt) to simulate the clicks against")
+    g = gt if isinstance(gt, LabelMap) else read_labels(gt, reference=img)
+    check_same_grid(g, img, what="ground truth")
+    return img, g, boxes
+
+
 def simulate_interaction(
     image: Volume | PathLike,
     gt: LabelMap | PathLike | None = None,
@@ -497,29 +532,7 @@ def simulate_interaction(
     Raises:
         InputError: unreadable inputs, grids that differ, an absent label, ``clicks < 0``.
     """
-    from medseg.pipeline import read_labels, read_volume
-    from medseg.volume import LabelMap, Volume, check_same_grid
-
-    npz_boxes: dict[int, ChallengeBox] = {}
-    if not isinstance(image, Volume):
-        from medseg.io.npz import is_npz, read_npz
-
-        if is_npz(image):
-            study = read_npz(image)
-            img: Volume = study.image
-            if gt is None:
-                if study.gt is None:
-                    raise InputError(f"{image}: the .npz has no 'gts'; give the ground truth")
-                gt = study.gt
-                npz_boxes = study.boxes
-        else:
-            img = read_volume(image)
-    else:
-        img = image
-    if gt is None:
-        raise InputError("give the ground truth (gt=) to simulate the clicks against")
-    g = gt if isinstance(gt, LabelMap) else read_labels(gt, reference=img)
-    check_same_grid(g, img, what="ground truth")
+    img, g, npz_boxes = load_study(image, gt)
     mask, value, name = _gt_mask(g, label)
     if box is None:
         box = npz_boxes.get(value)
@@ -545,4 +558,68 @@ def simulate_interaction(
         engine=engine,
         labels=getattr(session, "labels", None),
         steps=steps or None,
+        predictor=getattr(session, "predictor", None),
     )
+
+
+def evaluate_interactive(
+    image: Volume | PathLike,
+    gt: LabelMap | PathLike | None = None,
+    *,
+    labels: Sequence[int] | None = None,
+    clicks: int = DEFAULT_CLICKS,
+    model: str = "litemedsam",
+    seed: int = DEFAULT_SEED,
+    progress: Callable[[int, int], None] | None = None,
+    **session_kwargs: Any,
+) -> tuple[list[InteractionResult], LabelMap]:
+    """Run the protocol on every label of ``gt`` (or those in ``labels``), one after another.
+
+    The image is read once and the model's embeddings are shared between the labels (the
+    predictor of one label's session is handed to the next).
+
+    Args:
+        image: a :class:`~medseg.volume.Volume` or a path (also a challenge ``.npz``).
+        gt: the ground truth; ``None`` takes an ``.npz`` image's ``gts``.
+        labels: label values to run (default: every label present, ascending).
+        clicks, model, seed, **session_kwargs: as :func:`simulate_interaction`.
+        progress: ``progress(done, total)`` once per label.
+
+    Returns:
+        ``(results, final)``: one :class:`InteractionResult` per label, and the final label maps
+        combined on the image's grid (each label's own value; a later label wins an overlap).
+
+    Raises:
+        InputError: as :func:`simulate_interaction`; a requested label absent from ``gt``.
+    """
+    from medseg.volume import LabelMap
+
+    img, g, boxes = load_study(image, gt)
+    values = [int(v) for v in labels] if labels else g.present()
+    if not values:
+        raise InputError("the ground truth is empty: nothing to segment or score")
+    final = np.zeros(img.shape, dtype=np.uint16 if max(values) > 255 else np.uint8)
+    results: list[InteractionResult] = []
+    kwargs = dict(session_kwargs)
+    for i, value in enumerate(values):
+        if progress is not None:
+            progress(i, len(values))
+        r = simulate_interaction(
+            img,
+            g,
+            label=value,
+            clicks=clicks,
+            model=model,
+            seed=seed,
+            box=boxes.get(value),
+            **kwargs,
+        )
+        results.append(r)
+        if r.labels is not None:
+            final[r.labels.array != 0] = value
+        if r.predictor is not None:
+            kwargs["predictor"] = r.predictor
+    if progress is not None:
+        progress(len(values), len(values))
+    table = {v: g.labels[v] for v in values if v in g.labels}
+    return results, LabelMap(final, labels=table, meta=dict(img.meta), **img.copy_geometry())
