@@ -303,3 +303,54 @@ def test_evaluate_interactive_every_label_shares_the_model(breast_crop, sam_cach
     assert results[1].predictor is results[0].predictor  # embeddings reused across labels
     assert np.array_equal(final.array == 2, results[1].labels.array != 0)
     assert final.same_grid(img) and final.labels == {1: "left", 2: "right"}
+
+
+def test_batch_protocol_interactive_rows_and_resume(breast_crop, tmp_path):
+    import csv
+
+    import medseg
+    from medseg.batches import find_studies, study_paths
+    from medseg.protocol import batch_columns, check_batch_study
+
+    img, gt = breast_crop
+    data = tmp_path / "data"
+    data.mkdir()
+    medseg.write_labels(gt, data / "b1_gt.nii.gz")
+    from medseg.io import write_volume
+
+    write_volume(img, data / "b1.nii.gz")
+    write_volume(img, data / "nogt.nii.gz")  # no ground truth: fails alone
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "medseg", "batch", "--data", str(data), "--model", "litemedsam"]
+    cmd += ["--out", str(out), "--protocol", "interactive", "--clicks", "1", "--quiet"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 1, res.stderr  # one study failed
+    with open(out / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert tuple(rows[0]) == batch_columns(1)
+    assert [(r["study"], r["label"], r["status"]) for r in rows] == [
+        ("b1", "1", "ok"),
+        ("nogt", "", "failed"),
+    ]
+    assert "no ground truth" in rows[1]["error"]
+    lab_path, rep_path = study_paths(out, "b1")
+    doc = json.loads(rep_path.read_text())
+    (e,) = doc["labels"]
+    saved = medseg.read_labels(lab_path).array == 1
+    d, n = step_scores(saved, gt.array == 1, img.spacing)
+    assert float(rows[0]["final_dsc"]) == pytest.approx(d, abs=1e-6) == e["final_dsc"]
+    assert float(rows[0]["final_nsd"]) == pytest.approx(n, abs=1e-6)
+    assert float(rows[0]["dsc_0"]) == pytest.approx(e["dsc"][0])
+    assert float(rows[0]["dsc_auc"]) == 0.0  # one click step: no trapezoid
+    # a rerun keeps the complete study and rebuilds the same table
+    before = (out / "metrics.csv").read_text()
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert "1 kept from an earlier run" in res.stdout, res.stdout + res.stderr
+    assert (out / "metrics.csv").read_text() == before
+    # a changed ground truth is noticed
+    study = find_studies(data)[0]
+    assert check_batch_study(study, out) is None
+    changed = gt.array.copy()
+    changed[0, 0, 0] = 1
+    medseg.write_labels(gt.with_array(changed), data / "b1_gt.nii.gz", overwrite=True)
+    assert check_batch_study(study, out) == "the ground truth changed"

@@ -623,3 +623,184 @@ def evaluate_interactive(
         progress(len(values), len(values))
     table = {v: g.labels[v] for v in values if v in g.labels}
     return results, LabelMap(final, labels=table, meta=dict(img.meta), **img.copy_geometry())
+
+
+# --------------------------------------------------------------------------- batch
+#: Value of ``medseg batch --protocol`` that runs this protocol per study.
+BATCH_PROTOCOL = "interactive"
+#: Per-label scores summarised in the interactive batch's ``summary.json``.
+BATCH_SUMMARY = ("dsc_auc", "nsd_auc", "final_dsc", "final_nsd", "dsc_0", "seconds")
+
+
+def batch_columns(clicks: int = DEFAULT_CLICKS) -> tuple[str, ...]:
+    """Columns of ``metrics.csv`` for ``medseg batch --protocol interactive``: one row per study
+    and label."""
+    steps = range(clicks + 1)
+    return (
+        "study",
+        "label",
+        "name",
+        *(f"dsc_{i}" for i in steps),
+        *(f"nsd_{i}" for i in steps),
+        "dsc_auc",
+        "nsd_auc",
+        "final_dsc",
+        "final_nsd",
+        "seconds",
+        "status",
+        "error",
+    )
+
+
+def check_batch_study(study: Any, out: PathLike, fingerprint: str | None = None) -> str | None:
+    """Why a study's protocol outputs in ``out`` are not complete and valid, or ``None``.
+
+    Checks the results JSON (this study, these settings, the image and ground-truth digests of
+    now) and that the final label map reads back on the image's grid with the recorded counts.
+    """
+    import json
+
+    from medseg.batches import study_paths
+    from medseg.errors import MedsegError
+    from medseg.io.files import read_labels, read_volume
+    from medseg.predict.cache import array_digest
+
+    lab_path, rep_path = study_paths(out, study.id)
+    if not rep_path.is_file() or not lab_path.is_file():
+        return "missing"
+    try:
+        doc = json.loads(rep_path.read_text(encoding="utf-8"))
+        if doc.get("protocol") != "segfm3d" or not isinstance(doc.get("labels"), list):
+            return "not a protocol result"
+    except (OSError, ValueError) as exc:
+        return f"results unreadable ({str(exc).splitlines()[0]})"
+    if doc.get("study") != study.id:
+        return "results are for another study"
+    if fingerprint is not None and doc.get("fingerprint") != fingerprint:
+        return "made with other settings"
+    try:
+        image = read_volume(study.image)
+        if array_digest(image.array) != doc.get("image_sha256"):
+            return "the image changed"
+        if study.gt is None or array_digest(read_labels(study.gt).array) != doc.get("gt_sha256"):
+            return "the ground truth changed"
+        lm = read_labels(lab_path)
+    except MedsegError as exc:
+        return f"unreadable ({str(exc).splitlines()[0]})"
+    if not lm.same_grid(image):
+        return "label map is not on the image grid"
+    counts = {str(v): int(np.count_nonzero(lm.array == v)) for v in lm.present()}
+    if counts != doc.get("voxels"):
+        return "label map does not match its results"
+    return None
+
+
+def run_batch_study(task: Any) -> Any:
+    """One study of ``medseg batch --protocol interactive`` (a ``batches._Task``): the protocol
+    on every label (or ``label=``), the final label map and a results JSON; never raises."""
+    import json
+
+    from medseg.batches import StudyResult, _one_line, _worker_id, study_paths
+    from medseg.errors import MedsegError
+    from medseg.io.files import read_labels, read_volume, write_json
+    from medseg.pipeline import write_labels
+    from medseg.predict.cache import array_digest
+
+    t0 = time.perf_counter()
+    study = task.study
+    lab_path, rep_path = study_paths(task.out, study.id)
+    res = StudyResult(study.id, "ok", labels=lab_path, report=rep_path, worker=_worker_id())
+    try:
+        if not task.overwrite and check_batch_study(study, task.out, task.fingerprint) is None:
+            res.status = "skipped"
+            return res
+        if study.gt is None:
+            raise InputError(f"study {study.id}: no ground truth to simulate the clicks against")
+        kwargs = dict(task.kwargs)
+        label = kwargs.pop("label", None)
+        image = read_volume(study.image)
+        gt = read_labels(study.gt, reference=image)
+        results, final = evaluate_interactive(
+            image,
+            gt,
+            labels=[label] if label is not None else None,
+            clicks=task.clicks,
+            model=task.model,
+            **kwargs,
+        )
+        inputs = [study.image, study.gt]
+        write_labels(final, lab_path, overwrite=True, inputs=inputs)
+        doc = {
+            "protocol": "segfm3d",
+            "study": study.id,
+            "fingerprint": task.fingerprint,
+            "image": str(study.image),
+            "gt": str(study.gt),
+            "image_sha256": array_digest(image.array),
+            "gt_sha256": array_digest(gt.array),
+            "labels_file": lab_path.name,
+            "voxels": {str(v): int(np.count_nonzero(final.array == v)) for v in final.present()},
+            "labels": [r.to_json() for r in results],
+        }
+        write_json(json.loads(json.dumps(doc)), rep_path, overwrite=True, inputs=inputs)
+    except MedsegError as exc:
+        res.status, res.error = "failed", _one_line(str(exc))
+    except Exception as exc:  # one bad study must not stop the batch
+        res.status, res.error = "failed", _one_line(f"{type(exc).__name__}: {exc}")
+    res.seconds = round(time.perf_counter() - t0, 4)
+    return res
+
+
+def batch_rows(study_id: str, result: Any, clicks: int) -> list[dict[str, Any]]:
+    """The ``metrics.csv`` rows of one study (columns :func:`batch_columns`)."""
+    import json
+    from pathlib import Path
+
+    cols = batch_columns(clicks)
+    if result.status == "failed":
+        return [
+            {**dict.fromkeys(cols), "study": study_id, "status": "failed", "error": result.error}
+        ]
+    doc = json.loads(Path(result.report).read_text(encoding="utf-8"))
+    rows = []
+    for e in doc["labels"]:
+        r: dict[str, Any] = {"study": study_id, "label": e["label"], "name": e["name"]}
+        r.update({f"dsc_{i}": v for i, v in enumerate(e["dsc"])})
+        r.update({f"nsd_{i}": v for i, v in enumerate(e["nsd"])})
+        r.update({k: e[k] for k in ("dsc_auc", "nsd_auc", "final_dsc", "final_nsd")})
+        r.update(seconds=float(sum(e["seconds"])), status="ok", error="")
+        rows.append(r)
+    return rows
+
+
+def write_batch_aggregates(result: Any, studies: Sequence[Any], clicks: int) -> Any:
+    """``metrics.csv`` (one row per study and label, :func:`batch_columns`) and ``summary.json``
+    (per label: mean / median / std / count of :data:`BATCH_SUMMARY`; ``dice`` = final DSC)."""
+    from medseg.batches import _stats
+    from medseg.io.files import write_csv, write_json
+
+    by_id = {r.study: r for r in result.studies}
+    rows = [row for s in studies for row in batch_rows(s.id, by_id[s.id], clicks)]
+    result.metrics_csv = write_csv(
+        rows, result.out / "metrics.csv", columns=batch_columns(clicks), overwrite=True
+    )
+    labels = []
+    for value in sorted({int(r["label"]) for r in rows if r["status"] == "ok"}):
+        rs = [r for r in rows if r["status"] == "ok" and int(r["label"]) == value]
+        entry: dict[str, Any] = {"label": value, "name": rs[0]["name"], "studies": len(rs)}
+        entry.update({k: _stats(r[k] for r in rs) for k in BATCH_SUMMARY})
+        entry["dice"] = entry["final_dsc"]
+        labels.append(entry)
+    failed = [{"study": r["study"], "error": r["error"]} for r in rows if r["status"] == "failed"]
+    summary = {
+        "model": result.model,
+        "protocol": "segfm3d",
+        "clicks": clicks,
+        "studies": len(studies),
+        "succeeded": len(studies) - len(failed),
+        "failed": failed,
+        "labels": labels,
+    }
+    result.summary_json = write_json(summary, result.out / "summary.json", overwrite=True)
+    result.plots = []
+    return result
