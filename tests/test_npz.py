@@ -92,3 +92,17 @@ def test_malformed_files(tmp_path):
         medseg.read_volume(bad)
     with pytest.raises(InputError, match="no such file"):
         read_npz(tmp_path / "missing.npz")
+
+
+def test_cli_malformed_npz_one_line_exit_2(tmp_path, capsys):
+    from medseg.cli import main
+
+    imgs, gts = _case()
+    p = tmp_path / "case.npz"
+    np.savez(p, imgs=imgs, gts=gts[:-1], spacing=[1, 1, 1])
+    assert main(["evaluate-interactive", str(p)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "'gts' has shape (5, 10, 14)" in err
+    np.savez(p, imgs=imgs, spacing=[1, 1, 1])
+    assert main(["evaluate-interactive", str(p)]) == 2
+    assert "no 'gts'" in capsys.readouterr().err
