@@ -536,7 +536,7 @@ def simulate_interaction(
     mask, value, name = _gt_mask(g, label)
     if box is None:
         box = npz_boxes.get(value)
-    session, engine = _session(img, model, value, dict(session_kwargs))
+    session, engine = _session(img, model, value, {"name": name, **session_kwargs})
     dsc, nsd, secs, prompts, steps = run_protocol(
         lambda p: session.add(p).array,
         mask,
