@@ -41,6 +41,7 @@ _LAZY = {
     "finetune": "medseg.train.decoder",
     "batch": "medseg.batches",
     "rank": "medseg.active",
+    "InteractiveSession": "medseg.interactive",
 }
 
 __all__ = ["LabelMap", "MedsegError", "Volume", "__version__", *sorted(_LAZY)]
@@ -49,6 +50,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from medseg.active import rank as rank
     from medseg.batches import batch as batch
     from medseg.exports import export as export
+    from medseg.interactive import InteractiveSession as InteractiveSession
     from medseg.pipeline import Segmentation as Segmentation
     from medseg.pipeline import evaluate as evaluate
     from medseg.pipeline import read_labels as read_labels
