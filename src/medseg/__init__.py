@@ -41,6 +41,7 @@ _LAZY = {
     "finetune": "medseg.train.decoder",
     "batch": "medseg.batches",
     "rank": "medseg.active",
+    "InteractiveSession": "medseg.interactive",
     "simulate_interaction": "medseg.protocol",
     "InteractionResult": "medseg.protocol",
 }
@@ -51,6 +52,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from medseg.active import rank as rank
     from medseg.batches import batch as batch
     from medseg.exports import export as export
+    from medseg.interactive import InteractiveSession as InteractiveSession
     from medseg.pipeline import Segmentation as Segmentation
     from medseg.pipeline import evaluate as evaluate
     from medseg.pipeline import read_labels as read_labels
