@@ -106,3 +106,25 @@ def test_cli_malformed_npz_one_line_exit_2(tmp_path, capsys):
     np.savez(p, imgs=imgs, spacing=[1, 1, 1])
     assert main(["evaluate-interactive", str(p)]) == 2
     assert "no 'gts'" in capsys.readouterr().err
+
+
+def test_stored_boxes_only_when_trusted(tmp_path):
+    from medseg.protocol import load_study
+
+    imgs, gts = _case()
+    stored = ChallengeBox(2, 1, 2, 6, 10, 1, 3)  # wider than the tight box of label 1
+    img = medseg.Volume(imgs)
+    p = write_npz(
+        tmp_path / "c.npz",
+        img,
+        medseg.LabelMap(gts),
+        boxes=[stored.to_json(), challenge_box(gts == 3).to_json()],
+    )
+    _, gt, boxes = load_study(p, None)
+    assert boxes == {} and gt.present() == [1, 3]
+    _, _, boxes = load_study(p, None, trust_npz=True)
+    assert boxes[1] == stored and boxes[3] == challenge_box(gts == 3)
+    assert challenge_box(gts == 1) != stored
+    # a separate ground truth file: no stored boxes are used
+    _, _, boxes = load_study(p, gt, trust_npz=True)
+    assert boxes == {}

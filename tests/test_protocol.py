@@ -249,7 +249,7 @@ def breast_crop(pyradiomics_dir):
     )
 
 
-def test_evaluate_interactive_cli_on_real_npz(breast_crop, sam_cache, tmp_path):
+def test_evaluate_interactive_cli_on_real_npz(breast_crop, sam_cache, tmp_path, capsys):
     from medseg.io.npz import write_npz
 
     img, gt = breast_crop
@@ -276,13 +276,10 @@ def test_evaluate_interactive_cli_on_real_npz(breast_crop, sam_cache, tmp_path):
     assert r["final_dsc"] > 0.3  # LiteMedSAM on a real tumour, not an empty mask
     assert "DSC_AUC" in res.stdout and f"{r['final_dsc']:.4f}" in res.stdout
     # bad input: one clear line, exit 2
-    res = subprocess.run(
-        [sys.executable, "-m", "medseg", "evaluate-interactive", str(case), "--label", "7"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert res.returncode == 2 and "label 7 is not in the ground truth" in res.stderr
+    from medseg.cli import main
+
+    assert main(["evaluate-interactive", str(case), "--label", "7"]) == 2
+    assert "label 7 is not in the ground truth" in capsys.readouterr().err
 
 
 def test_evaluate_interactive_every_label_shares_the_model(breast_crop, sam_cache):
@@ -305,7 +302,7 @@ def test_evaluate_interactive_every_label_shares_the_model(breast_crop, sam_cach
     assert final.same_grid(img) and final.labels == {1: "left", 2: "right"}
 
 
-def test_batch_protocol_interactive_rows_and_resume(breast_crop, tmp_path):
+def test_batch_protocol_interactive_rows_and_resume(breast_crop, tmp_path, capsys):
     import csv
 
     import medseg
@@ -321,10 +318,12 @@ def test_batch_protocol_interactive_rows_and_resume(breast_crop, tmp_path):
     write_volume(img, data / "b1.nii.gz")
     write_volume(img, data / "nogt.nii.gz")  # no ground truth: fails alone
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "medseg", "batch", "--data", str(data), "--model", "litemedsam"]
-    cmd += ["--out", str(out), "--protocol", "interactive", "--clicks", "1", "--quiet"]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 1, res.stderr  # one study failed
+    from medseg.cli import main
+
+    cmd = ["batch", "--data", str(data), "--model", "litemedsam", "--out", str(out)]
+    cmd += ["--protocol", "interactive", "--clicks", "1", "--quiet"]
+    assert main(cmd) == 1  # one study failed (in-process: the model loads once per module)
+    capsys.readouterr()
     with open(out / "metrics.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert tuple(rows[0]) == batch_columns(1)
@@ -344,8 +343,8 @@ def test_batch_protocol_interactive_rows_and_resume(breast_crop, tmp_path):
     assert float(rows[0]["dsc_auc"]) == 0.0  # one click step: no trapezoid
     # a rerun keeps the complete study and rebuilds the same table
     before = (out / "metrics.csv").read_text()
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert "1 kept from an earlier run" in res.stdout, res.stdout + res.stderr
+    assert main(cmd) == 1
+    assert "1 kept from an earlier run" in capsys.readouterr().out
     assert (out / "metrics.csv").read_text() == before
     # a changed ground truth is noticed
     study = find_studies(data)[0]

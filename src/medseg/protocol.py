@@ -466,11 +466,12 @@ def _gt_mask(gt: LabelMap, label: int | None) -> tuple[np.ndarray, int, str]:
 
 
 def load_study(
-    image: Volume | PathLike, gt: LabelMap | PathLike | None
+    image: Volume | PathLike, gt: LabelMap | PathLike | None, *, trust_npz: bool = False
 ) -> tuple[Volume, LabelMap, dict[int, ChallengeBox]]:
     """Image, ground truth (on the image's grid) and any stored challenge boxes.
 
-    ``gt=None`` takes the ``gts`` (and ``boxes``) of a challenge ``.npz`` image.
+    ``gt=None`` takes the ``gts`` of a challenge ``.npz`` image, and its stored ``boxes`` when
+    ``trust_npz`` (they are a pickle: see :func:`medseg.io.npz.read_npz`).
 
     Raises:
         InputError: unreadable inputs, no ground truth. GeometryError: grids differ.
@@ -483,7 +484,7 @@ def load_study(
     if isinstance(image, Volume):
         img = image
     elif is_npz(image):
-        study = read_npz(image)
+        study = read_npz(image, allow_pickle=trust_npz)
         img = study.image
         if gt is None:
             if study.gt is None:
@@ -571,6 +572,7 @@ def evaluate_interactive(
     model: str = "litemedsam",
     seed: int = DEFAULT_SEED,
     progress: Callable[[int, int], None] | None = None,
+    trust_npz: bool = False,
     **session_kwargs: Any,
 ) -> tuple[list[InteractionResult], LabelMap]:
     """Run the protocol on every label of ``gt`` (or those in ``labels``), one after another.
@@ -584,6 +586,7 @@ def evaluate_interactive(
         labels: label values to run (default: every label present, ascending).
         clicks, model, seed, **session_kwargs: as :func:`simulate_interaction`.
         progress: ``progress(done, total)`` once per label.
+        trust_npz: use the boxes stored (pickled) in an ``.npz`` image for the first step.
 
     Returns:
         ``(results, final)``: one :class:`InteractionResult` per label, and the final label maps
@@ -594,7 +597,7 @@ def evaluate_interactive(
     """
     from medseg.volume import LabelMap
 
-    img, g, boxes = load_study(image, gt)
+    img, g, boxes = load_study(image, gt, trust_npz=trust_npz)
     values = [int(v) for v in labels] if labels else g.present()
     if not values:
         raise InputError("the ground truth is empty: nothing to segment or score")

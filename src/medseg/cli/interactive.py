@@ -28,6 +28,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--weights", help="checkpoint file for the model (overrides the cache)")
     p.add_argument("--window", help="CT window preset or LO,HI (default: by modality)")
     p.add_argument("--seed", type=int, default=42, help="click tie-break seed (challenge: 42)")
+    p.add_argument(
+        "--trust-npz-boxes",
+        action="store_true",
+        help="start from the boxes stored in the .npz (a pickle: only for files you trust)",
+    )
     p.add_argument("--json", dest="json_out", metavar="OUT.json", help="write the results")
     p.add_argument("--out", metavar="LABELS", help="write the final label map (NIfTI/NRRD/MHA)")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
@@ -94,6 +99,7 @@ def run(args: argparse.Namespace) -> int:
         clicks=args.clicks,
         model=args.model,
         seed=args.seed,
+        trust_npz=args.trust_npz_boxes,
         **kwargs,
     )
     for r in results:
