@@ -100,6 +100,49 @@ def test_tie_broken_by_seed():
     assert next_click(pred, gt).zyx == (4.0, 4.0, 3.0)  # default seed = the challenge's 42
 
 
+def _challenge_style_click(pred, gt):
+    """The click computed the way the challenge's script does it: the full-array component,
+    EDT on its bounding box padded by 25 % (at least 1), maxima over the full array, and the
+    *global* generator seeded with 42 before ``np.random.choice``."""
+    from scipy import ndimage
+
+    err = pred != gt
+    lab, _ = ndimage.label(err, structure=np.ones((3, 3, 3)))
+    sizes = np.bincount(lab.ravel())
+    sizes[0] = 0
+    comp = lab == np.argmax(sizes)
+    coords = np.argwhere(comp)
+    lo, hi = coords.min(0), coords.max(0) + 1
+    pad = np.maximum(((hi - lo) * 0.25).astype(int), 1)
+    crop = np.zeros(hi - lo + 2 * pad, np.uint8)
+    inner = tuple(slice(p, p + n) for p, n in zip(pad, hi - lo, strict=True))
+    crop[inner] = comp[tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))]
+    full = np.zeros(comp.shape)
+    full[tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))] = ndimage.distance_transform_edt(
+        crop
+    )[inner]
+    state = np.random.get_state()
+    try:
+        np.random.seed(42)
+        maxima = np.argwhere(full == full.max())
+        z, y, x = maxima[np.random.choice(len(maxima))]
+    finally:
+        np.random.set_state(state)
+    return (float(z), float(y), float(x)), bool(gt[z, y, x])
+
+
+def test_click_equals_the_challenge_style_computation_on_random_blobs():
+    from scipy import ndimage
+
+    rng = np.random.default_rng(7)
+    for _ in range(20):
+        gt = ndimage.binary_opening(rng.random((10, 14, 12)) > 0.45)
+        pred = ndimage.binary_dilation(gt) if rng.random() < 0.5 else ndimage.binary_erosion(gt)
+        pred ^= rng.random(gt.shape) > 0.93
+        click = next_click(pred, gt)
+        assert (click.zyx, click.positive) == _challenge_style_click(pred, gt)  # 17 of 20 tie
+
+
 # --------------------------------------------------------------------------- initial box
 def test_challenge_box_on_median_voxel_slice():
     gt = _zeros((10, 12, 12))
