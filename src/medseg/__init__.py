@@ -41,6 +41,9 @@ _LAZY = {
     "finetune": "medseg.train.decoder",
     "batch": "medseg.batches",
     "rank": "medseg.active",
+    "InteractiveSession": "medseg.interactive",
+    "simulate_interaction": "medseg.protocol",
+    "InteractionResult": "medseg.protocol",
 }
 
 __all__ = ["LabelMap", "MedsegError", "Volume", "__version__", *sorted(_LAZY)]
@@ -49,6 +52,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from medseg.active import rank as rank
     from medseg.batches import batch as batch
     from medseg.exports import export as export
+    from medseg.interactive import InteractiveSession as InteractiveSession
     from medseg.pipeline import Segmentation as Segmentation
     from medseg.pipeline import evaluate as evaluate
     from medseg.pipeline import read_labels as read_labels
@@ -60,6 +64,8 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from medseg.prompts import Point as Point
     from medseg.prompts import box_from_gt as box_from_gt
     from medseg.prompts import load_prompts as load_prompts
+    from medseg.protocol import InteractionResult as InteractionResult
+    from medseg.protocol import simulate_interaction as simulate_interaction
     from medseg.report import validate_report as validate_report
     from medseg.train.decoder import finetune as finetune
 

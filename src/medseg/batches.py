@@ -144,6 +144,8 @@ class BatchResult:
     summary_json: Path | None = None
     plots: list[Path] = field(default_factory=list)
     dry_run: bool = False
+    protocol: str | None = None  # "interactive": medseg.protocol per study (issue 15)
+    clicks: int = 5
 
     @property
     def failed(self) -> list[StudyResult]:
@@ -407,6 +409,8 @@ class _Task:
     push_to: str | None
     overwrite: bool
     kwargs: dict[str, Any]
+    protocol: str | None = None  # "interactive": medseg.protocol.run_batch_study (issue 15)
+    clicks: int = 5
 
 
 #: worker-local models, keyed by (model, precision, device): each worker process loads once
@@ -501,6 +505,10 @@ def check_study_outputs(study: Study, out: PathLike, fingerprint: str | None = N
 
 def _run_study(task: _Task) -> StudyResult:
     """Segment one study (or keep its valid outputs); never raises for a bad study."""
+    if task.protocol:  # --protocol interactive (issue 15)
+        from medseg.protocol import run_batch_study
+
+        return run_batch_study(task)
     import medseg
     from medseg.io.files import read_labels, read_volume
 
@@ -737,6 +745,8 @@ def batch(
     to: str | None = None,
     progress: Callable[[int, int], None] | None = None,
     on_study: Callable[[StudyResult], None] | None = None,
+    protocol: str | None = None,
+    clicks: int = 5,
     **segment_kwargs: Any,
 ) -> BatchResult:
     """Segment every study of ``data`` with ``model`` through :func:`medseg.segment`.
@@ -765,6 +775,11 @@ def batch(
             ``data`` is local.
         progress: ``progress(done, total)`` after each study.
         on_study: called with each :class:`StudyResult` as it finishes (any order).
+        protocol: ``"interactive"``: run the SEGFM3D protocol (:mod:`medseg.protocol`: the
+            challenge box + ``clicks`` corrective clicks) on every label of each study instead of
+            one segmentation; ``metrics.csv`` then has one row per study and label with
+            ``dsc_0..dsc_N, nsd_0..nsd_N, dsc_auc, nsd_auc, final_dsc, final_nsd, seconds``.
+        clicks: corrective clicks of the protocol.
         **segment_kwargs: passed on to :func:`medseg.segment` (``label``, ``window``,
             ``precision``, ``device``, ``overlap``, ...).
 
@@ -782,6 +797,15 @@ def batch(
         raise InputError(f"workers must be >= 1, got {workers}")
     if prompts_from_gt and prompts is not None:
         raise InputError("give either prompts_from_gt or prompts, not both")
+    if protocol is not None:  # issue 15
+        from medseg.protocol import BATCH_PROTOCOL
+
+        if protocol != BATCH_PROTOCOL or prompts_from_gt or prompts is not None or clicks < 0:
+            raise InputError(
+                f"protocol must be {BATCH_PROTOCOL!r}, with clicks >= 0 and without prompts "
+                "(the protocol draws its own box and clicks from the ground truth)"
+            )
+        prompts_from_gt, plots = True, False
     settings = _settings(segment_kwargs)
     from medseg.models.registry import resolve_model
 
@@ -824,7 +848,7 @@ def batch(
             sp_json = [p.to_json() for p in sp] if sp is not None else None
         fp = _fingerprint(
             model_key,
-            "gt-box" if prompts_from_gt else sp_json,
+            f"{protocol}:{clicks}" if protocol else "gt-box" if prompts_from_gt else sp_json,
             settings,
         )
         tasks.append(
@@ -839,13 +863,18 @@ def batch(
                 push_to=to,
                 overwrite=overwrite,
                 kwargs=dict(segment_kwargs),
+                protocol=protocol,
+                clicks=clicks,
             )
         )
 
     if dry_run:
         results = []
         for t in tasks:
-            why = "overwrite" if overwrite else check_study_outputs(t.study, out_p, t.fingerprint)
+            check = check_study_outputs
+            if protocol:
+                from medseg.protocol import check_batch_study as check
+            why = "overwrite" if overwrite else check(t.study, out_p, t.fingerprint)
             results.append(
                 StudyResult(
                     t.study.id,
@@ -886,7 +915,14 @@ def batch(
     else:
         _run_local(runnable, int(workers), on_done)
     results = [finished[s.id] for s in studies]
-    result = BatchResult(out=out_p, studies=results, model=str(model), push=push)
+    result = BatchResult(
+        out=out_p,
+        studies=results,
+        model=str(model),
+        push=push,
+        protocol=protocol,
+        clicks=clicks,
+    )
     write_aggregates(result, studies, plots=plots)
     return result
 
@@ -986,6 +1022,10 @@ def write_aggregates(
     result: BatchResult, studies: Sequence[Study], *, plots: bool = True
 ) -> BatchResult:
     """(Re)build ``metrics.csv``, ``summary.json`` and the plots from the per-study files."""
+    if result.protocol:  # issue 15: the protocol's own columns
+        from medseg.protocol import write_batch_aggregates
+
+        return write_batch_aggregates(result, studies, result.clicks)
     from medseg.io.files import atomic_path, write_json
 
     out = result.out

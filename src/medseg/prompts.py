@@ -70,9 +70,12 @@ class Box:
     slice index along that axis and ``(y0, x0, y1, x1)`` are ``(row0, col0, row1, col1)`` in that
     slice (coronal rows are z and columns x; sagittal rows are z and columns y).
 
+    ``z_min``/``z_max`` (optional, inclusive slice indices along the axis) give the object's
+    extent, as the interactive challenge's 3D box does: propagation stays inside it.
+
     Raises:
-        PromptError: non-integer slice, non-finite corners, ``y1 < y0`` / ``x1 < x0``, or a box of
-            zero height or width.
+        PromptError: non-integer slice, non-finite corners, ``y1 < y0`` / ``x1 < x0``, a box of
+            zero height or width, or a z range that does not hold the box's slice.
     """
 
     z: int
@@ -81,12 +84,28 @@ class Box:
     y1: float
     x1: float
     axis: str = "z"
+    z_min: int | None = None
+    z_max: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "axis", _axis(self.axis))
         if float(self.z) != round(float(self.z)):
             raise PromptError(f"box slice index {self.z!r} is not an integer")
         object.__setattr__(self, "z", round(float(self.z)))
+        for name in ("z_min", "z_max"):
+            v = getattr(self, name)
+            if v is None:
+                continue
+            if not np.isfinite(float(v)) or float(v) != round(float(v)):
+                raise PromptError(f"box {name} {v!r} is not an integer slice index")
+            object.__setattr__(self, name, round(float(v)))
+        lo = self.z if self.z_min is None else self.z_min
+        hi = self.z if self.z_max is None else self.z_max
+        if not lo <= self.z <= hi:
+            raise PromptError(
+                f"box on slice {self.z} with z range {self.z_min}..{self.z_max}: the range must "
+                "hold the box's slice (z_min <= z <= z_max)"
+            )
         corners = (self.y0, self.x0, self.y1, self.x1)
         _finite(corners, "box")
         for name in ("y0", "x0", "y1", "x1"):
@@ -106,9 +125,29 @@ class Box:
         """``(r0, c0, r1, c1)`` in the slice frame."""
         return (self.y0, self.x0, self.y1, self.x1)
 
+    @property
+    def bounds(self) -> tuple[int, int] | None:
+        """``(z_min, z_max)`` (a missing end is the volume's end, ``None`` for "unknown");
+        ``None`` when no z range was given."""
+        if self.z_min is None and self.z_max is None:
+            return None
+        return (
+            0 if self.z_min is None else self.z_min,
+            np.iinfo(np.int32).max if self.z_max is None else self.z_max,
+        )
+
     def to_json(self) -> dict[str, Any]:
-        """``{"kind": "box", "axis", "slice", "box": [R0, C0, R1, C1]}``."""
-        return {"kind": "box", "axis": self.axis, "slice": self.z, "box": list(self.rc)}
+        """``{"kind": "box", "axis", "slice", "box": [R0, C0, R1, C1]}`` plus ``"z_range":
+        [z_min, z_max]`` (either may be ``null``) when a z range was given."""
+        out: dict[str, Any] = {
+            "kind": "box",
+            "axis": self.axis,
+            "slice": self.z,
+            "box": list(self.rc),
+        }
+        if self.z_min is not None or self.z_max is not None:
+            out["z_range"] = [self.z_min, self.z_max]
+        return out
 
 
 @dataclass(frozen=True)
@@ -256,7 +295,16 @@ def key_prompts(
                     f"box ({r0:g}, {c0:g}, {r1:g}, {c1:g}) on slice {p.z} is outside the image: "
                     f"{names[0]} must be in 0..{h - 1} and {names[1]} in 0..{w - 1}"
                 )
-            out.append(KeyPrompt(p.z, box_rc=p.rc))
+            bounds = None
+            if p.bounds is not None:
+                for v in (p.z_min, p.z_max):
+                    if v is not None and not 0 <= v <= n - 1:
+                        raise PromptError(
+                            f"box z range {p.z_min}..{p.z_max} is outside the image: slices "
+                            f"along {ax_name} are 0..{n - 1}"
+                        )
+                bounds = (p.bounds[0], min(p.bounds[1], n - 1))
+            out.append(KeyPrompt(p.z, box_rc=p.rc, bounds=bounds))
         else:
             if p.mask.shape != (h, w):
                 raise PromptError(

@@ -16,6 +16,7 @@ COMMANDS = {
     "info": "medseg.cli.info",
     "convert": "medseg.cli.convert",
     "evaluate": "medseg.cli.evaluate",
+    "evaluate-interactive": "medseg.cli.interactive",
     "phantom": "medseg.cli.phantom",
     "segment": "medseg.cli.segment",
     "export": "medseg.cli.export",

@@ -89,6 +89,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--protocol",
+        choices=["interactive"],
+        help="SAM-Med: the SEGFM3D box + clicks protocol per study and label (metrics.csv: "
+        "dsc_0..dsc_N, nsd_0..nsd_N, dsc_auc, nsd_auc, final_dsc, final_nsd, seconds)",
+    )
+    p.add_argument("--clicks", type=int, default=5, help="--protocol: corrective clicks (5)")
     p.set_defaults(func=run)
 
 
@@ -143,6 +150,8 @@ def run(args: argparse.Namespace) -> int:
             to=args.to,
             progress=progress,
             on_study=on_study,
+            protocol=args.protocol,
+            clicks=args.clicks,
             **kwargs,
         )
     finally:

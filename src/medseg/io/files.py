@@ -110,6 +110,10 @@ def _read_volume(p: Path, series: str | None) -> Volume:
         from medseg.io.dicom import read_dicom_series
 
         return read_dicom_series(p, series=series)
+    if p.name.lower().endswith(".npz"):  # the SEGFM3D challenge layout: its 'imgs'
+        from medseg.io.npz import read_npz
+
+        return read_npz(p).image
     if image_suffix(p) is None:
         from medseg.io.dicom import is_dicom_file
 
@@ -145,6 +149,10 @@ def read_labels(
     kind = dicom_object_kind(Path(path))
     if kind is not None:
         return _read_dicom_labels(Path(path), kind, reference, labels)
+    if str(path).lower().endswith(".npz"):  # the SEGFM3D challenge layout: its 'gts'
+        from medseg.io.npz import read_npz_labels
+
+        return read_npz_labels(path, reference=reference, labels=labels)
     vol = read_volume(path)
     table = dict(labels or {}) or _label_table_near(Path(path)) or vol.meta.get("labels", {})
     try:

@@ -59,6 +59,8 @@ class KeyPrompt:
         points_rc: ``(N, 2)`` ``(row, col)`` points.
         point_labels: ``(N,)`` 1 foreground / 0 background (default all 1).
         mask: ``(rows, cols)`` bool: a finished key-slice mask, used as is (no model call).
+        bounds: ``(lo, hi)`` inclusive slice range the object lies in (a box's ``z_min``/
+            ``z_max``): propagation never leaves it, and inside it only "vanished" stops a walk.
     """
 
     index: int
@@ -66,6 +68,7 @@ class KeyPrompt:
     points_rc: Any = None
     point_labels: Any = None
     mask: np.ndarray | None = None
+    bounds: tuple[int, int] | None = None
 
     def has_prompt(self) -> bool:
         """Whether any prompt is set."""
@@ -86,6 +89,8 @@ class KeyPrompt:
             )
         if self.mask is not None:
             out["mask_voxels"] = int(np.count_nonzero(self.mask))
+        if self.bounds is not None:
+            out["bounds"] = [int(v) for v in self.bounds]
         return out
 
 
@@ -735,8 +740,17 @@ def _merge_keys(keys: Sequence[KeyPrompt]) -> list[KeyPrompt]:
             points_rc=np.concatenate(pts) if pts else None,
             point_labels=np.concatenate(labs) if labs else None,
             mask=cur.mask if cur.mask is not None else kp.mask,
+            bounds=_union_bounds([cur.bounds, kp.bounds]),
         )
     return [by[i] for i in sorted(by)]
+
+
+def _union_bounds(bounds: Sequence[tuple[int, int] | None]) -> tuple[int, int] | None:
+    """The smallest range holding every given ``(lo, hi)`` (``None`` when none is given)."""
+    given = [b for b in bounds if b is not None]
+    if not given:
+        return None
+    return min(int(b[0]) for b in given), max(int(b[1]) for b in given)
 
 
 def propagate(
@@ -771,10 +785,14 @@ def propagate(
     keys = _merge_keys(key_prompts)
     n = predictor.n_slices
     walker = _Walker(predictor, cfg)
+    bounds = _union_bounds([kp.bounds for kp in keys])
+    b_lo, b_hi = bounds if bounds is not None else (0, n - 1)
+    b_lo, b_hi = max(0, b_lo), min(n - 1, b_hi)
 
     done = [0]
     reach = cfg.max_slices if cfg.max_slices is not None else n
-    lo_lim, hi_lim = max(0, keys[0].index - reach), min(n - 1, keys[-1].index + reach)
+    lo_lim = max(b_lo, keys[0].index - reach)
+    hi_lim = min(b_hi, keys[-1].index + reach)
     total = hi_lim - lo_lim + 1
 
     def tick() -> None:
@@ -793,17 +811,24 @@ def propagate(
     for j, (st, ref) in enumerate(starts):
         if st.record.area_px == 0:
             continue
-        below = keys[j - 1].index + 1 if j > 0 else 0
-        above = keys[j + 1].index - 1 if j + 1 < len(keys) else n - 1
+        below = keys[j - 1].index + 1 if j > 0 else b_lo
+        above = keys[j + 1].index - 1 if j + 1 < len(keys) else b_hi
+        # inside a given range the object is known to be there: only "vanished" stops
+        outer = bounds is None or cfg.between_keys_stop == "full"
         chains[st.record.index] += walker.walk(
-            st, ref, -1, below, full=j == 0 or cfg.between_keys_stop == "full", tick=tick
+            st,
+            ref,
+            -1,
+            below,
+            full=(j == 0 and outer) or cfg.between_keys_stop == "full",
+            tick=tick,
         )
         chains[st.record.index] += walker.walk(
             st,
             ref,
             +1,
             above,
-            full=j + 1 == len(keys) or cfg.between_keys_stop == "full",
+            full=(j + 1 == len(keys) and outer) or cfg.between_keys_stop == "full",
             tick=tick,
         )
 
@@ -849,6 +874,143 @@ def propagate(
         config=cfg,
         seconds=time.perf_counter() - t0,
     )
+
+
+# --------------------------------------------------------------------------- local re-propagation
+@dataclass
+class LocalResult:
+    """A 3D mask after one slice was corrected and the change carried outward.
+
+    Attributes:
+        mask: ``(z, y, x)`` bool: the updated mask (a new array; the input is not modified).
+        changed: slice indices (along the axis) whose mask was rewritten, the start slice first.
+        records: the engine's record of every slice predicted (rewritten or where a walk ended).
+        stopped: ``{"-1": why, "+1": why}``: why each walk ended (``"settled"``: the new result
+            equalled the current one; ``"kept"``: the current one looked at least as right;
+            ``"anchor"``: a slice the user prompted; ``"range"``: the
+            bound or the volume's end; ``"cleared"``: the end of a run of slices cleared; or the
+            stop rule's reason).
+        seconds: wall time.
+    """
+
+    mask: np.ndarray
+    changed: list[int]
+    records: list[SliceRecord]
+    stopped: dict[str, str]
+    seconds: float = 0.0
+
+
+def repropagate(
+    predictor: VolumePredictor,
+    current: np.ndarray,
+    index: int,
+    slice_mask: np.ndarray,
+    *,
+    directions: Sequence[int] = (-1, 1),
+    bounds: tuple[int, int] | None = None,
+    anchors: Sequence[int] = (),
+    config: PropagationConfig | None = None,
+    settle: float = 0.9,
+) -> LocalResult:
+    """Set slice ``index`` to ``slice_mask`` and re-propagate outward only while the result changes.
+
+    The same walk as :func:`propagate` (carry-over, candidates and stop rule of ``config``), but
+    starting from a corrected slice of an existing mask: each next slice is predicted from the
+    previous new one and compared with the current mask there; the walk stops (leaving that slice
+    and everything beyond it as it was) once they agree (2D Dice ``>= settle``), once the current
+    mask looks at least as much like the corrected slice's object as the new one does (the
+    embedding margin of the stop rule, as ``resolve="margin"`` uses), at a slice in ``anchors``,
+    at the end of ``bounds``, or when the stop rule rejects the slice. An empty
+    ``slice_mask`` carries nothing: the walks then clear the run of non-empty slices next to
+    ``index`` in ``directions`` (up to an anchor or an empty slice).
+
+    Args:
+        predictor: built for the propagation axis (embeddings cached in it are reused).
+        current: ``(z, y, x)`` bool mask on the volume's grid.
+        index: the corrected slice along ``predictor.axis``.
+        slice_mask: ``(rows, cols)`` bool: its new mask.
+        directions: ``-1`` (towards lower indices) and/or ``+1``.
+        bounds: ``(lo, hi)`` inclusive slice range to stay in (inside it only "vanished" stops).
+        anchors: slices never rewritten (the user's prompted slices).
+        config: carry-over and stop rule (default :data:`DEFAULT_CONFIG`).
+        settle: 2D Dice between new and current result at which a walk stops.
+
+    Returns:
+        :class:`LocalResult`.
+
+    Raises:
+        PromptError: slice index out of range, a mask of the wrong shape.
+    """
+    cfg = config or DEFAULT_CONFIG
+    t0 = time.perf_counter()
+    n = predictor.n_slices
+    index = check_index(index, n, predictor.axis)
+    cur = np.asarray(current, dtype=bool)
+    if cur.shape != tuple(predictor.volume.shape):
+        raise PromptError(
+            f"current mask shape {cur.shape} is not the image's {predictor.volume.shape}"
+        )
+    sm = np.asarray(slice_mask, dtype=bool)
+    if sm.shape != tuple(predictor.slice_shape):
+        raise PromptError(
+            f"slice mask shape {sm.shape}; slices along {predictor.axis} are "
+            f"{tuple(predictor.slice_shape)}"
+        )
+    walker = _Walker(predictor, cfg)
+    ax = walker.ax
+    lo, hi = (0, n - 1) if bounds is None else (max(0, bounds[0]), min(n - 1, bounds[1]))
+    fixed = {int(a) for a in anchors} - {index}
+    out = cur.copy()
+    set_slice(out, ax, index, sm)
+    changed = [index]
+    records: list[SliceRecord] = []
+    stopped: dict[str, str] = {}
+    start: _Step | None = None
+    ref: _Ref | None = None
+    if sm.any():
+        start, ref = walker.key_step(KeyPrompt(index, mask=sm))
+        records.append(start.record)
+    for d in directions:
+        d = 1 if d > 0 else -1
+        idx, dist, prev = index + d, 1, start
+        why = "range"
+        while lo <= idx <= hi:
+            if idx in fixed:
+                why = "anchor"
+                break
+            now = slice_of(out, ax, idx)
+            if prev is None or ref is None:  # nothing to carry: clear the run next to index
+                if not now.any():
+                    why = "cleared"
+                    break
+                set_slice(out, ax, idx, np.zeros_like(now))
+                changed.append(idx)
+            else:
+                st = walker.step(idx, prev, ref, dist)
+                reason = stop_reason(st.record, cfg, full=bounds is None)
+                records.append(st.record)
+                if reason is not None:
+                    st.record.accepted, st.record.stopped = False, reason
+                    why = reason
+                    break
+                if dice3d(st.mask, now) >= settle:
+                    st.record.accepted, st.record.stopped = False, "settled"
+                    why = "settled"
+                    break
+                if now.any() and st.mask.any():  # keep the current mask if it looks as right
+                    vec = predictor.object_embedding(idx, now)
+                    if st.record.margin <= _cos(vec, ref.embedding) - _cos(vec, ref.background):
+                        st.record.accepted, st.record.stopped = False, "kept"
+                        why = "kept"
+                        break
+                st.record.review_score = review_score(st.record)
+                set_slice(out, ax, idx, st.mask)
+                changed.append(idx)
+                prev = st
+            idx += d
+            dist += 1
+        stopped[f"{d:+d}"] = why
+    return LocalResult(out, changed, records, stopped, time.perf_counter() - t0)
 
 
 # --------------------------------------------------------------------------- protocols

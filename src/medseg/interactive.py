@@ -1,0 +1,515 @@
+"""Interactive 3D correction: a box, then clicks on any slice, each acting locally.
+
+::
+
+    s = medseg.InteractiveSession("ct.nii.gz", model="litemedsam", label=1)
+    s.add(medseg.Box(z=30, y0=100, x0=120, y1=160, x1=190, z_min=22, z_max=38))
+    s.add(medseg.Point(z=35, y=150, x=170, positive=False))   # fix slice 35 and what follows it
+    s.undo()                                                  # exactly the mask before the click
+    s.labels.array, s.review, s.report
+
+The first prompt seeds the 3D mask through :func:`medseg.segment` (the same propagation, the
+same report). A later prompt on slice ``i`` (along the session's axis) re-segments slice ``i``
+with every prompt that applies there: the user's box on that slice, else a box around the current
+mask there (or on the nearest non-empty slice), grown to hold its foreground clicks, and all the
+clicks on that slice. Background clicks also cut away the connected piece of the slice's mask
+under them (and, SAM segmenting one object, fragments beside the largest piece). Then
+:func:`medseg.predict.propagate.repropagate` carries the change outward in both directions only
+while the new result differs from the current one, never past a slice the user prompted (their
+clicks stay in force) nor past the box's z range; the embeddings cached in :attr:`predictor` are
+reused. Arrays are ``(z, y, x)``; prompt coordinates are voxel indices.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from medseg.errors import InputError, PromptError
+from medseg.prompts import Box, MaskPrompt, Point, Prompt, as_prompt_list, key_prompts
+
+if TYPE_CHECKING:
+    from medseg.predict.propagate import PropagationConfig
+    from medseg.predict.sam import VolumePredictor
+    from medseg.progress import ProgressCallback
+    from medseg.volume import LabelMap, Volume
+
+#: 2D Dice between a slice's new and current result at which re-propagation stops.
+SETTLE_DICE = 0.9
+#: How many slices :attr:`InteractiveSession.review` lists.
+REVIEW_COUNT = 10
+
+
+@dataclass
+class Step:
+    """One :meth:`InteractiveSession.add`.
+
+    Attributes:
+        prompt: the prompt as JSON (``Box.to_json`` etc.).
+        seconds: wall time of the step.
+        slice: the slice the prompt acted on (along the axis).
+        changed: slices whose mask was rewritten.
+        stopped: why each walk ended (see :class:`~medseg.predict.propagate.LocalResult`).
+        voxels: mask voxels after the step.
+    """
+
+    prompt: dict[str, Any]
+    seconds: float
+    slice: int
+    changed: list[int]
+    stopped: dict[str, str] = field(default_factory=dict)
+    voxels: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain dict (seconds rounded to ms)."""
+        return {
+            "prompt": self.prompt,
+            "seconds": round(self.seconds, 4),
+            "slice": self.slice,
+            "changed": list(self.changed),
+            "stopped": dict(self.stopped),
+            "voxels": self.voxels,
+        }
+
+
+@dataclass
+class _State:
+    mask: np.ndarray
+    prompts: list[Prompt]
+    scores: dict[int, float]
+    bounds: tuple[int, int] | None = None
+
+
+class InteractiveSession:
+    """A box, then corrective clicks, on one image with one SAM-family model.
+
+    Args:
+        image: anything :func:`medseg.segment` accepts (a :class:`~medseg.volume.Volume`, a file
+            or DICOM folder path, a DICOMweb URL).
+        model: a SAM-family registry name (``litemedsam``, ...).
+        label: the output label value.
+        name: the label's name (default ``"object"``).
+        weights: SAM checkpoint file (else the weights cache / packaged copy).
+        axis: slicing axis: ``'z'`` axial (default), ``'y'``, ``'x'``.
+        window: CT window preset / ``"LO,HI"`` / ``"percentile"``; ``None`` chooses by modality.
+        device: ``"auto"`` (default), ``"cpu"`` or ``"cuda"``.
+        precision: ``"auto"`` (default), ``"fp32"`` or ``"bf16"``.
+        cache_dir: embedding disk cache: ``None``/``True`` the default folder, a path, or
+            ``False`` for memory only.
+        predictor: a :class:`~medseg.predict.sam.VolumePredictor` already built on this image and
+            axis (its cached embeddings are reused).
+        progress: ``progress(done, total)`` during the seeding propagation.
+        config: the propagation's carry-over and stop rule (default: the measured defaults).
+
+    Raises:
+        MedsegError: a bad image, model (a U-Net takes no prompts) or settings.
+    """
+
+    def __init__(
+        self,
+        image: Volume | str | Any,
+        model: str = "litemedsam",
+        label: int = 1,
+        *,
+        name: str | None = None,
+        weights: str | None = None,
+        axis: str = "z",
+        window: str | None = None,
+        device: str | None = None,
+        precision: str | None = None,
+        cache_dir: Any = None,
+        predictor: VolumePredictor | None = None,
+        progress: ProgressCallback | None = None,
+        config: PropagationConfig | None = None,
+    ) -> None:
+        from medseg.models.registry import resolve_model
+        from medseg.pipeline import read_volume
+        from medseg.predict.frame import axis_index
+        from medseg.volume import Volume
+
+        ref = resolve_model(model)
+        if ref.engine != "sam":
+            raise InputError(
+                f"{ref.name} is an automatic U-Net; interactive correction needs a promptable "
+                "model (litemedsam, sam_vit_b, medsam_vit_b)"
+            )
+        if int(label) < 1:
+            raise InputError(f"label {label} must be a positive integer (0 is background)")
+        self._image_path: str | None = None
+        if not isinstance(image, Volume):
+            self._image_path = str(image)
+            image = read_volume(image)
+        self.image: Volume = image
+        self.model = str(model)
+        self.label = int(label)
+        self.name = str(name) if name else "object"
+        self.axis = "zyx"[axis_index(axis)]
+        self._ax = axis_index(self.axis)
+        self._options: dict[str, Any] = {
+            "weights": weights,
+            "window": window,
+            "device": device or "auto",
+            "precision": precision or "auto",
+            "cache_dir": True if cache_dir is None else cache_dir,
+        }
+        self._config = config
+        self._predictor = predictor
+        self._progress = progress
+        self._state = _State(np.zeros(image.shape, dtype=bool), [], {})
+        self._history: list[_State] = []
+        self._steps: list[Step] = []
+        self._base_report: dict[str, Any] | None = None
+        self._key: int | None = None
+
+    # ------------------------------------------------------------------ views
+    @property
+    def predictor(self) -> VolumePredictor:
+        """The SAM predictor with the slices embedded so far (built on first use)."""
+        if self._predictor is None:
+            from medseg.models.registry import resolve_model
+            from medseg.pipeline import _sam_predictor
+
+            o = self._options
+            self._predictor = _sam_predictor(
+                resolve_model(self.model),
+                self.image,
+                None,
+                axis=self.axis,
+                window=o["window"],
+                weights=o["weights"],
+                decoder=None,
+                cache_dir=o["cache_dir"],
+                precision=o["precision"],
+                device=o["device"],
+            )
+        return self._predictor
+
+    @property
+    def labels(self) -> LabelMap:
+        """The current mask as a :class:`~medseg.volume.LabelMap` on the image grid."""
+        from medseg.volume import LabelMap
+
+        arr = self._state.mask.astype(np.uint8) * np.uint8(self.label)
+        return LabelMap.like(
+            self.image, arr, {self.label: self.name}, source="medseg InteractiveSession"
+        )
+
+    @property
+    def mask(self) -> np.ndarray:
+        """The current ``(z, y, x)`` boolean mask (a copy)."""
+        return self._state.mask.copy()
+
+    @property
+    def prompts(self) -> list[Prompt]:
+        """Every prompt in force, in the order given."""
+        return list(self._state.prompts)
+
+    @property
+    def steps(self) -> list[Step]:
+        """One :class:`Step` per prompt in force (undone steps removed)."""
+        return list(self._steps)
+
+    @property
+    def review(self) -> list[int]:
+        """Non-empty slices (along the axis) to check next, most doubtful first; slices the user
+        prompted are left out (up to :data:`REVIEW_COUNT`)."""
+        prompted = self._prompted_slices()
+        present = set(self._nonempty())
+        scored = [
+            (s, i) for i, s in self._state.scores.items() if i in present and i not in prompted
+        ]
+        scored.sort(key=lambda t: (-t[0], t[1]))
+        return [i for _, i in scored[:REVIEW_COUNT]]
+
+    @property
+    def report(self) -> dict[str, Any]:
+        """The pipeline's report (schema 1) of the seeding step, brought up to date: current
+        labels, every prompt in order, and ``interactive``: each step's prompt, seconds and the
+        slices it changed, plus the review list."""
+        from medseg import report as rep
+        from medseg.prompts import prompts_to_json
+
+        if self._base_report is None:
+            raise InputError("no prompt yet: add a Box (or Point) first, then read the report")
+        out = copy.deepcopy(self._base_report)
+        out["labels"] = rep.labels_info(self.labels)
+        out["provenance"]["prompts"] = prompts_to_json(self._state.prompts)
+        steps = [s.to_json() for s in self._steps]
+        out["timings"]["interactive_s"] = round(sum(s["seconds"] for s in steps), 4)
+        out["interactive"] = {
+            "steps": steps,
+            "review": self.review,
+            "z_range": list(self._state.bounds) if self._state.bounds is not None else None,
+            "settle_dice": SETTLE_DICE,
+        }
+        return out
+
+    # ------------------------------------------------------------------ actions
+    def add(self, prompt: Prompt) -> LabelMap:
+        """Apply one prompt and return the updated label map.
+
+        The first prompt seeds the mask through :func:`medseg.segment`; each later one corrects
+        its slice and carries the change outward while it changes anything (see the module).
+
+        Args:
+            prompt: a :class:`~medseg.prompts.Box`, :class:`~medseg.prompts.Point` or
+                :class:`~medseg.prompts.MaskPrompt` in voxel coordinates ``(z, y, x)``.
+
+        Raises:
+            PromptError: not a prompt, outside the image, on another axis, or a z range after
+                the first box.
+        """
+        items = as_prompt_list([prompt])
+        if len(items) != 1:
+            raise PromptError("add() takes one prompt; call it once per prompt")
+        p = items[0]
+        (kp,) = key_prompts([p], self.image.shape, self.axis)  # checked before any work
+        t0 = time.perf_counter()
+        st = self._state
+        before = _State(st.mask, list(st.prompts), dict(st.scores), st.bounds)
+        if self._base_report is None:
+            step = self._seed(p)
+        else:
+            if isinstance(p, Box) and p.bounds is not None:
+                raise PromptError(
+                    "a z range is given with the first box only; draw later boxes without it"
+                )
+            step = self._correct(p, kp)
+        step.seconds = time.perf_counter() - t0
+        step.voxels = int(np.count_nonzero(self._state.mask))
+        self._history.append(before)
+        self._steps.append(step)
+        return self.labels
+
+    def undo(self) -> LabelMap:
+        """Take back the last prompt: the label map is exactly what it was before it.
+
+        Raises:
+            InputError: nothing to undo.
+        """
+        if not self._history:
+            raise InputError("nothing to undo: no prompt has been added")
+        self._state = self._history.pop()
+        self._steps.pop()
+        if not self._steps:
+            self._base_report, self._key = None, None
+        return self.labels
+
+    # ------------------------------------------------------------------ internals
+    def _seed(self, p: Prompt) -> Step:
+        from medseg.pipeline import segment
+
+        seg = segment(
+            self.image,
+            self.model,
+            p,
+            label=self.label,
+            name=self.name,
+            weights=self._options["weights"],
+            axis=self.axis,
+            window=self._options["window"],
+            config=self._config,
+            precision=self._options["precision"],
+            device=self._options["device"],
+            cache_dir=self._options["cache_dir"],
+            predictor=self._predictor,
+            progress=self._progress,
+        )
+        self._predictor = seg.predictor
+        report = seg.report
+        if self._image_path is not None:
+            report["image"]["path"] = self._image_path
+        self._base_report = report
+        assert seg.propagation is not None
+        self._key = int(seg.propagation.key_slices[0])
+        (kp,) = key_prompts([p], self.image.shape, self.axis)
+        mask = seg.labels.array == self.label
+        self._state = _State(mask, [p], dict(seg.propagation.review_scores()), kp.bounds)
+        return Step(p.to_json(), 0.0, self._key, list(seg.propagation.slices), {}, 0)
+
+    def _correct(self, p: Prompt, kp: Any) -> Step:
+        from medseg.predict.frame import slice_of
+        from medseg.predict.propagate import repropagate
+
+        idx = int(kp.index)
+        prompts = [*self._state.prompts, p]
+        cur = slice_of(self._state.mask, self._ax, idx)
+        if isinstance(p, MaskPrompt):
+            new = np.asarray(p.mask, dtype=bool)
+        else:
+            new = self._resegment(idx, prompts, cur)
+        if new.any():
+            directions: tuple[int, ...] = (-1, 1)
+        else:  # nothing left on this slice: clear what was carried through it, away from the key
+            key = self._key if self._key is not None else idx
+            directions = (-1, 1) if idx == key else ((1,) if idx > key else (-1,))
+        bounds = self._state.bounds
+        if bounds is not None and isinstance(p, Point) and p.positive:
+            bounds = (min(bounds[0], idx), max(bounds[1], idx))  # a click outside widens it
+        prompted = self._prompted_slices(prompts)
+        if self._key is not None:
+            prompted.add(self._key)
+        res = repropagate(
+            self.predictor,
+            self._state.mask,
+            idx,
+            new,
+            directions=directions,
+            bounds=bounds,
+            anchors=sorted(prompted - {idx}),
+            config=self._config,
+            settle=SETTLE_DICE,
+        )
+        scores = dict(self._state.scores)
+        for r in res.records:
+            if r.accepted and r.index != idx:
+                scores[r.index] = r.review_score
+        scores.pop(idx, None)
+        self._state = _State(res.mask, prompts, scores, bounds)
+        return Step(p.to_json(), 0.0, idx, res.changed, res.stopped, 0)
+
+    def _resegment(self, idx: int, prompts: list[Prompt], cur: np.ndarray) -> np.ndarray:
+        """Slice ``idx`` segmented with every prompt that applies there (``(rows, cols)``)."""
+        from medseg.predict.frame import split_point
+        from medseg.predict.propagate import expand_box, mask_box
+
+        cfg = self._config
+        if cfg is None:
+            from medseg.predict.propagate import DEFAULT_CONFIG
+
+            cfg = DEFAULT_CONFIG
+        pred = self.predictor
+        shape = tuple(pred.slice_shape)
+        box_rc = None
+        pts: list[tuple[float, float]] = []
+        labs: list[int] = []
+        for q in prompts:
+            if isinstance(q, Box) and q.z == idx:
+                box_rc = q.rc
+            elif isinstance(q, Point):
+                i, rc = split_point(q.zyx, self.axis)
+                if int(i) == idx:
+                    pts.append((float(rc[0]), float(rc[1])))
+                    labs.append(int(q.positive))
+        if box_rc is None:
+            kept = _cut_negatives(cur, pts, labs)  # the box leaves out what was clicked away
+            src = kept if kept.any() else self._nearest_mask(idx)
+            bb = mask_box(src) if src is not None else None
+            if bb is not None:
+                box_rc = expand_box(bb, shape, cfg.box_margin, cfg.box_margin_px)
+        if box_rc is not None and pts:
+            box_rc = _box_holding(
+                box_rc, [pt for pt, lab in zip(pts, labs, strict=True) if lab == 1], shape
+            )
+        if box_rc is None and not pts:
+            return cur.copy()
+        kw: dict[str, Any] = {
+            "points_rc": np.asarray(pts, float) if pts else None,
+            "point_labels": np.asarray(labs, int) if pts else None,
+            "box_rc": box_rc,
+        }
+        out = pred.predict(idx, multimask=box_rc is None, **kw)
+        masks, iou = out.masks, out.iou_pred
+        if box_rc is not None and _agreeing(masks[0], pts, labs) < len(pts):
+            more = pred.predict(idx, multimask=True, **kw)  # a click is not honoured: 3 more
+            masks = np.concatenate([masks, more.masks])
+            iou = np.concatenate([iou, more.iou_pred])
+        mask = np.asarray(masks[_best_for_points(masks, iou, pts, labs)], dtype=bool)
+        return _main_pieces(_cut_negatives(mask, pts, labs), pts, labs)
+
+    def _nearest_mask(self, idx: int) -> np.ndarray | None:
+        """The current mask on the nearest non-empty slice (the lower one on ties), if any."""
+        from medseg.predict.frame import slice_of
+
+        cands = self._nonempty()
+        if not cands:
+            return None
+        j = min(cands, key=lambda i: (abs(i - idx), i))
+        return slice_of(self._state.mask, self._ax, j)
+
+    def _nonempty(self) -> list[int]:
+        other = tuple(i for i in range(3) if i != self._ax)
+        return [int(i) for i in np.flatnonzero(self._state.mask.any(axis=other))]
+
+    def _prompted_slices(self, prompts: list[Prompt] | None = None) -> set[int]:
+        from medseg.predict.frame import split_point
+
+        out: set[int] = set()
+        for q in self._state.prompts if prompts is None else prompts:
+            if isinstance(q, Point):
+                out.add(int(split_point(q.zyx, self.axis)[0]))
+            else:
+                out.add(int(q.z))
+        return out
+
+
+def _box_holding(
+    box: tuple[float, float, float, float], pts: list[tuple[float, float]], shape: tuple[int, ...]
+) -> tuple[float, float, float, float]:
+    """``box`` grown (2 px beyond) to hold every foreground point."""
+    r0, c0, r1, c1 = box
+    for r, c in pts:
+        r0, c0 = min(r0, max(0.0, r - 2)), min(c0, max(0.0, c - 2))
+        r1, c1 = max(r1, min(shape[0] - 1.0, r + 2)), max(c1, min(shape[1] - 1.0, c + 2))
+    return r0, c0, r1, c1
+
+
+def _agreeing(mask: np.ndarray, pts: list[tuple[float, float]], labs: list[int]) -> int:
+    """How many clicks ``mask`` honours (foreground inside, background outside)."""
+    return sum(
+        int(bool(mask[round(r), round(c)]) == bool(lab))
+        for (r, c), lab in zip(pts, labs, strict=True)
+    )
+
+
+def _best_for_points(
+    masks: np.ndarray, iou: np.ndarray, pts: list[tuple[float, float]], labs: list[int]
+) -> int:
+    """Index of the candidate mask agreeing with the most clicks (predicted IoU breaks ties)."""
+    best, key = 0, (-1, -np.inf)
+    for k in range(masks.shape[0]):
+        cand = (_agreeing(masks[k], pts, labs), float(iou[k]))
+        if cand > key:
+            best, key = k, cand
+    return best
+
+
+def _cut_negatives(mask: np.ndarray, pts: list[tuple[float, float]], labs: list[int]) -> np.ndarray:
+    """``mask`` without the 8-connected pieces that hold a background click but no foreground
+    click."""
+    from scipy import ndimage
+
+    neg = [(round(r), round(c)) for (r, c), lab in zip(pts, labs, strict=True) if lab == 0]
+    if not neg or not mask.any():
+        return mask
+    comp, _ = ndimage.label(mask, structure=np.ones((3, 3), bool))
+    pos = {int(comp[round(r), round(c)]) for (r, c), lab in zip(pts, labs, strict=True) if lab == 1}
+    out = mask.copy()
+    for r, c in neg:
+        lab = int(comp[r, c])
+        if lab and lab not in pos:
+            out[comp == lab] = False
+    return out
+
+
+def _main_pieces(mask: np.ndarray, pts: list[tuple[float, float]], labs: list[int]) -> np.ndarray:
+    """With a background click on the slice: only the largest 8-connected piece of ``mask`` and
+    those holding a foreground click (fragments left beside a removed region go too)."""
+    from scipy import ndimage
+
+    if 0 not in labs or not mask.any():
+        return mask
+    comp, n = ndimage.label(mask, structure=np.ones((3, 3), bool))
+    if n <= 1:
+        return mask
+    keep = {int(np.argmax(np.bincount(comp.ravel())[1:])) + 1}
+    keep |= {int(comp[round(r), round(c)]) for (r, c), lab in zip(pts, labs, strict=True) if lab}
+    keep.discard(0)
+    return np.isin(comp, sorted(keep))
+
+
+__all__: list[str] = ["REVIEW_COUNT", "SETTLE_DICE", "InteractiveSession", "Step"]

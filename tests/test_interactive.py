@@ -1,0 +1,180 @@
+"""medseg.InteractiveSession: a box, then corrective clicks acting locally, with the real
+LiteMedSAM weights on a small seeded phantom (an ellipsoid, true extent slices 2..9, in a textured
+body; 12 x 96 x 96, so a dozen slices are embedded once per module) and on the real breast1 case.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import medseg
+from medseg.errors import InputError, PromptError
+from medseg.predict.propagate import dice3d as dice
+from medseg.prompts import key_prompts
+from medseg.volume import Volume
+
+KEY = 5
+BOX = (27, 28, 65, 72)  # (y0, x0, y1, x1) around the object on slice 5, margin ~2 px
+
+
+def phantom(seed: int = 0) -> tuple[Volume, np.ndarray]:
+    """``(volume, object mask)``: a bright ellipsoid (z 2..9) in a textured body."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(seed)
+    nz, ny, nx = 12, 96, 96
+    z, y, x = np.meshgrid(np.arange(nz), np.arange(ny), np.arange(nx), indexing="ij")
+    obj = ((z - 5.5) / 3.9) ** 2 + ((y - 46) / 17) ** 2 + ((x - 50) / 20) ** 2 <= 1
+    tex = ndimage.gaussian_filter(rng.normal(0, 1, (nz, ny, nx)), (1.0, 6, 6))
+    img = 200 + 40 * tex / tex.std()
+    body = ((y - 48) / 44) ** 2 + ((x - 48) / 44) ** 2 <= 1
+    img[~body] = 0
+    img[obj] = 600
+    img += rng.normal(0, 15, img.shape)
+    vol = Volume(img.astype(np.float32), spacing=(2.5, 1.0, 1.0), meta={"modality": "MR"})
+    return vol, obj
+
+
+@pytest.fixture(scope="module")
+def blob() -> tuple[Volume, np.ndarray]:
+    return phantom()
+
+
+@pytest.fixture(scope="module")
+def seeded(blob):
+    """A session seeded with the key box (no z range); its predictor holds the embeddings."""
+    s = medseg.InteractiveSession(blob[0], cache_dir=False)
+    s.add(medseg.Box(KEY, *BOX))
+    return s
+
+
+def fresh(seeded, blob, box: medseg.Box | None = None) -> medseg.InteractiveSession:
+    """A new session on the same image reusing the seeded session's embeddings."""
+    s = medseg.InteractiveSession(blob[0], cache_dir=False, predictor=seeded.predictor)
+    s.add(box or medseg.Box(KEY, *BOX))
+    return s
+
+
+# --------------------------------------------------------------------------- prompts
+def test_box_z_range_is_checked_and_recorded():
+    b = medseg.Box(5, 1, 2, 10, 12, z_min=3, z_max=8)
+    assert b.bounds == (3, 8)
+    assert b.to_json()["z_range"] == [3, 8]
+    assert "z_range" not in medseg.Box(5, 1, 2, 10, 12).to_json()
+    (kp,) = key_prompts([b], (12, 20, 20))
+    assert kp.bounds == (3, 8) and kp.to_json()["bounds"] == [3, 8]
+    with pytest.raises(PromptError, match="z_min <= z <= z_max"):
+        medseg.Box(5, 1, 2, 10, 12, z_min=6)
+    with pytest.raises(PromptError, match="not an integer"):
+        medseg.Box(5, 1, 2, 10, 12, z_min=2.5)
+    with pytest.raises(PromptError, match="outside the image"):
+        key_prompts([medseg.Box(5, 1, 2, 10, 12, z_max=12)], (12, 20, 20))
+
+
+# --------------------------------------------------------------------------- seeding
+def test_seed_is_segment_and_z_range_bounds_it(seeded, blob):
+    vol, obj = blob
+    plain = medseg.segment(vol, prompts=medseg.Box(KEY, *BOX), predictor=seeded.predictor)
+    assert np.array_equal(seeded.labels.array, plain.labels.array)  # one engine
+    assert dice(seeded.labels.array > 0, obj) > 0.8
+
+    box = medseg.Box(KEY, *BOX, z_min=4, z_max=7)
+    seg = medseg.segment(vol, prompts=box, predictor=seeded.predictor)
+    zs = np.flatnonzero(seg.labels.array.any(axis=(1, 2)))
+    assert zs.min() >= 4 and zs.max() <= 7
+    assert set(zs) == {4, 5, 6, 7}  # the object is on all of them: only "vanished" stops inside
+    s = fresh(seeded, blob, box)
+    assert np.array_equal(s.labels.array, seg.labels.array)
+    assert s.report["interactive"]["z_range"] == [4, 7]
+    # a click outside the range re-segments its slice but propagation stays in the range
+    s.add(medseg.Point(9, 46, 50))
+    assert s.mask[9].any()
+    assert np.array_equal(s.mask[[0, 1, 2, 3, 10, 11]], np.zeros((6, 96, 96), bool))
+    with pytest.raises(PromptError, match="first box only"):
+        s.add(medseg.Box(6, *BOX, z_min=5, z_max=7))
+
+
+# --------------------------------------------------------------------------- corrections
+def test_undo_restores_exactly(seeded, blob):
+    s = fresh(seeded, blob)
+    seed_arr = s.labels.array.copy()
+    s.add(medseg.Point(KEY, 46, 50, positive=False))
+    after_neg = s.labels.array.copy()
+    assert not np.array_equal(after_neg, seed_arr)
+    s.add(medseg.Point(8, 46, 50))
+    assert len(s.steps) == 3
+    assert np.array_equal(s.undo().array, after_neg)
+    assert np.array_equal(s.undo().array, seed_arr)
+    assert len(s.steps) == 1 and len(s.prompts) == 1
+    assert not s.undo().array.any()  # before the box: nothing
+    with pytest.raises(InputError, match="nothing to undo"):
+        s.undo()
+
+
+def test_negative_click_removes_false_positive_on_its_slice(seeded, blob):
+    _, obj = blob
+    s = fresh(seeded, blob)
+    z = 6
+    fp = np.zeros((96, 96), bool)
+    fp[70:80, 20:30] = True  # inside the body, away from the object
+    s.add(medseg.MaskPrompt(obj[z] | fp, z=z))
+    assert s.mask[z][fp].all()
+    s.add(medseg.Point(z, 75, 25, positive=False))
+    m = s.mask[z]
+    assert not m[fp].any()  # the false positive is gone
+    assert dice(m, obj[z]) > 0.85  # the object stays
+    assert s.steps[-1].slice == z
+
+
+def test_click_acts_locally(seeded, blob):
+    s = fresh(seeded, blob)
+    before = s.mask
+    s.add(medseg.Point(8, 46, 50, positive=False))
+    after = s.mask
+    step = s.steps[-1]
+    differ = [int(i) for i in np.flatnonzero((before != after).any(axis=(1, 2)))]
+    assert set(differ) <= set(step.changed)  # everything that changed is reported
+    assert 8 in step.changed
+    # the key slice is the user's: the walk towards it stops there, so slices 0..5 keep their mask
+    assert np.array_equal(before[: KEY + 1], after[: KEY + 1])
+    # the negative click emptied slice 8's piece under it
+    assert not after[8, 46, 50]
+
+
+def test_positive_click_extends_an_empty_slice(seeded, blob):
+    _, obj = blob
+    s = fresh(seeded, blob, medseg.Box(KEY, *BOX, z_min=5, z_max=7))
+    assert not s.mask[3].any()
+    s.add(medseg.Point(3, 46, 50))
+    assert s.mask[3, 46, 50]
+    assert dice(s.mask[3], obj[3]) > 0.5  # from a box carried off the larger slice 5
+    # a foreground click outside the z range widens it: slice 4, between, is filled too
+    assert s.report["interactive"]["z_range"] == [3, 7]
+    assert 4 in s.steps[-1].changed and dice(s.mask[4], obj[4]) > 0.3  # carried from slice 3
+
+
+def test_report_validates_with_every_prompt_and_step(seeded, blob):
+    s = fresh(seeded, blob)
+    with pytest.raises(PromptError, match="outside the image"):
+        s.add(medseg.Point(12, 4, 4))
+    s.add(medseg.Point(8, 46, 50, positive=False))
+    s.add(medseg.Point(7, 46, 50))
+    rep = s.report
+    medseg.validate_report(rep)
+    kinds = [(p["kind"], p.get("label")) for p in rep["provenance"]["prompts"]]
+    assert kinds == [("box", None), ("point", 0), ("point", 1)]
+    steps = rep["interactive"]["steps"]
+    assert [st["slice"] for st in steps] == [KEY, 8, 7]
+    assert all(st["seconds"] >= 0 for st in steps)
+    assert rep["labels"][0]["voxels"] == int(np.count_nonzero(s.mask)) == steps[-1]["voxels"]
+    assert set(s.review).isdisjoint({KEY, 7, 8})  # prompted slices are not to review
+    assert set(s.review) <= set(np.flatnonzero(s.mask.any(axis=(1, 2))))
+
+
+def test_session_refuses_unet_and_reports_before_prompt(blob):
+    with pytest.raises(InputError, match="promptable"):
+        medseg.InteractiveSession(blob[0], model="unet-demo")
+    s = medseg.InteractiveSession(blob[0], cache_dir=False)
+    with pytest.raises(InputError, match="no prompt yet"):
+        _ = s.report
