@@ -378,7 +378,12 @@ def segment(
     if weights is not None and not Path(weights).is_file():
         raise WeightsError(f"weights file {weights} does not exist; check the path")
     tick = _progress_with_cancel(progress, cancel)
-    if ref.engine == "sam":
+    if ref.engine == "sam2" and (decoder is not None or oracle):  # SAM 2: memory propagation
+        raise InputError(
+            f"{ref.name} propagates with SAM 2 memory attention: decoder and oracle are for "
+            "the slice-loop SAM models (litemedsam, sam_vit_b, medsam_vit_b)"
+        )
+    if ref.engine in ("sam", "sam2"):
         if refine_with is not None or probabilities:
             raise InputError(
                 "refine_with and probabilities are U-Net options; a SAM model already outputs "
@@ -443,7 +448,7 @@ def segment(
         "precision": precision,
         "device": device,
     }
-    if ref.engine == "sam":
+    if ref.engine in ("sam", "sam2"):
         seg = _segment_sam(
             ref,
             plist,
@@ -530,21 +535,39 @@ def _segment_sam(
         raise InputError("oracle needs ground truth (the oracle boxes come from it)")
 
     t = time.perf_counter()
-    pred = _sam_predictor(
-        ref,
-        image,
-        predictor,
-        axis=axis,
-        window=window,
-        weights=weights,
-        decoder=decoder,
-        cache_dir=cache_dir,
-        precision=precision,
-        device=device,
-    )
+    if ref.engine == "sam2":  # SAM 2 / MedSAM2: memory-attention propagation
+        from medseg.predict.sam2 import sam2_config, sam2_predictor
+
+        cfg = sam2_config(config, propagate)  # type: ignore[assignment]
+        pred: Any = sam2_predictor(
+            ref,
+            image,
+            predictor,
+            axis=axis,
+            window=window,
+            weights=weights,
+            precision=precision,
+            device=device,
+        )
+    else:
+        pred = _sam_predictor(
+            ref,
+            image,
+            predictor,
+            axis=axis,
+            window=window,
+            weights=weights,
+            decoder=decoder,
+            cache_dir=cache_dir,
+            precision=precision,
+            device=device,
+        )
     timings["model_load_s"] = time.perf_counter() - t
     t = time.perf_counter()
-    result = run_propagation(pred, keys, cfg, progress=tick)
+    if ref.engine == "sam2":
+        result = pred.propagate(keys, cfg, progress=tick)
+    else:
+        result = run_propagation(pred, keys, cfg, progress=tick)
     timings["segment_s"] = time.perf_counter() - t
     labels = result.to_labelmap(image, label=value, name=lname)
 
@@ -596,7 +619,7 @@ def _segment_sam(
     m = pred.model
     model_info = {
         "name": pred.spec.name,
-        "engine": "sam",
+        "engine": ref.engine,
         "weights": str(m.weights_path) if m.weights_path else None,
         "weights_sha256": m.weights_sha256,
         "decoder": str(m.decoder_path) if getattr(m, "decoder_path", None) else None,
@@ -605,7 +628,7 @@ def _segment_sam(
         "device": str(m.device),
     }
     report = _report(
-        "sam", image, image_path, model_info, labels, metrics, timings, settings, plist, detail
+        ref.engine, image, image_path, model_info, labels, metrics, timings, settings, plist, detail
     )
     return Segmentation(
         labels=labels,
