@@ -297,3 +297,42 @@ def test_real_mr_from_one_box_writes_labels_on_the_image_grid(
     recs = rep["sam2"]["propagation"]["records"]
     assert {r["index"] for r in recs} == {0, 1, 2, 3}
     assert all("object_score" in r and "iou_pred" in r for r in recs)
+
+
+def test_napari_sam_panel_lists_sam2_models_whose_weights_are_present(tmp_path, monkeypatch):
+    pytest.importorskip("magicgui")
+    need_sam2()
+    from medseg._napari._sam_widget import available_models
+
+    monkeypatch.setenv("MEDSEG_HOME", str(tmp_path))
+    assert not {"sam2.1_hiera_tiny", "medsam2"} & set(available_models())
+    (tmp_path / "weights").mkdir()
+    (tmp_path / "weights" / "sam2.1_hiera_tiny.pt").write_bytes(b"")
+    names = available_models()
+    assert "sam2.1_hiera_tiny" in names and "medsam2" not in names
+    assert names.index("sam2.1_hiera_tiny") > names.index("litemedsam")
+
+
+def test_dropping_unreachable_state_changes_nothing(checkpoint):
+    """On a volume longer than the memory's reach the model state is trimmed to a window, and
+    the logits equal those of an untrimmed run (object pointers limited to 4 frames here so a
+    short volume is 'long')."""
+    from medseg.models.sam2 import load_sam2_model
+    from medseg.predict.sam2 import Sam2Propagator
+
+    arch = {**SPEC.arch, "overrides": {"max_obj_ptrs_in_encoder": 4}}
+    m = load_sam2_model(replace(SPEC, arch=arch), checkpoint, device="cpu", precision="fp32")
+    base = _volume().array
+    vol = Volume(np.concatenate([base] * 6), spacing=(3.0, 1.0, 1.0))  # 24 slices
+    runs = []
+    for trim in (True, False):
+        p = Sam2Propagator(vol, m, window="0,100")
+        p.trim_state = trim
+        res = p.propagate([KeyPrompt(1, box_rc=(13, 19, 30, 42))], keep_logits=True)
+        runs.append((p, res))
+    (pt, rt), (pf, rf) = runs
+    assert sorted(pt.last_logits) == sorted(pf.last_logits) == list(range(24))
+    for i in range(24):
+        np.testing.assert_array_equal(pt.last_logits[i], pf.last_logits[i])
+    np.testing.assert_array_equal(rt.mask, rf.mask)
+    assert pf.peak_state_frames == 24 and pt.peak_state_frames <= 8 + 8 + 2

@@ -219,6 +219,7 @@ class Sam2Propagator:
         )
         self.decoder_calls = 0
         self.peak_state_frames = 0  # most frames of model state held at once (last run)
+        self.trim_state = True  # drop model state the memory can no longer reach (checks: off)
 
     # ------------------------------------------------------------------ sam2 state
     def new_state(self) -> dict[str, Any]:
@@ -387,7 +388,8 @@ class Sam2Propagator:
                                 continue
                             stop = walk.step(idx, logits, out, float(iou))
                             self.decoder_calls += idx not in key_iou
-                            _trim_state(state, idx, window, key_idx, lo_key, reverse)
+                            if self.trim_state:
+                                _trim_state(state, idx, window, key_idx, lo_key, reverse)
                             self.peak_state_frames = max(self.peak_state_frames, _held(state))
                             tick()
                             if stop:
