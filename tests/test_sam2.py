@@ -175,55 +175,99 @@ def test_frames_are_windowed_square_and_normalised(model):
 
 
 # --------------------------------------------------------------------------- the key test
-def test_propagation_equals_sam2_video_predictor(model, checkpoint, tmp_path):
-    """Same checkpoint, same frames, same box: our masks and logits equal those of sam2's own
-    SAM2VideoPredictor (built and loaded by sam2.build_sam, frames loaded by its init_state)."""
+@pytest.fixture(scope="module")
+def reference(checkpoint, tmp_path_factory):
+    """sam2's own SAM2VideoPredictor: built and loaded by ``sam2.build_sam`` from the same
+    checkpoint, and a function running it on our 4-slice volume: its ``init_state`` on a JPEG
+    folder, then the frames replaced by the hand-made ones (fed the same frames)."""
     import torch
     import torch.nn.functional as F
     from PIL import Image
     from sam2.build_sam import build_sam2_video_predictor
 
     from medseg.models.sam2 import hydra_overrides
-    from medseg.predict.sam2 import Sam2Propagator
 
-    vol = _volume()
-    key, box_rc = 1, (13.0, 19.0, 30.0, 42.0)
-    ours = Sam2Propagator(vol, model, window="0,100")
-    res = ours.propagate([KeyPrompt(key, box_rc=box_rc)], keep_logits=True)
-
-    # sam2's own path: its builder and loader, its init_state on a JPEG folder, then the frames
     size_ov = [o for o in hydra_overrides(SPEC) if "image_size" in o or "feat_sizes" in o]
     ref = build_sam2_video_predictor(
         SPEC.arch["config"], str(checkpoint), device="cpu", hydra_overrides_extra=size_ov
     )
-    frames_dir = tmp_path / "jpg"
-    frames_dir.mkdir()
+    frames_dir = tmp_path_factory.mktemp("jpg")
     for i in range(4):
         Image.new("RGB", (SIZE, SIZE)).save(frames_dir / f"{i:05d}.jpg")
-    state = ref.init_state(str(frames_dir))
-    state["images"] = torch.from_numpy(_frames_by_hand(vol))  # fed the same frames
-    state["cached_features"] = {}
-    # box in model pixels: x = col * 128 / 64, y = row * 96 / 48
-    r0, c0, r1, c1 = box_rc
-    ref.add_new_points_or_box(state, key, 1, box=[2 * c0, 2 * r0, 2 * c1, 2 * r1])
-    ref_logits = {}
-    for reverse in (False, True):
-        for idx, _, out in ref.propagate_in_video(state, reverse=reverse):
-            low = out[0, :, :96, :128].float()  # crop the padding, back to the 48x64 slice
-            ref_logits[idx] = F.interpolate(low[None], size=(48, 64), mode="bilinear")[0, 0]
+
+    def run(add) -> dict[int, np.ndarray]:
+        state = ref.init_state(str(frames_dir))
+        state["images"] = torch.from_numpy(_frames_by_hand(_volume()))
+        state["cached_features"] = {}
+        add(ref, state)
+        out_logits = {}
+        for reverse in (False, True):
+            for idx, _, out in ref.propagate_in_video(state, reverse=reverse):
+                low = out[0, :, :96, :128].float()  # crop the padding, back to the 48x64 slice
+                up = F.interpolate(low[None], size=(48, 64), mode="bilinear")[0, 0]
+                out_logits[idx] = up.numpy()
+        return out_logits
+
+    return run
+
+
+def _assert_same(ours, res, ref_logits) -> None:
     assert sorted(ref_logits) == sorted(ours.last_logits) == [0, 1, 2, 3]
     for i in range(4):
-        a, b = ours.last_logits[i], ref_logits[i].numpy()
+        a, b = ours.last_logits[i], ref_logits[i]
         assert np.abs(a - b).max() < 1e-5, (i, np.abs(a - b).max())
         ref_mask = b > 0
         assert ref_mask.any() and np.array_equal(a > 0, ref_mask)
-        assert np.array_equal(res.mask[i], ref_mask)
+        assert np.array_equal(res.mask[i], ref_mask)  # Dice 1.0
+
+
+def test_propagation_from_a_box_equals_sam2_video_predictor(model, reference):
+    """Same checkpoint, same frames, same box: our logits equal sam2's own (|diff| < 1e-5) and
+    the masks are identical, both directions from the key slice."""
+    from medseg.predict.sam2 import Sam2Propagator
+
+    key, (r0, c0, r1, c1) = 1, (13.0, 19.0, 30.0, 42.0)
+    ours = Sam2Propagator(_volume(), model, window="0,100")
+    res = ours.propagate([KeyPrompt(key, box_rc=(r0, c0, r1, c1))], keep_logits=True)
+    # the box in model pixels by hand: x = col * 128 / 64, y = row * 96 / 48
+    box_xy = [2 * c0, 2 * r0, 2 * c1, 2 * r1]
+    _assert_same(ours, res, reference(lambda p, st: p.add_new_points_or_box(st, 1, 1, box=box_xy)))
     # per-slice records: object score (biased +10 in the checkpoint), IoU, a review list
     assert [r.index for r in res.records] == [0, 1, 2, 3]
     assert all(r.accepted and r.object_score > 5 for r in res.records)
     assert all(0.0 <= r.iou_pred <= 1.0 for r in res.records)
     assert res.review and set(res.review) <= {0, 2, 3}
     assert ours.cache_info()["frames_made"] == 4  # each frame made once, on demand
+
+
+def test_propagation_from_points_and_a_mask_equals_sam2_video_predictor(model, reference):
+    """Two key slices: a positive and a negative point on slice 0, a mask on slice 3; the gap
+    is filled as sam2 fills it."""
+    import torch
+    import torch.nn.functional as F
+
+    from medseg.predict.sam2 import Sam2Propagator
+
+    mask = np.zeros((48, 64), bool)
+    mask[15:28, 22:40] = True
+    pts, labels = np.array([[21.0, 30.0], [5.0, 5.0]]), np.array([1, 0])
+    ours = Sam2Propagator(_volume(), model, window="0,100")
+    keys = [KeyPrompt(0, points_rc=pts, point_labels=labels), KeyPrompt(3, mask=mask)]
+    res = ours.propagate(keys, keep_logits=True)
+
+    m = F.interpolate(
+        torch.from_numpy(mask.astype(np.float32))[None, None], size=(96, 128), mode="bilinear"
+    )[0, 0]
+    mask_s = torch.zeros(SIZE, SIZE, dtype=torch.bool)
+    mask_s[:96, :128] = m >= 0.5
+
+    def add(p, st):
+        p.add_new_points_or_box(st, 0, 1, points=pts[:, ::-1] * 2, labels=labels)
+        p.add_new_mask(st, 3, 1, mask_s)
+
+    _assert_same(ours, res, reference(add))
+    assert [(r.index, r.source, r.distance) for r in res.records][::3] == [(0, 0, 0), (3, 3, 0)]
+    assert next(r for r in res.records if r.index == 3).iou_pred == 1.0  # a given mask
 
 
 def test_walk_stops_where_the_object_score_says_gone(model):
