@@ -4,13 +4,17 @@ No SAM 2 weights can be downloaded here, so hiera-tiny is built at its real size
 frames, the official configuration) with seeded random weights, saved in Meta's checkpoint layout
 and loaded through medseg's path; its object-score head is biased so the walk never stops early
 (speed does not depend on the weight values). On the real MR brain1 (25 x 256 x 256) one box from
-the label on its largest slice is propagated through every slice with ``medseg.segment``:
+the label on its largest slice (14) is propagated ``--max-slices`` (default 4) slices up and down
+with ``medseg.segment`` (9 slices; SAM 2's memory holds 7 frames, so the last slices run at the
+steady-state cost):
 
 * ``sam2.1_hiera_tiny`` fp32 and bf16 (memory attention, one image-encoder run per slice);
 * ``litemedsam`` (the slice loop, default configuration; its own default precision and fp32).
 
 Each run is a fresh subprocess (peak RSS per run from ``getrusage``). ``--ct-slices N`` adds a
-synthetic 512 x 512 x N CT run (hiera-tiny fp32) to measure memory on a CT-sized slice.
+synthetic 512 x 512 x N CT run (hiera-tiny fp32, same walk length) to measure memory with a
+CT-sized volume in memory (the model state is bounded to a window of frames, so a longer walk
+adds at most that window, see the README).
 Records the load average before/after (other engineers share the CPU). Prints JSON.
 
     python benchmarks/bench_sam2.py --out benchmarks/results/sam2.json
@@ -44,7 +48,9 @@ def make_checkpoint(path: Path) -> None:
     torch.save({"model": state}, path)
 
 
-def one_run(model: str, precision: str, weights: str | None, threads: int, ct: int) -> dict:
+def one_run(
+    model: str, precision: str, weights: str | None, threads: int, ct: int, reach: int
+) -> dict:
     """One segmentation in this process (called in a child)."""
     import resource
     import time
@@ -76,9 +82,11 @@ def one_run(model: str, precision: str, weights: str | None, threads: int, ct: i
 
     # both engines walk the whole volume (no early stop) so seconds per slice compare
     if model == "litemedsam":
-        cfg: Any = PropagationConfig(max_intensity_shift=None, max_extent=None, min_margin=None)
+        cfg: Any = PropagationConfig(
+            max_intensity_shift=None, max_extent=None, min_margin=None, max_slices=reach
+        )
     else:
-        cfg = Sam2Config()
+        cfg = Sam2Config(max_slices=reach)
     t0 = time.perf_counter()
     seg = medseg.segment(
         image,
@@ -112,15 +120,18 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--ct-slices", type=int, default=0)
+    ap.add_argument("--max-slices", type=int, default=4)
     ap.add_argument("--out", type=Path)
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
         model, precision, weights, ct = json.loads(args.child)
-        print(json.dumps(one_run(model, precision, weights, args.threads, ct)))
+        rec = one_run(model, precision, weights, args.threads, ct, args.max_slices)
+        print(json.dumps(rec))
         return 0
 
-    report: dict[str, Any] = {"threads": args.threads, "load_before": os.getloadavg(), "runs": []}
+    report: dict[str, Any] = {"threads": args.threads, "max_slices": args.max_slices}
+    report.update(load_before=os.getloadavg(), runs=[])
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = Path(tmp) / "sam2.1_hiera_tiny.pt"
         make_checkpoint(ckpt)
@@ -134,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
             runs.append(("sam2.1_hiera_tiny", "fp32", str(ckpt), args.ct_slices))
         for run in runs:
             cmd = [sys.executable, __file__, "--threads", str(args.threads)]
+            cmd += ["--max-slices", str(args.max_slices)]
             cmd += ["--child", json.dumps(run)]
             env = {**os.environ, "TQDM_DISABLE": "1"}
             out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True)

@@ -8,6 +8,10 @@ none has a flow of its own. One model registry decides the engine
   (:class:`~medseg.prompts.Box`, :class:`~medseg.prompts.Point`,
   :class:`~medseg.prompts.MaskPrompt`) on one or more key slices, then 3D propagation
   (:func:`medseg.predict.propagate.propagate`);
+* ``"sam2"`` — SAM 2 / MedSAM2 (``sam2.1_hiera_tiny``, ``sam2.1_hiera_small``,
+  ``sam2.1_hiera_base_plus``, ``medsam2``; checkpoints the user brings): the same prompts, then
+  memory-attention propagation through the slices as video frames
+  (:class:`medseg.predict.sam2.Sam2Propagator`);
 * ``"unet"`` — an automatic MONAI U-Net (``unet-demo`` or a checkpoint path), optionally refined
   with a SAM-family model (``refine_with``).
 
@@ -320,8 +324,10 @@ def segment(
 
     Args:
         image: a :class:`Volume` or a path (DICOM folder/file, NIfTI, NRRD, MHA).
-        model: registry name (``litemedsam``, ``sam_vit_b``, ``medsam_vit_b``, ``unet-demo``) or
-            the path of a U-Net checkpoint.
+        model: registry name (``litemedsam``, ``sam_vit_b``, ``medsam_vit_b``, the SAM 2 models
+            ``sam2.1_hiera_tiny`` / ``_small`` / ``_base_plus`` and ``medsam2``, ``unet-demo``)
+            or the path of a U-Net checkpoint. SAM 2 models take no ``decoder``/``oracle``;
+            their ``config`` is a :class:`~medseg.predict.sam2.Sam2Config`.
         prompts: SAM models: one or more :class:`~medseg.prompts.Box` / ``Point`` /
             ``MaskPrompt`` (voxel coordinates ``(z, y, x)``; several key slices allowed).
             U-Net: must be ``None``.
