@@ -121,6 +121,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--ct-slices", type=int, default=0)
     ap.add_argument("--max-slices", type=int, default=4)
+    ap.add_argument(
+        "--runs",
+        default="sam2-fp32,sam2-bf16,lite-auto,lite-fp32",
+        help="comma-separated runs in order (repeat runs to interleave: sam2-bf16,sam2-fp32)",
+    )
     ap.add_argument("--out", type=Path)
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -135,12 +140,13 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = Path(tmp) / "sam2.1_hiera_tiny.pt"
         make_checkpoint(ckpt)
-        runs = [
-            ("sam2.1_hiera_tiny", "fp32", str(ckpt), 0),
-            ("sam2.1_hiera_tiny", "bf16", str(ckpt), 0),
-            ("litemedsam", "auto", None, 0),
-            ("litemedsam", "fp32", None, 0),
-        ]
+        known = {
+            "sam2-fp32": ("sam2.1_hiera_tiny", "fp32", str(ckpt), 0),
+            "sam2-bf16": ("sam2.1_hiera_tiny", "bf16", str(ckpt), 0),
+            "lite-auto": ("litemedsam", "auto", None, 0),
+            "lite-fp32": ("litemedsam", "fp32", None, 0),
+        }
+        runs = [known[r.strip()] for r in args.runs.split(",") if r.strip()]
         if args.ct_slices:
             runs.append(("sam2.1_hiera_tiny", "fp32", str(ckpt), args.ct_slices))
         for run in runs:
