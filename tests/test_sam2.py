@@ -341,6 +341,9 @@ def test_real_mr_from_one_box_writes_labels_on_the_image_grid(
     recs = rep["sam2"]["propagation"]["records"]
     assert {r["index"] for r in recs} == {0, 1, 2, 3}
     assert all("object_score" in r and "iou_pred" in r for r in recs)
+    from medseg.cli.segment import summary
+
+    assert summary(rep)[0].startswith(f"segmented {int(lab.array.astype(bool).sum())} voxels on")
 
 
 def test_napari_sam_panel_lists_sam2_models_whose_weights_are_present(tmp_path, monkeypatch):
