@@ -383,3 +383,16 @@ def test_dropping_unreachable_state_changes_nothing(checkpoint):
         np.testing.assert_array_equal(pt.last_logits[i], pf.last_logits[i])
     np.testing.assert_array_equal(rt.mask, rf.mask)
     assert pf.peak_state_frames == 24 and pt.peak_state_frames <= 8 + 8 + 2
+
+
+def test_sam2_checkpoint_given_as_model_says_how_to_pass_it(tmp_path):
+    import torch
+
+    path = tmp_path / "MedSAM2_latest.pt"
+    torch.save({"model": {"image_encoder.trunk.pos_embed": torch.zeros(1, 96, 7, 7)}}, path)
+    with pytest.raises(WeightsError) as exc:
+        resolve_model(path)
+    msg = str(exc.value)
+    assert (
+        "\n" not in msg and "SAM 2 layout" in msg and "--model sam2.1_hiera_tiny --weights" in msg
+    )

@@ -301,6 +301,13 @@ def _checkpoint_kind(path: Path) -> str:
         return "unet"
     if isinstance(obj, dict) and obj and all(hasattr(v, "shape") for v in obj.values()):
         return "state_dict"
+    inner = obj.get("model") if isinstance(obj, dict) else None
+    if isinstance(inner, dict) and inner and all(hasattr(v, "shape") for v in inner.values()):
+        raise WeightsError(
+            f"{path}: this is a SAM-family weights file in the SAM 2 layout ({{'model': ...}}); "
+            "pass it as weights with its architecture, e.g. model='sam2.1_hiera_tiny' or "
+            "'medsam2' (command line: --model sam2.1_hiera_tiny --weights FILE)"
+        )
     raise WeightsError(
         f"{path}: not a medseg U-Net checkpoint (needs state_dict, config, config_sha256); "
         "train one with `medseg train-unet`"
