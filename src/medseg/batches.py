@@ -433,10 +433,14 @@ def _warm_model(model: str, precision: str, device: str) -> bool:
         from medseg.models.registry import resolve_model
 
         ref = resolve_model(model)
-        if ref.engine == "sam":
+        if ref.engine == "sam2":  # SAM 2: remembered by get_sam2_model (weights resolved there)
+            from medseg.models.sam2 import get_sam2_model
+
+            loaded: Any = get_sam2_model(ref.spec, precision=precision, device=device)
+        elif ref.engine == "sam":
             from medseg.models.sam import get_sam_model
 
-            loaded: Any = get_sam_model(ref.spec.name, precision=precision, device=device)
+            loaded = get_sam_model(ref.spec.name, precision=precision, device=device)
         else:
             from medseg.predict.unet import UNetSegmenter, keep_loaded
 
@@ -810,11 +814,11 @@ def batch(
     from medseg.models.registry import resolve_model
 
     engine = resolve_model(model).engine
-    if engine == "sam" and not prompts_from_gt and prompts is None:
+    if engine in ("sam", "sam2") and not prompts_from_gt and prompts is None:
         raise InputError(
             f"{model} is a promptable SAM-family model: give --prompts-from-gt or --prompts FILE"
         )
-    if engine != "sam" and (prompts_from_gt or prompts is not None):
+    if engine == "unet" and (prompts_from_gt or prompts is not None):
         raise InputError(f"{model} is an automatic U-Net: prompts are for SAM-Med models")
     if plots and not dry_run:
         _require_matplotlib()

@@ -8,6 +8,10 @@ none has a flow of its own. One model registry decides the engine
   (:class:`~medseg.prompts.Box`, :class:`~medseg.prompts.Point`,
   :class:`~medseg.prompts.MaskPrompt`) on one or more key slices, then 3D propagation
   (:func:`medseg.predict.propagate.propagate`);
+* ``"sam2"`` — SAM 2 / MedSAM2 (``sam2.1_hiera_tiny``, ``sam2.1_hiera_small``,
+  ``sam2.1_hiera_base_plus``, ``medsam2``; checkpoints the user brings): the same prompts, then
+  memory-attention propagation through the slices as video frames
+  (:class:`medseg.predict.sam2.Sam2Propagator`);
 * ``"unet"`` — an automatic MONAI U-Net (``unet-demo`` or a checkpoint path), optionally refined
   with a SAM-family model (``refine_with``).
 
@@ -320,8 +324,10 @@ def segment(
 
     Args:
         image: a :class:`Volume` or a path (DICOM folder/file, NIfTI, NRRD, MHA).
-        model: registry name (``litemedsam``, ``sam_vit_b``, ``medsam_vit_b``, ``unet-demo``) or
-            the path of a U-Net checkpoint.
+        model: registry name (``litemedsam``, ``sam_vit_b``, ``medsam_vit_b``, the SAM 2 models
+            ``sam2.1_hiera_tiny`` / ``_small`` / ``_base_plus`` and ``medsam2``, ``unet-demo``)
+            or the path of a U-Net checkpoint. SAM 2 models take no ``decoder``/``oracle``;
+            their ``config`` is a :class:`~medseg.predict.sam2.Sam2Config`.
         prompts: SAM models: one or more :class:`~medseg.prompts.Box` / ``Point`` /
             ``MaskPrompt`` (voxel coordinates ``(z, y, x)``; several key slices allowed).
             U-Net: must be ``None``.
@@ -378,7 +384,12 @@ def segment(
     if weights is not None and not Path(weights).is_file():
         raise WeightsError(f"weights file {weights} does not exist; check the path")
     tick = _progress_with_cancel(progress, cancel)
-    if ref.engine == "sam":
+    if ref.engine == "sam2" and (decoder is not None or oracle):  # SAM 2: memory propagation
+        raise InputError(
+            f"{ref.name} propagates with SAM 2 memory attention: decoder and oracle are for "
+            "the slice-loop SAM models (litemedsam, sam_vit_b, medsam_vit_b)"
+        )
+    if ref.engine in ("sam", "sam2"):
         if refine_with is not None or probabilities:
             raise InputError(
                 "refine_with and probabilities are U-Net options; a SAM model already outputs "
@@ -443,7 +454,7 @@ def segment(
         "precision": precision,
         "device": device,
     }
-    if ref.engine == "sam":
+    if ref.engine in ("sam", "sam2"):
         seg = _segment_sam(
             ref,
             plist,
@@ -530,21 +541,39 @@ def _segment_sam(
         raise InputError("oracle needs ground truth (the oracle boxes come from it)")
 
     t = time.perf_counter()
-    pred = _sam_predictor(
-        ref,
-        image,
-        predictor,
-        axis=axis,
-        window=window,
-        weights=weights,
-        decoder=decoder,
-        cache_dir=cache_dir,
-        precision=precision,
-        device=device,
-    )
+    if ref.engine == "sam2":  # SAM 2 / MedSAM2: memory-attention propagation
+        from medseg.predict.sam2 import sam2_config, sam2_predictor
+
+        cfg = sam2_config(config, propagate)  # type: ignore[assignment]
+        pred: Any = sam2_predictor(
+            ref,
+            image,
+            predictor,
+            axis=axis,
+            window=window,
+            weights=weights,
+            precision=precision,
+            device=device,
+        )
+    else:
+        pred = _sam_predictor(
+            ref,
+            image,
+            predictor,
+            axis=axis,
+            window=window,
+            weights=weights,
+            decoder=decoder,
+            cache_dir=cache_dir,
+            precision=precision,
+            device=device,
+        )
     timings["model_load_s"] = time.perf_counter() - t
     t = time.perf_counter()
-    result = run_propagation(pred, keys, cfg, progress=tick)
+    if ref.engine == "sam2":
+        result = pred.propagate(keys, cfg, progress=tick)
+    else:
+        result = run_propagation(pred, keys, cfg, progress=tick)
     timings["segment_s"] = time.perf_counter() - t
     labels = result.to_labelmap(image, label=value, name=lname)
 
@@ -596,7 +625,7 @@ def _segment_sam(
     m = pred.model
     model_info = {
         "name": pred.spec.name,
-        "engine": "sam",
+        "engine": ref.engine,
         "weights": str(m.weights_path) if m.weights_path else None,
         "weights_sha256": m.weights_sha256,
         "decoder": str(m.decoder_path) if getattr(m, "decoder_path", None) else None,
@@ -605,7 +634,7 @@ def _segment_sam(
         "device": str(m.device),
     }
     report = _report(
-        "sam", image, image_path, model_info, labels, metrics, timings, settings, plist, detail
+        ref.engine, image, image_path, model_info, labels, metrics, timings, settings, plist, detail
     )
     return Segmentation(
         labels=labels,

@@ -5,7 +5,7 @@ pipeline) produces the same versioned JSON, validated against ``schemas/report.s
 (shipped in the package). Top-level keys:
 
 * ``schema`` — :data:`SCHEMA_VERSION`;
-* ``engine`` — ``"sam"`` or ``"unet"``;
+* ``engine`` — ``"sam"``, ``"sam2"`` or ``"unet"``;
 * ``image`` — path, shape ``(z, y, x)``, spacing ``(z, y, x)`` mm, origin (LPS ``x, y, z`` mm),
   direction (ITK, row-major 9), orientation code, modality, content sha256;
 * ``model`` — name, engine, weights path and sha256, decoder path and sha256 (``None`` unless a
@@ -16,7 +16,7 @@ pipeline) produces the same versioned JSON, validated against ``schemas/report.s
 * ``timings`` — seconds per stage (``read_s``, ``model_load_s``, ``segment_s``, ..., ``total_s``);
 * ``provenance`` — medseg version, UTC time, host, Python and platform, every setting and every
   prompt needed to redo the run;
-* ``sam`` / ``unet`` — engine-specific detail (propagation records, oracle; U-Net config,
+* ``sam`` / ``sam2`` / ``unet`` — engine-specific detail (propagation records, oracle; U-Net config,
   refinement, lesions);
 * ``outputs`` — files written by :meth:`medseg.pipeline.Segmentation.save` (added when saved).
 

@@ -85,11 +85,20 @@ def _weights_present(spec: Any) -> bool:
 
 
 def available_models() -> list[str]:
-    """SAM-family models whose weights are present here (no download); LiteMedSAM first."""
+    """SAM-family models whose weights are present here (no download); LiteMedSAM first, then
+    SAM 2 models (issue 12) whose checkpoint is in the weights folder and ``sam2`` installed."""
     from medseg.models.registry import MODELS
 
     names = sorted(MODELS, key=lambda n: (n != "litemedsam", n))
-    return [n for n in names if _weights_present(MODELS[n])]
+    return [n for n in names if _weights_present(MODELS[n])] + _sam2_models()
+
+
+def _sam2_models() -> list[str]:
+    """SAM 2 registry names usable here (issue 12); they propagate through medseg.segment."""
+    from medseg.models.registry import SAM2_MODELS
+    from medseg.models.sam2 import sam2_available
+
+    return [n for n, s in SAM2_MODELS.items() if _weights_present(s)] if sam2_available() else []
 
 
 def _prompt_signature(pr: Any) -> tuple:
@@ -335,6 +344,9 @@ class SamWidget(Container):
         except MedsegError as exc:
             show_error(str(exc))
             return
+        if settings[0] in _sam2_models():  # SAM 2 (issue 12) segments through the whole volume
+            show_error(f"{settings[0]} propagates with memory: press Propagate in 3D")
+            return
         shape = img.data.shape
         signature = _prompt_signature(pr)
         prev = self._last_slice
@@ -420,6 +432,18 @@ class SamWidget(Container):
             import medseg
             from medseg.predict.propagate import PropagationConfig
 
+            if settings[0] in _sam2_models():  # SAM 2 (issue 12): no slice predictor to reuse
+                from medseg._napari._layers import volume_from_layer
+
+                vol, win = volume_from_layer(img), settings[1]
+                return medseg.segment(
+                    vol,
+                    model=settings[0],
+                    prompts=_as_prompts(prompts),
+                    decoder=settings[2],
+                    window=win,
+                    progress=progress,
+                )
             pred = self._get_predictor(img, *settings)
             return medseg.segment(
                 pred.volume,

@@ -248,7 +248,7 @@ def run(args: argparse.Namespace) -> int:
 
     prompts: list[Any] = []
     image: Any = args.image
-    if engine == "sam":
+    if engine in ("sam", "sam2"):
         if args.oracle and not args.gt:
             raise InputError("--oracle needs --gt (the oracle boxes come from the ground truth)")
         if args.box_from_gt:  # the GT box needs the image's grid before the model loads
@@ -324,8 +324,8 @@ def summary(report: dict[str, Any]) -> list[str]:
     fmt = lambda v, nd=4: "n/a" if v is None else f"{v:.{nd}f}"  # noqa: E731
     t = report["timings"]
     lines: list[str] = []
-    if report["engine"] == "sam":
-        sam = report["sam"]
+    if report["engine"] in ("sam", "sam2"):
+        sam = report[report["engine"]]
         prop = sam["propagation"]
         voxels = sum(e["voxels"] for e in report["labels"])
         lines.append(

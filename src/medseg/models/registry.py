@@ -20,13 +20,16 @@ from typing import Any, Literal
 
 from medseg.errors import WeightsError
 
-Engine = Literal["sam", "unet"]
-EncoderKind = Literal["vit_b", "tiny_vit"]
-Normalisation = Literal["unit", "sam_rgb"]
+Engine = Literal["sam", "sam2", "unet"]
+EncoderKind = Literal["vit_b", "tiny_vit", "hiera"]
+Normalisation = Literal["unit", "sam_rgb", "imagenet"]
 
 #: Official SAM pixel statistics on 0-255 RGB (used by ``normalisation='sam_rgb'``).
 SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
 SAM_PIXEL_STD = (58.395, 57.12, 57.375)
+#: SAM 2's pixel statistics on ``[0, 1]`` RGB (ImageNet; ``normalisation='imagenet'``).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass(frozen=True)
@@ -49,7 +52,10 @@ class ModelSpec:
         size: expected file size in bytes, or ``None`` when unknown.
         arch: architecture overrides for the builder (tests use tiny ViT-B variants; keys are
             ``embed_dim``, ``depth``, ``num_heads``, ``global_attn_indexes``, ``window_size``
-            for ViT-B and ``embed_dims``, ``depths``, ``num_heads``, ``window_sizes`` for TinyViT).
+            for ViT-B and ``embed_dims``, ``depths``, ``num_heads``, ``window_sizes`` for TinyViT;
+            SAM 2: ``config``, the ``sam2`` package's configuration file, and ``overrides``).
+        engine: ``"sam"`` (slice model, :data:`MODELS`) or ``"sam2"`` (memory-attention video
+            model, :data:`SAM2_MODELS`).
     """
 
     name: str
@@ -64,6 +70,7 @@ class ModelSpec:
     packaged: str | None = None
     size: int | None = None
     arch: dict[str, Any] = field(default_factory=dict)
+    engine: Engine = "sam"
 
     @property
     def embedding_size(self) -> int:
@@ -116,6 +123,80 @@ MODELS: dict[str, ModelSpec] = {
 }
 
 
+#: Meta's SAM 2.1 release folder (``checkpoints/download_ckpts.sh`` in facebookresearch/sam2).
+_SAM21_URL = "https://dl.fbaipublicfiles.com/segment_anything_2/092824/"
+
+
+def _sam2_spec(name: str, config: str, filename: str, url: str, size: int, desc: str) -> ModelSpec:
+    # Meta and MedSAM2 publish no digests; a file is checked by its keys and shapes instead.
+    return ModelSpec(
+        name=name,
+        encoder="hiera",
+        input_size=size,
+        normalisation="imagenet",
+        filename=filename,
+        sha256=None,
+        url=url,
+        description=desc,
+        arch={"config": config},
+        engine="sam2",
+    )
+
+
+#: SAM 2 family (engine ``"sam2"``): memory-attention video models that propagate through the
+#: slices as frames (:mod:`medseg.predict.sam2`); built with Meta's ``sam2`` package.
+SAM2_MODELS: dict[str, ModelSpec] = {
+    "sam2.1_hiera_tiny": _sam2_spec(
+        "sam2.1_hiera_tiny",
+        "configs/sam2.1/sam2.1_hiera_t.yaml",
+        "sam2.1_hiera_tiny.pt",
+        _SAM21_URL + "sam2.1_hiera_tiny.pt",
+        1024,
+        "SAM 2.1 Hiera-T (Meta), 1024x1024 frames, memory-attention propagation",
+    ),
+    "sam2.1_hiera_small": _sam2_spec(
+        "sam2.1_hiera_small",
+        "configs/sam2.1/sam2.1_hiera_s.yaml",
+        "sam2.1_hiera_small.pt",
+        _SAM21_URL + "sam2.1_hiera_small.pt",
+        1024,
+        "SAM 2.1 Hiera-S (Meta), 1024x1024 frames, memory-attention propagation",
+    ),
+    "sam2.1_hiera_base_plus": _sam2_spec(
+        "sam2.1_hiera_base_plus",
+        "configs/sam2.1/sam2.1_hiera_b+.yaml",
+        "sam2.1_hiera_base_plus.pt",
+        _SAM21_URL + "sam2.1_hiera_base_plus.pt",
+        1024,
+        "SAM 2.1 Hiera-B+ (Meta), 1024x1024 frames, memory-attention propagation",
+    ),
+    # MedSAM2 (bowang-lab/MedSAM2, weights on huggingface.co/wanglab/MedSAM2): SAM 2.1 Hiera-T
+    # fine-tuned at 512x512 (its sam2.1_hiera_t512.yaml: image size 512, RoPE grid 32x32).
+    "medsam2": _sam2_spec(
+        "medsam2",
+        "configs/sam2.1/sam2.1_hiera_t.yaml",
+        "MedSAM2_latest.pt",
+        "https://huggingface.co/wanglab/MedSAM2/resolve/main/MedSAM2_latest.pt",
+        512,
+        "MedSAM2 (bowang-lab; SAM 2.1 Hiera-T fine-tuned on 3D medical images), 512x512 frames",
+    ),
+}
+
+
+def get_sam2_spec(name: str | ModelSpec) -> ModelSpec:
+    """The SAM 2 :class:`ModelSpec` for ``name`` (a ``"sam2"`` spec is returned unchanged).
+
+    Raises:
+        WeightsError: not a SAM 2 model (the message lists them).
+    """
+    if isinstance(name, ModelSpec) and name.engine == "sam2":
+        return name
+    key = str(getattr(name, "name", name)).strip().lower()
+    if key not in SAM2_MODELS:
+        raise WeightsError(f"{key!r} is not a SAM 2 model; choose one of {', '.join(SAM2_MODELS)}")
+    return SAM2_MODELS[key]
+
+
 def get_spec(name: str | ModelSpec) -> ModelSpec:
     """The :class:`ModelSpec` for ``name`` (a spec is returned unchanged).
 
@@ -148,11 +229,12 @@ class ModelRef:
     """What a model name or path resolved to.
 
     Attributes:
-        engine: ``"sam"`` (prompts + propagation) or ``"unet"`` (automatic).
+        engine: ``"sam"`` (prompts + slice-loop propagation), ``"sam2"`` (prompts +
+            memory-attention propagation) or ``"unet"`` (automatic).
         name: registry name, or the checkpoint's file name.
         path: the U-Net checkpoint file (``None`` for SAM models: their weights are resolved by
             :func:`medseg.models.weights.resolve_weights`).
-        spec: the SAM :class:`ModelSpec` (``None`` for U-Nets).
+        spec: the SAM / SAM 2 :class:`ModelSpec` (``None`` for U-Nets).
     """
 
     engine: Engine
@@ -162,8 +244,8 @@ class ModelRef:
 
 
 def known_models() -> list[str]:
-    """Every registry name, SAM family first."""
-    return [*MODELS, *UNET_MODELS]
+    """Every registry name, SAM family first, then SAM 2, then the U-Nets."""
+    return [*MODELS, *SAM2_MODELS, *UNET_MODELS]
 
 
 def resolve_model(model: str | os.PathLike[str] | ModelSpec) -> ModelRef:
@@ -177,11 +259,13 @@ def resolve_model(model: str | os.PathLike[str] | ModelSpec) -> ModelRef:
         WeightsError: unknown name, missing file, or a file that is no medseg U-Net checkpoint.
     """
     if isinstance(model, ModelSpec):
-        return ModelRef("sam", model.name, None, model)
+        return ModelRef(model.engine, model.name, None, model)
     text = str(model).strip()
     key = text.lower()
     if key in MODELS:
         return ModelRef("sam", key, None, MODELS[key])
+    if key in SAM2_MODELS:
+        return ModelRef("sam2", key, None, SAM2_MODELS[key])
     if key in UNET_MODELS:
         path = unet_asset(key)
         if not path.is_file():
@@ -217,6 +301,13 @@ def _checkpoint_kind(path: Path) -> str:
         return "unet"
     if isinstance(obj, dict) and obj and all(hasattr(v, "shape") for v in obj.values()):
         return "state_dict"
+    inner = obj.get("model") if isinstance(obj, dict) else None
+    if isinstance(inner, dict) and inner and all(hasattr(v, "shape") for v in inner.values()):
+        raise WeightsError(
+            f"{path}: this is a SAM-family weights file in the SAM 2 layout ({{'model': ...}}); "
+            "pass it as weights with its architecture, e.g. model='sam2.1_hiera_tiny' or "
+            "'medsam2' (command line: --model sam2.1_hiera_tiny --weights FILE)"
+        )
     raise WeightsError(
         f"{path}: not a medseg U-Net checkpoint (needs state_dict, config, config_sha256); "
         "train one with `medseg train-unet`"
