@@ -363,6 +363,7 @@ class InteractiveSession:
             anchors=sorted(prompted - {idx}),
             config=self._config,
             settle=SETTLE_DICE,
+            change=None if not isinstance(p, Point) else ("grow" if p.positive else "shrink"),
         )
         scores = dict(self._state.scores)
         for r in res.records:
@@ -397,14 +398,13 @@ class InteractiveSession:
                     labs.append(int(q.positive))
         if box_rc is None:
             kept = _cut_negatives(cur, pts, labs)  # the box leaves out what was clicked away
-            src = kept if kept.any() else self._nearest_mask(idx)
+            src = kept if kept.any() else (cur if cur.any() else self._nearest_mask(idx))
             bb = mask_box(src) if src is not None else None
             if bb is not None:
                 box_rc = expand_box(bb, shape, cfg.box_margin, cfg.box_margin_px)
         if box_rc is not None and pts:
-            box_rc = _box_holding(
-                box_rc, [pt for pt, lab in zip(pts, labs, strict=True) if lab == 1], shape
-            )
+            fg = [pt for pt, lab in zip(pts, labs, strict=True) if lab == 1]
+            box_rc = _box_holding(box_rc, fg, shape, cfg.box_margin, cfg.box_margin_px)
         if box_rc is None and not pts:
             return cur.copy()
         kw: dict[str, Any] = {
@@ -414,6 +414,11 @@ class InteractiveSession:
         }
         out = pred.predict(idx, multimask=box_rc is None, **kw)
         masks, iou = out.masks, out.iou_pred
+        if cur.any() and pts:  # the current mask as the mask prompt, kept where it does better
+            mp = pred.predict(idx, mask_logits=pred.mask_prompt(cur), **kw)
+            if _agreeing(mp.masks[0], pts, labs) > _agreeing(masks[0], pts, labs):
+                masks = np.concatenate([mp.masks, masks])
+                iou = np.concatenate([mp.iou_pred, iou])
         if box_rc is not None and _agreeing(masks[0], pts, labs) < len(pts):
             more = pred.predict(idx, multimask=True, **kw)  # a click is not honoured: 3 more
             masks = np.concatenate([masks, more.masks])
@@ -448,13 +453,27 @@ class InteractiveSession:
 
 
 def _box_holding(
-    box: tuple[float, float, float, float], pts: list[tuple[float, float]], shape: tuple[int, ...]
+    box: tuple[float, float, float, float],
+    pts: list[tuple[float, float]],
+    shape: tuple[int, ...],
+    frac: float,
+    px: float,
 ) -> tuple[float, float, float, float]:
-    """``box`` grown (2 px beyond) to hold every foreground point."""
+    """``box`` grown to hold every foreground point outside it, with the carry-over margin
+    (``frac`` of the grown box's size plus ``px`` per side) on the sides that moved."""
     r0, c0, r1, c1 = box
+    n0, m0, n1, m1 = r0, c0, r1, c1
     for r, c in pts:
-        r0, c0 = min(r0, max(0.0, r - 2)), min(c0, max(0.0, c - 2))
-        r1, c1 = max(r1, min(shape[0] - 1.0, r + 2)), max(c1, min(shape[1] - 1.0, c + 2))
+        n0, m0, n1, m1 = min(n0, r), min(m0, c), max(n1, r), max(m1, c)
+    dr, dc = frac * (n1 - n0 + 1) + px, frac * (m1 - m0 + 1) + px
+    if n0 < r0:
+        r0 = max(0.0, n0 - dr)
+    if m0 < c0:
+        c0 = max(0.0, m0 - dc)
+    if n1 > r1:
+        r1 = min(shape[0] - 1.0, n1 + dr)
+    if m1 > c1:
+        c1 = min(shape[1] - 1.0, m1 + dc)
     return r0, c0, r1, c1
 
 
