@@ -16,6 +16,8 @@ from medseg.volume import Volume
 
 KEY = 5
 BOX = (27, 28, 65, 72)  # (y0, x0, y1, x1) around the object on slice 5, margin ~2 px
+FP = np.zeros((96, 96), bool)
+FP[70:80, 20:30] = True  # a false positive inside the body, away from the object
 
 
 def phantom(seed: int = 0) -> tuple[Volume, np.ndarray]:
@@ -99,12 +101,13 @@ def test_seed_is_segment_and_z_range_bounds_it(seeded, blob):
 def test_undo_restores_exactly(seeded, blob):
     s = fresh(seeded, blob)
     seed_arr = s.labels.array.copy()
-    s.add(medseg.Point(KEY, 46, 50, positive=False))
-    after_neg = s.labels.array.copy()
-    assert not np.array_equal(after_neg, seed_arr)
-    s.add(medseg.Point(8, 46, 50))
+    s.add(medseg.MaskPrompt(blob[1][6] | FP, z=6))
+    after_mask = s.labels.array.copy()
+    assert not np.array_equal(after_mask, seed_arr)
+    s.add(medseg.Point(6, 75, 25, positive=False))
+    assert not np.array_equal(s.labels.array, after_mask)
     assert len(s.steps) == 3
-    assert np.array_equal(s.undo().array, after_neg)
+    assert np.array_equal(s.undo().array, after_mask)
     assert np.array_equal(s.undo().array, seed_arr)
     assert len(s.steps) == 1 and len(s.prompts) == 1
     assert not s.undo().array.any()  # before the box: nothing
@@ -115,9 +118,7 @@ def test_undo_restores_exactly(seeded, blob):
 def test_negative_click_removes_false_positive_on_its_slice(seeded, blob):
     _, obj = blob
     s = fresh(seeded, blob)
-    z = 6
-    fp = np.zeros((96, 96), bool)
-    fp[70:80, 20:30] = True  # inside the body, away from the object
+    z, fp = 6, FP
     s.add(medseg.MaskPrompt(obj[z] | fp, z=z))
     assert s.mask[z][fp].all()
     s.add(medseg.Point(z, 75, 25, positive=False))
@@ -128,18 +129,22 @@ def test_negative_click_removes_false_positive_on_its_slice(seeded, blob):
 
 
 def test_click_acts_locally(seeded, blob):
+    _, obj = blob
     s = fresh(seeded, blob)
+    s.add(medseg.MaskPrompt(obj[8] | FP, z=8))
     before = s.mask
-    s.add(medseg.Point(8, 46, 50, positive=False))
+    s.add(medseg.Point(8, 75, 25, positive=False))
     after = s.mask
     step = s.steps[-1]
     differ = [int(i) for i in np.flatnonzero((before != after).any(axis=(1, 2)))]
-    assert set(differ) <= set(step.changed)  # everything that changed is reported
-    assert 8 in step.changed
+    assert 8 in differ and set(differ) <= set(step.changed)  # what changed is reported
     # the key slice is the user's: the walk towards it stops there, so slices 0..5 keep their mask
     assert np.array_equal(before[: KEY + 1], after[: KEY + 1])
-    # the negative click emptied slice 8's piece under it
-    assert not after[8, 46, 50]
+    assert not after[8][FP].any() and dice(after[8], obj[8]) > 0.85
+    # a background click in the middle of the object would take away more than half of the
+    # slice's mask: refused, nothing changes
+    s.add(medseg.Point(8, 46, 50, positive=False))
+    assert np.array_equal(s.mask, after)
 
 
 def test_positive_click_extends_an_empty_slice(seeded, blob):

@@ -424,7 +424,12 @@ class InteractiveSession:
             masks = np.concatenate([masks, more.masks])
             iou = np.concatenate([iou, more.iou_pred])
         mask = np.asarray(masks[_best_for_points(masks, iou, pts, labs)], dtype=bool)
-        return _main_pieces(_cut_negatives(mask, pts, labs), pts, labs)
+        mask = _main_pieces(_cut_negatives(mask, pts, labs), pts, labs)
+        last = prompts[-1]
+        if isinstance(last, Point) and cur.any():
+            _, rc = split_point(last.zyx, self.axis)
+            return _local_edit(cur, mask, (float(rc[0]), float(rc[1])), last.positive)
+        return mask
 
     def _nearest_mask(self, idx: int) -> np.ndarray | None:
         """The current mask on the nearest non-empty slice (the lower one on ties), if any."""
@@ -475,6 +480,29 @@ def _box_holding(
     if m1 > c1:
         c1 = min(shape[1] - 1.0, m1 + dc)
     return r0, c0, r1, c1
+
+
+def _local_edit(
+    cur: np.ndarray, new: np.ndarray, click: tuple[float, float], positive: bool
+) -> np.ndarray:
+    """The current slice mask changed only where the click says: a foreground click adds the
+    8-connected piece of ``new & ~cur`` under it, a background click removes the piece of
+    ``cur & ~new`` under it unless that is more than half of ``cur`` (then nothing changes);
+    ``new`` as it is when the model's change does not reach the click.
+    """
+    from scipy import ndimage
+
+    diff = (new & ~cur) if positive else (cur & ~new)
+    comp, _ = ndimage.label(diff, structure=np.ones((3, 3), bool))
+    lab = int(comp[round(click[0]), round(click[1])])
+    if lab == 0:
+        return new
+    piece = comp == lab
+    if positive:
+        return cur | piece
+    if 2 * int(np.count_nonzero(piece)) > int(np.count_nonzero(cur)):
+        return cur  # one click takes away at most half the slice's mask (lung1: 0.88 -> 0.80)
+    return cur & ~piece
 
 
 def _agreeing(mask: np.ndarray, pts: list[tuple[float, float]], labs: list[int]) -> int:
