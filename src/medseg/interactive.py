@@ -285,6 +285,44 @@ class InteractiveSession:
         self._steps.append(step)
         return self.labels
 
+    def start_from(self, mask: np.ndarray, scores: dict[int, float] | None = None) -> LabelMap:
+        """Begin from an existing 3D mask (one shown in napari, a saved result) instead of a box.
+
+        The report is the pipeline's for a :class:`~medseg.prompts.MaskPrompt` of the mask's
+        largest slice (no propagation); the session's mask is then ``mask`` as given.
+
+        Args:
+            mask: ``(z, y, x)`` boolean (or label) array on the image grid; non-zero = object.
+            scores: ``{slice: review score}`` of the mask's slices (e.g. the propagation's
+                ``review_scores()``) for :attr:`review`; none: nothing to review yet.
+
+        Raises:
+            InputError: a prompt was already added, a wrong shape or an empty mask.
+        """
+        from medseg.predict.frame import slice_of
+
+        m = np.asarray(mask) != 0
+        if self._base_report is not None:
+            raise InputError("the session already has prompts; start from a mask in a new one")
+        if m.shape != tuple(self.image.shape):
+            raise InputError(f"mask shape {m.shape} is not the image's {tuple(self.image.shape)}")
+        other = tuple(i for i in range(3) if i != self._ax)
+        areas = m.sum(axis=other)
+        if not areas.any():
+            raise InputError("the mask is empty: draw a box instead")
+        key = int(np.argmax(areas))
+        t0 = time.perf_counter()
+        before = _State(self._state.mask, [], {}, None)
+        p = MaskPrompt(slice_of(m, self._ax, key), z=key, axis=self.axis)
+        step = self._seed(p, propagate=False)
+        self._state = _State(m.copy(), [p], {int(k): float(v) for k, v in (scores or {}).items()})
+        step.changed = [int(i) for i in np.flatnonzero(areas)]
+        step.seconds = time.perf_counter() - t0
+        step.voxels = int(np.count_nonzero(m))
+        self._history.append(before)
+        self._steps.append(step)
+        return self.labels
+
     def undo(self) -> LabelMap:
         """Take back the last prompt: the label map is exactly what it was before it.
 
@@ -300,7 +338,7 @@ class InteractiveSession:
         return self.labels
 
     # ------------------------------------------------------------------ internals
-    def _seed(self, p: Prompt) -> Step:
+    def _seed(self, p: Prompt, propagate: bool = True) -> Step:
         from medseg.pipeline import segment
 
         seg = segment(
@@ -313,6 +351,7 @@ class InteractiveSession:
             axis=self.axis,
             window=self._options["window"],
             config=self._config,
+            propagate=propagate,
             precision=self._options["precision"],
             device=self._options["device"],
             cache_dir=self._options["cache_dir"],
