@@ -72,6 +72,26 @@ def test_box_z_range_is_checked_and_recorded():
         medseg.Box(5, 1, 2, 10, 12, z_min=2.5)
     with pytest.raises(PromptError, match="outside the image"):
         key_prompts([medseg.Box(5, 1, 2, 10, 12, z_max=12)], (12, 20, 20))
+    # the prompts file round-trips it
+    from medseg.prompts import prompts_from_json
+
+    (back,) = prompts_from_json({"boxes": [{"slice": 5, "box": [1, 2, 10, 12], "z_range": [3, 8]}]})
+    assert back == b
+
+
+def test_start_from_a_mask(seeded, blob):
+    vol, obj = blob
+    s = medseg.InteractiveSession(vol, cache_dir=False, predictor=seeded.predictor)
+    with pytest.raises(InputError, match="empty"):
+        s.start_from(np.zeros(vol.shape, bool))
+    lm = s.start_from(obj, {3: 0.2, 8: 0.7, 9: 0.1})
+    assert np.array_equal(lm.array > 0, obj) and s.review == [8, 3, 9]
+    assert s.report["provenance"]["prompts"][0]["kind"] == "mask"
+    assert s.report["provenance"]["prompts"][0]["slice"] == 5  # the largest slice (ties: lowest)
+    medseg.validate_report(s.report)
+    with pytest.raises(InputError, match="already has prompts"):
+        s.start_from(obj)
+    assert not s.undo().array.any()
 
 
 # --------------------------------------------------------------------------- seeding
