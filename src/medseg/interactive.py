@@ -526,7 +526,8 @@ def _local_edit(
 ) -> np.ndarray:
     """The current slice mask changed only where the click says: a foreground click adds the
     8-connected piece of ``new & ~cur`` under it, a background click removes the piece of
-    ``cur & ~new`` under it unless that is more than half of ``cur`` (then nothing changes);
+    ``cur & ~new`` under it (more than half of ``cur`` only when the click is deep inside it,
+    at least half the mask's largest depth: else nothing changes);
     ``new`` as it is when the model's change does not reach the click.
     """
     from scipy import ndimage
@@ -540,7 +541,11 @@ def _local_edit(
     if positive:
         return cur | piece
     if 2 * int(np.count_nonzero(piece)) > int(np.count_nonzero(cur)):
-        return cur  # one click takes away at most half the slice's mask (lung1: 0.88 -> 0.80)
+        # most of the slice's mask: only for a click deep inside it ("all of this is wrong";
+        # brain1 slice 11), not near its edge (lung1 slice 32: 0.88 -> 0.80 when allowed)
+        depth = ndimage.distance_transform_edt(np.pad(cur, 1))[1:-1, 1:-1]
+        if depth[round(click[0]), round(click[1])] < 0.5 * float(depth.max()):
+            return cur
     return cur & ~piece
 
 

@@ -1031,14 +1031,17 @@ def _better(
 
     ``change="grow"`` (a foreground click): the new mask must be larger (on brain1 the carried
     masks were right but in another place than the current ones: a containment test refused
-    them); ``"shrink"`` (a background click): smaller; ``None``: it must look more like the
-    corrected slice's object than the current one does (the stop rule's embedding margin).
+    them); ``"shrink"`` (a background click): smaller, but at least half as large and 80 %
+    inside the current one (a slice emptied by a click must not empty its neighbours);
+    ``None``: it must look more like the corrected slice's object than the current one does
+    (the stop rule's embedding margin).
     """
     a_new, a_cur = int(np.count_nonzero(new.mask)), int(np.count_nonzero(current))
     if change == "grow":
         return a_new > a_cur
     if change == "shrink":
-        return a_new < a_cur
+        inside = int(np.count_nonzero(new.mask & current))
+        return 2 * a_new >= a_cur > a_new and inside >= 0.8 * a_new
     vec = predictor.object_embedding(index, current)
     return new.record.margin > _cos(vec, ref.embedding) - _cos(vec, ref.background)
 
