@@ -467,7 +467,10 @@ class InteractiveSession:
         last = prompts[-1]
         if isinstance(last, Point) and cur.any():
             _, rc = split_point(last.zyx, self.axis)
-            return _local_edit(cur, mask, (float(rc[0]), float(rc[1])), last.positive)
+            earlier = [pt for pt, lab in zip(pts[:-1], labs[:-1], strict=True) if lab == 0]
+            return _local_edit(
+                cur, mask, (float(rc[0]), float(rc[1])), last.positive, earlier_negatives=earlier
+            )
         return mask
 
     def _nearest_mask(self, idx: int) -> np.ndarray | None:
@@ -522,12 +525,17 @@ def _box_holding(
 
 
 def _local_edit(
-    cur: np.ndarray, new: np.ndarray, click: tuple[float, float], positive: bool
+    cur: np.ndarray,
+    new: np.ndarray,
+    click: tuple[float, float],
+    positive: bool,
+    earlier_negatives: list[tuple[float, float]] | None = None,
 ) -> np.ndarray:
     """The current slice mask changed only where the click says: a foreground click adds the
     8-connected piece of ``new & ~cur`` under it, a background click removes the piece of
     ``cur & ~new`` under it (more than half of ``cur`` only when the click is deep inside it,
-    at least half the mask's largest depth: else nothing changes);
+    at least half the mask's largest depth, or when an earlier background click on this slice
+    lies in the same piece: the user insists; else nothing changes);
     ``new`` as it is when the model's change does not reach the click.
     """
     from scipy import ndimage
@@ -544,7 +552,8 @@ def _local_edit(
         # most of the slice's mask: only for a click deep inside it ("all of this is wrong";
         # brain1 slice 11), not near its edge (lung1 slice 32: 0.88 -> 0.80 when allowed)
         depth = ndimage.distance_transform_edt(np.pad(cur, 1))[1:-1, 1:-1]
-        if depth[round(click[0]), round(click[1])] < 0.5 * float(depth.max()):
+        again = any(piece[round(r), round(c)] for r, c in earlier_negatives or [])
+        if depth[round(click[0]), round(click[1])] < 0.5 * float(depth.max()) and not again:
             return cur
     return cur & ~piece
 
