@@ -205,3 +205,34 @@ def test_session_refuses_unet_and_reports_before_prompt(blob):
     s = medseg.InteractiveSession(blob[0], cache_dir=False)
     with pytest.raises(InputError, match="no prompt yet"):
         _ = s.report
+
+
+# --------------------------------------------------------------------------- slice rules (pure)
+def test_local_edit_rules_by_hand():
+    from medseg.interactive import _box_holding, _local_edit
+
+    cur = np.zeros((20, 20), bool)
+    cur[5:15, 5:15] = True  # 100 px, depth 5 at the centre
+    empty = np.zeros_like(cur)
+    # background click near the edge whose piece is the whole mask: refused...
+    assert np.array_equal(_local_edit(cur, empty, (5.0, 9.0), False), cur)
+    # ...unless an earlier background click on this slice lies in the same piece
+    assert not _local_edit(cur, empty, (5.0, 9.0), False, earlier_negatives=[(6.0, 6.0)]).any()
+    # deep inside (depth 5 >= half of the largest 5): taken away
+    assert not _local_edit(cur, empty, (9.0, 9.0), False).any()
+    # a small piece under the click goes, the rest stays
+    new = cur.copy()
+    new[5:8, 5:15] = False  # the model drops rows 5..7 (30 px < half)
+    out = _local_edit(cur, new, (6.0, 9.0), False)
+    assert np.array_equal(out, new)
+    # a foreground click adds only the piece of new & ~cur under it
+    grown = cur.copy()
+    grown[15:18, 5:15] = True  # a piece below (under the click)
+    grown[0:2, 0:2] = True  # and an unrelated one
+    out = _local_edit(cur, grown, (16.0, 9.0), True)
+    assert out.sum() == 130 and not out[0:2, 0:2].any()
+    # a click where the model changed nothing: the model's mask as it is
+    assert np.array_equal(_local_edit(cur, grown, (1.0, 18.0), True), grown)
+    # the box grows to hold a foreground click, with the carry margin on the moved side only
+    assert _box_holding((5, 5, 14, 14), [(18.0, 9.0)], (20, 20), 0.1, 2.0) == (5, 5, 19.0, 14)
+    assert _box_holding((5, 5, 14, 14), [(9.0, 9.0)], (20, 20), 0.1, 2.0) == (5, 5, 14, 14)
