@@ -120,6 +120,7 @@ def run_case(case: str, clicks: int, seed: int) -> dict[str, Any]:
     )
     for _ in range(clicks):
         zyx, pos = next_click(lm.array > 0, gt, rng)
+        calls = s.predictor.decoder_calls
         t = time.perf_counter()
         lm = s.add(medseg.Point(*zyx, positive=pos))
         steps.append(
@@ -129,6 +130,7 @@ def run_case(case: str, clicks: int, seed: int) -> dict[str, Any]:
                 "seconds": round(time.perf_counter() - t, 3),
                 "changed": s.steps[-1].changed,
                 "stopped": s.steps[-1].stopped,
+                "decoder_calls": s.predictor.decoder_calls - calls,
             }
         )
     pred = s.predictor

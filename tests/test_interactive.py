@@ -16,6 +16,8 @@ from medseg.volume import Volume
 
 KEY = 5
 BOX = (27, 28, 65, 72)  # (y0, x0, y1, x1) around the object on slice 5, margin ~2 px
+FP = np.zeros((96, 96), bool)
+FP[70:80, 20:30] = True  # a false positive inside the body, away from the object
 
 
 def phantom(seed: int = 0) -> tuple[Volume, np.ndarray]:
@@ -70,6 +72,26 @@ def test_box_z_range_is_checked_and_recorded():
         medseg.Box(5, 1, 2, 10, 12, z_min=2.5)
     with pytest.raises(PromptError, match="outside the image"):
         key_prompts([medseg.Box(5, 1, 2, 10, 12, z_max=12)], (12, 20, 20))
+    # the prompts file round-trips it
+    from medseg.prompts import prompts_from_json
+
+    (back,) = prompts_from_json({"boxes": [{"slice": 5, "box": [1, 2, 10, 12], "z_range": [3, 8]}]})
+    assert back == b
+
+
+def test_start_from_a_mask(seeded, blob):
+    vol, obj = blob
+    s = medseg.InteractiveSession(vol, cache_dir=False, predictor=seeded.predictor)
+    with pytest.raises(InputError, match="empty"):
+        s.start_from(np.zeros(vol.shape, bool))
+    lm = s.start_from(obj, {3: 0.2, 8: 0.7, 9: 0.1})
+    assert np.array_equal(lm.array > 0, obj) and s.review == [8, 3, 9]
+    assert s.report["provenance"]["prompts"][0]["kind"] == "mask"
+    assert s.report["provenance"]["prompts"][0]["slice"] == 5  # the largest slice (ties: lowest)
+    medseg.validate_report(s.report)
+    with pytest.raises(InputError, match="already has prompts"):
+        s.start_from(obj)
+    assert not s.undo().array.any()
 
 
 # --------------------------------------------------------------------------- seeding
@@ -99,12 +121,13 @@ def test_seed_is_segment_and_z_range_bounds_it(seeded, blob):
 def test_undo_restores_exactly(seeded, blob):
     s = fresh(seeded, blob)
     seed_arr = s.labels.array.copy()
-    s.add(medseg.Point(KEY, 46, 50, positive=False))
-    after_neg = s.labels.array.copy()
-    assert not np.array_equal(after_neg, seed_arr)
-    s.add(medseg.Point(8, 46, 50))
+    s.add(medseg.MaskPrompt(blob[1][6] | FP, z=6))
+    after_mask = s.labels.array.copy()
+    assert not np.array_equal(after_mask, seed_arr)
+    s.add(medseg.Point(6, 75, 25, positive=False))
+    assert not np.array_equal(s.labels.array, after_mask)
     assert len(s.steps) == 3
-    assert np.array_equal(s.undo().array, after_neg)
+    assert np.array_equal(s.undo().array, after_mask)
     assert np.array_equal(s.undo().array, seed_arr)
     assert len(s.steps) == 1 and len(s.prompts) == 1
     assert not s.undo().array.any()  # before the box: nothing
@@ -115,9 +138,7 @@ def test_undo_restores_exactly(seeded, blob):
 def test_negative_click_removes_false_positive_on_its_slice(seeded, blob):
     _, obj = blob
     s = fresh(seeded, blob)
-    z = 6
-    fp = np.zeros((96, 96), bool)
-    fp[70:80, 20:30] = True  # inside the body, away from the object
+    z, fp = 6, FP
     s.add(medseg.MaskPrompt(obj[z] | fp, z=z))
     assert s.mask[z][fp].all()
     s.add(medseg.Point(z, 75, 25, positive=False))
@@ -128,18 +149,24 @@ def test_negative_click_removes_false_positive_on_its_slice(seeded, blob):
 
 
 def test_click_acts_locally(seeded, blob):
+    _, obj = blob
     s = fresh(seeded, blob)
+    s.add(medseg.MaskPrompt(obj[8] | FP, z=8))
     before = s.mask
-    s.add(medseg.Point(8, 46, 50, positive=False))
+    s.add(medseg.Point(8, 75, 25, positive=False))
     after = s.mask
     step = s.steps[-1]
     differ = [int(i) for i in np.flatnonzero((before != after).any(axis=(1, 2)))]
-    assert set(differ) <= set(step.changed)  # everything that changed is reported
-    assert 8 in step.changed
+    assert 8 in differ and set(differ) <= set(step.changed)  # what changed is reported
     # the key slice is the user's: the walk towards it stops there, so slices 0..5 keep their mask
     assert np.array_equal(before[: KEY + 1], after[: KEY + 1])
-    # the negative click emptied slice 8's piece under it
-    assert not after[8, 46, 50]
+    assert not after[8][FP].any() and dice(after[8], obj[8]) > 0.85
+    # a background click deep inside the slice's mask ("all of this is wrong") takes it away;
+    # the neighbours keep their masks (a carried change may shrink them by half at most)
+    s.add(medseg.Point(8, 46, 50, positive=False))
+    final = s.mask
+    assert not final[8, 46, 50] and final[8].sum() < 0.05 * after[8].sum()
+    assert np.array_equal(final[:8], after[:8]) and np.array_equal(final[9:], after[9:])
 
 
 def test_positive_click_extends_an_empty_slice(seeded, blob):
@@ -178,3 +205,34 @@ def test_session_refuses_unet_and_reports_before_prompt(blob):
     s = medseg.InteractiveSession(blob[0], cache_dir=False)
     with pytest.raises(InputError, match="no prompt yet"):
         _ = s.report
+
+
+# --------------------------------------------------------------------------- slice rules (pure)
+def test_local_edit_rules_by_hand():
+    from medseg.interactive import _box_holding, _local_edit
+
+    cur = np.zeros((20, 20), bool)
+    cur[5:15, 5:15] = True  # 100 px, depth 5 at the centre
+    empty = np.zeros_like(cur)
+    # background click near the edge whose piece is the whole mask: refused...
+    assert np.array_equal(_local_edit(cur, empty, (5.0, 9.0), False), cur)
+    # ...unless an earlier background click on this slice lies in the same piece
+    assert not _local_edit(cur, empty, (5.0, 9.0), False, earlier_negatives=[(6.0, 6.0)]).any()
+    # deep inside (depth 5 >= half of the largest 5): taken away
+    assert not _local_edit(cur, empty, (9.0, 9.0), False).any()
+    # a small piece under the click goes, the rest stays
+    new = cur.copy()
+    new[5:8, 5:15] = False  # the model drops rows 5..7 (30 px < half)
+    out = _local_edit(cur, new, (6.0, 9.0), False)
+    assert np.array_equal(out, new)
+    # a foreground click adds only the piece of new & ~cur under it
+    grown = cur.copy()
+    grown[15:18, 5:15] = True  # a piece below (under the click)
+    grown[0:2, 0:2] = True  # and an unrelated one
+    out = _local_edit(cur, grown, (16.0, 9.0), True)
+    assert out.sum() == 130 and not out[0:2, 0:2].any()
+    # a click where the model changed nothing: the model's mask as it is
+    assert np.array_equal(_local_edit(cur, grown, (1.0, 18.0), True), grown)
+    # the box grows to hold a foreground click, with the carry margin on the moved side only
+    assert _box_holding((5, 5, 14, 14), [(18.0, 9.0)], (20, 20), 0.1, 2.0) == (5, 5, 19.0, 14)
+    assert _box_holding((5, 5, 14, 14), [(9.0, 9.0)], (20, 20), 0.1, 2.0) == (5, 5, 14, 14)

@@ -16,8 +16,10 @@ The prompts file (``medseg segment --prompts FILE.json``, ``medseg.load_prompts`
      "masks": [{"slice": 12, "file": "key_mask.npy"}]}
 
 ``axis`` is optional; a box is ``[R0, C0, R1, C1]`` inclusive in the slice's ``(row, col)`` frame
-(axial: ``(y, x)``); a point's ``label`` is 1 (foreground, default) or 0 (background); a mask is a
-``.npy`` file (relative to the prompts file) holding a 2D ``(rows, cols)`` boolean array.
+(axial: ``(y, x)``), optionally with ``"z_range": [Z_MIN, Z_MAX]`` (the slices it may propagate
+over, as :class:`Box` ``z_min``/``z_max``); a point's ``label`` is 1 (foreground, default) or 0
+(background); a mask is a ``.npy`` file (relative to the prompts file) holding a 2D
+``(rows, cols)`` boolean array.
 """
 
 from __future__ import annotations
@@ -438,11 +440,13 @@ def prompts_from_json(
         try:
             idx = b["slice"]
             r0, c0, r1, c1 = (float(v) for v in b["box"])
-        except (KeyError, TypeError, ValueError):
+            z_lo, z_hi = b.get("z_range") or (None, None)
+        except (KeyError, TypeError, ValueError, AttributeError):
             raise InputError(
-                f'{p}: boxes[{i}] must be {{"slice": I, "box": [R0, C0, R1, C1]}}'
+                f'{p}: boxes[{i}] must be {{"slice": I, "box": [R0, C0, R1, C1]}} (optional '
+                '"z_range": [Z_MIN, Z_MAX])'
             ) from None
-        out.append(Box(idx, r0, c0, r1, c1, axis=file_axis))
+        out.append(Box(idx, r0, c0, r1, c1, axis=file_axis, z_min=z_lo, z_max=z_hi))
     for i, q in enumerate(data.get("points") or []):
         try:
             z, y, x = (float(v) for v in q["zyx"])

@@ -228,6 +228,9 @@ class SamWidget(Container):
         self._undo_btn.changed.connect(self.undo)
         self._review.changed.connect(self._jump_to_review)
         keep_choices_fresh(viewer, self)
+        from medseg._napari._correct import attach  # issue 15: correct the 3D proposal
+
+        attach(self)
 
     # ------------------------------------------------------------------ helpers
     def _set_status(self, text: str) -> None:

@@ -886,7 +886,7 @@ class LocalResult:
         changed: slice indices (along the axis) whose mask was rewritten, the start slice first.
         records: the engine's record of every slice predicted (rewritten or where a walk ended).
         stopped: ``{"-1": why, "+1": why}``: why each walk ended (``"settled"``: the new result
-            equalled the current one; ``"kept"``: the current one looked at least as right;
+            equalled the current one; ``"kept"``: the current one should stay (``change``);
             ``"anchor"``: a slice the user prompted; ``"range"``: the
             bound or the volume's end; ``"cleared"``: the end of a run of slices cleared; or the
             stop rule's reason).
@@ -911,6 +911,7 @@ def repropagate(
     anchors: Sequence[int] = (),
     config: PropagationConfig | None = None,
     settle: float = 0.9,
+    change: str | None = None,
 ) -> LocalResult:
     """Set slice ``index`` to ``slice_mask`` and re-propagate outward only while the result changes.
 
@@ -918,8 +919,7 @@ def repropagate(
     starting from a corrected slice of an existing mask: each next slice is predicted from the
     previous new one and compared with the current mask there; the walk stops (leaving that slice
     and everything beyond it as it was) once they agree (2D Dice ``>= settle``), once the current
-    mask looks at least as much like the corrected slice's object as the new one does (the
-    embedding margin of the stop rule, as ``resolve="margin"`` uses), at a slice in ``anchors``,
+    mask should stay (see ``change``), at a slice in ``anchors``,
     at the end of ``bounds``, or when the stop rule rejects the slice. An empty
     ``slice_mask`` carries nothing: the walks then clear the run of non-empty slices next to
     ``index`` in ``directions`` (up to an anchor or an empty slice).
@@ -934,6 +934,10 @@ def repropagate(
         anchors: slices never rewritten (the user's prompted slices).
         config: carry-over and stop rule (default :data:`DEFAULT_CONFIG`).
         settle: 2D Dice between new and current result at which a walk stops.
+        change: what the correction did, and so what a carried change may do on a non-empty
+            slice: ``"grow"`` (a foreground click: only grow it), ``"shrink"`` (a background
+            click: only shrink it) or ``None`` (replace it when the new mask looks more like the
+            corrected slice's object).
 
     Returns:
         :class:`LocalResult`.
@@ -997,12 +1001,14 @@ def repropagate(
                     st.record.accepted, st.record.stopped = False, "settled"
                     why = "settled"
                     break
-                if now.any() and st.mask.any():  # keep the current mask if it looks as right
-                    vec = predictor.object_embedding(idx, now)
-                    if st.record.margin <= _cos(vec, ref.embedding) - _cos(vec, ref.background):
-                        st.record.accepted, st.record.stopped = False, "kept"
-                        why = "kept"
-                        break
+                if (
+                    now.any()
+                    and st.mask.any()
+                    and not _better(predictor, idx, st, now, ref, change)
+                ):
+                    st.record.accepted, st.record.stopped = False, "kept"
+                    why = "kept"
+                    break
                 st.record.review_score = review_score(st.record)
                 set_slice(out, ax, idx, st.mask)
                 changed.append(idx)
@@ -1011,6 +1017,33 @@ def repropagate(
             dist += 1
         stopped[f"{d:+d}"] = why
     return LocalResult(out, changed, records, stopped, time.perf_counter() - t0)
+
+
+def _better(
+    predictor: VolumePredictor,
+    index: int,
+    new: _Step,
+    current: np.ndarray,
+    ref: _Ref,
+    change: str | None,
+) -> bool:
+    """Whether a re-propagated slice mask should replace the current one.
+
+    ``change="grow"`` (a foreground click): the new mask must be larger (on brain1 the carried
+    masks were right but in another place than the current ones: a containment test refused
+    them); ``"shrink"`` (a background click): smaller, but at least half as large and 80 %
+    inside the current one (a slice emptied by a click must not empty its neighbours);
+    ``None``: it must look more like the corrected slice's object than the current one does
+    (the stop rule's embedding margin).
+    """
+    a_new, a_cur = int(np.count_nonzero(new.mask)), int(np.count_nonzero(current))
+    if change == "grow":
+        return a_new > a_cur
+    if change == "shrink":
+        inside = int(np.count_nonzero(new.mask & current))
+        return 2 * a_new >= a_cur > a_new and inside >= 0.8 * a_new
+    vec = predictor.object_embedding(index, current)
+    return new.record.margin > _cos(vec, ref.embedding) - _cos(vec, ref.background)
 
 
 # --------------------------------------------------------------------------- protocols
