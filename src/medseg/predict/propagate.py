@@ -108,6 +108,9 @@ class PropagationConfig:
             ``'similarity'`` (mask-pooled embedding most similar to the key slice's object;
             predicted IoU breaks ties).
         multimask: ask for three masks per prompt (candidates, see ``select``).
+        alternatives_below: try the ``alternatives`` only when the ``carry`` prompt's best
+            mask has a similarity to the key slice's object below this (``None``: always try
+            them). Each alternative costs one more decoder call per slice.
 
     Stop rule (a slice is rejected, and the walk stops, when any check fails; ``None`` disables a
     check):
@@ -146,6 +149,7 @@ class PropagationConfig:
     box_margin_px: float = 2.0
     negative_points: bool = False
     multimask: bool = False
+    alternatives_below: float | None = None
     min_area_px: int = 4
     min_iou: float | None = None
     min_stability: float | None = None
@@ -605,7 +609,15 @@ class _Walker:
         candidate."""
         cfg = self.cfg
         best: tuple[Any, ...] | None = None
-        for carry in (cfg.carry, *cfg.alternatives):
+        for n, carry in enumerate((cfg.carry, *cfg.alternatives)):
+            if (
+                n > 0
+                and cfg.alternatives_below is not None
+                and best is not None
+                and math.isfinite(best[5])
+                and best[5] >= cfg.alternatives_below
+            ):
+                break  # the carry's mask already looks like the key object: no alternatives
             pred = self.p.predict(index, multimask=cfg.multimask, **self.prompts_from(prev, carry))
             ks = range(pred.masks.shape[0])
             if cfg.select == "iou":
