@@ -13,6 +13,8 @@ import pytest
 from medseg.predict.propagate import DEFAULT_CONFIG, box_from_gt, dice3d, propagate
 from test_propagate import blob_volume
 
+ALWAYS = replace(DEFAULT_CONFIG, alternatives_below=None)
+
 
 @pytest.fixture(scope="module")
 def setup():
@@ -32,17 +34,17 @@ def _run(pred, key, cfg):
 
 @pytest.fixture(scope="module")
 def always(setup):
-    """The default configuration (the alternative tried on every slice) and its decoder calls."""
+    """The alternative tried on every slice (as before ``alternatives_below``) and its calls."""
     pred, _, key = setup
-    return _run(pred, key, DEFAULT_CONFIG)
+    return _run(pred, key, ALWAYS)
 
 
 def test_alternatives_below_extremes_equal_always_and_never(setup, always) -> None:
     pred, obj, key = setup
     always, n_always = always
-    never, n_never = _run(pred, key, replace(DEFAULT_CONFIG, alternatives=()))
-    above_all, n_above = _run(pred, key, replace(DEFAULT_CONFIG, alternatives_below=2.0))
-    below_all, n_below = _run(pred, key, replace(DEFAULT_CONFIG, alternatives_below=-2.0))
+    never, n_never = _run(pred, key, replace(ALWAYS, alternatives=()))
+    above_all, n_above = _run(pred, key, replace(ALWAYS, alternatives_below=2.0))
+    below_all, n_below = _run(pred, key, replace(ALWAYS, alternatives_below=-2.0))
     steps = len(always.records) - 1  # every slice but the key slice is one step
     assert steps >= 6 and DEFAULT_CONFIG.alternatives == ("box+points",)
     assert n_always == 1 + 2 * steps  # key slice: one call; each step: carry + alternative
@@ -57,7 +59,7 @@ def test_alternatives_below_skips_only_confident_slices(setup, always) -> None:
     ref, n_ref = always
     sims = [r.similarity for r in ref.records if r.distance > 0]
     thr = float(np.median(sims))  # about half of the slices are confident at this threshold
-    lazy, n_lazy = _run(pred, key, replace(DEFAULT_CONFIG, alternatives_below=thr))
+    lazy, n_lazy = _run(pred, key, replace(ALWAYS, alternatives_below=thr))
     assert n_lazy < n_ref
     # a slice skips its alternative only when the carry's own mask reached the threshold, and
     # the kept mask is then the carry's: so only slices whose kept mask has similarity >= thr
@@ -66,3 +68,4 @@ def test_alternatives_below_skips_only_confident_slices(setup, always) -> None:
     skipped = (1 + 2 * len(steps)) - n_lazy
     assert 0 < skipped <= sum(r.similarity >= thr for r in steps)
     assert abs(dice3d(lazy.mask, obj) - dice3d(ref.mask, obj)) < 0.05
+    assert DEFAULT_CONFIG.alternatives_below == 0.9  # chosen by bench_speed_decoder.py
