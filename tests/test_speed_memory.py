@@ -26,3 +26,22 @@ def test_memory_lru_default_depends_on_disk_cache(tmp_path) -> None:
     b = small.embed(0)
     assert small.encoder_calls == 2 and small.cache_info()["disk_hits"] == 1
     assert np.array_equal(a.numpy(), b.numpy())
+
+
+def test_labels_info_counts_in_chunks_equal_unique(monkeypatch) -> None:
+    from medseg import report
+    from medseg.volume import LabelMap
+
+    rng = np.random.default_rng(0)
+    arr = rng.choice([0, 1, 2, 7], size=(5, 30, 40), p=[0.7, 0.2, 0.09, 0.01]).astype(np.uint8)
+    arr[0, 0, :3] = 9  # a value only in the first chunk, not in the table
+    lm = LabelMap(arr, spacing=(2.0, 0.5, 0.5), labels={1: "a", 2: "b", 5: "absent", 7: "c"})
+    monkeypatch.setattr(report, "_COUNT_CHUNK", 1000)  # 6 chunks, the last one partial
+    got = report.labels_info(lm)
+    vals, counts = np.unique(arr, return_counts=True)
+    want = {int(v): int(n) for v, n in zip(vals, counts, strict=True) if v != 0}
+    assert [e["value"] for e in got] == [1, 2, 5, 7, 9]
+    for e in got:
+        assert e["voxels"] == want.get(e["value"], 0)
+        assert e["volume_mm3"] == e["voxels"] * 0.5
+    assert got[2]["name"] == "absent" and got[2]["voxels"] == 0
