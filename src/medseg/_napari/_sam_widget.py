@@ -221,8 +221,8 @@ class SamWidget(Container):
         self._undo_btn.changed.connect(self.undo)
         self._review.changed.connect(self._jump_to_review)
         keep_choices_fresh(viewer, self)
-        # issue 14: the current slice is embedded in the background as soon as a prompt layer
-        # gets a shape or point, so that "Segment slice" finds the embedding ready
+        # issue 14: the current slice is embedded in the background when prompt layers are added
+        # and when a prompt layer gets a shape or point, so "Segment slice" finds it ready
         self.prefetch = Job()
         self._predictor_lock = threading.Lock()
         self._watched: weakref.WeakSet[Any] = weakref.WeakSet()
@@ -327,8 +327,9 @@ class SamWidget(Container):
                 layer.events.data.connect(self._prompt_drawn)
 
     def _prompt_drawn(self, *_: Any) -> None:
-        """A prompt layer changed: embed the current slice in the background (model loaded on
-        first use), unless it is embedded already or a job is running."""
+        """Embed the current slice in the background (the model loaded on first use) unless it
+        is embedded already or a job is running: when prompt layers are added and whenever a
+        chosen prompt layer changes."""
         if self.prefetch.busy or self.job.busy:
             return
         try:
@@ -369,6 +370,7 @@ class SamWidget(Container):
         self._points.value, self._neg_points.value, self._shapes.value = pos, neg, box
         box.mode = "add_rectangle"
         self._viewer.layers.selection.active = box
+        self._prompt_drawn()  # load the model and embed this slice while the user draws
 
     def segment_slice(self) -> None:
         """Segment the current slice from its prompts (instant when the slice is embedded).
