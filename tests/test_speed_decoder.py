@@ -135,6 +135,26 @@ def test_memo_is_reused_and_bounded_and_never_stale() -> None:
     assert not torch.allclose(before[0], after[0], atol=1e-3)
 
 
+def test_deep_copied_decoder_with_new_weights_does_not_reuse_the_memo() -> None:
+    """``models.decoder.with_decoder`` deep-copies the (accelerated) decoder, memo included, and
+    loads other weights: the copy must answer with its own weights."""
+    import copy
+
+    m = _tiny()
+    emb = torch.randn(1, 32, 8, 8, generator=torch.Generator().manual_seed(5))
+    box = _PROMPTS["box"]
+    fast.accelerate(m, "fp32")
+    base = _decode(m, emb, box)  # fills the original's memo
+    view = _Model(m.prompt_encoder, copy.deepcopy(m.mask_decoder))
+    state = {k: v * 1.5 for k, v in m.mask_decoder.state_dict().items()}
+    view.mask_decoder.load_state_dict(state)
+    m.mask_decoder.load_state_dict(m.mask_decoder.state_dict())  # same versions on both
+    got = _decode(view, emb, box)
+    fast.restore(view)
+    _close(got, _decode(view, emb, box))
+    assert not torch.allclose(got[0], base[0], atol=1e-3)
+
+
 def test_batched_prompts_take_the_stock_path() -> None:
     m = _tiny()
     emb = torch.randn(1, 32, 8, 8, generator=torch.Generator().manual_seed(4))

@@ -630,7 +630,10 @@ def _image_side(self: Any, emb: torch.Tensor, image_pe: torch.Tensor, dense: tor
         version = -1 if emb.is_inference() else emb._version  # inference tensors have none
         projs = (b1.cross_attn_token_to_image, b1.cross_attn_image_to_token)
         weights = tuple(t._version for a in projs for t in a.parameters())  # decoder reloaded?
-        key = (emb.data_ptr(), version, tuple(emb.shape), tuple(emb.stride()), emb.dtype, weights)
+        # id(self): a deep copy of the decoder (a fine-tuned decoder view) copies this memo too;
+        # its entries must not serve the copy, whose weights may differ at equal versions
+        key = (id(self), emb.data_ptr(), version, tuple(emb.shape), tuple(emb.stride()))
+        key += (emb.dtype, weights)
         probe = emb.reshape(-1)[::997]  # a sample of the values: catches in-place edits
         memo = self.__dict__.setdefault("_medseg_image_memo", [])
         for i, (k, _, pe_ref, dvec, old_probe, out) in enumerate(memo):
