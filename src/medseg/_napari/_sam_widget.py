@@ -13,6 +13,8 @@ so a new prompt on an already embedded slice only runs the mask decoder.
 
 from __future__ import annotations
 
+import threading
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -228,6 +230,14 @@ class SamWidget(Container):
         self._undo_btn.changed.connect(self.undo)
         self._review.changed.connect(self._jump_to_review)
         keep_choices_fresh(viewer, self)
+        # issue 14: the current slice is embedded in the background when prompt layers are added
+        # and when a prompt layer gets a shape or point, so "Segment slice" finds it ready
+        self.prefetch = Job()
+        self._predictor_lock = threading.Lock()
+        self._watched: weakref.WeakSet[Any] = weakref.WeakSet()
+        for picker in (self._shapes, self._points, self._neg_points):
+            picker.changed.connect(self._watch_prompt_layers)
+
         from medseg._napari._correct import attach  # issue 15: correct the 3D proposal
 
         attach(self)
@@ -261,8 +271,16 @@ class SamWidget(Container):
     def _get_predictor(
         self, image_layer: Any, model_name: str, window: str | None, decoder: str | None = None
     ) -> Any:
-        """The predictor for this image/model/window (built in the worker thread; the model is
-        loaded once per name and reused for other images)."""
+        """The predictor for this image/model/window (built in a worker thread, one at a time:
+        the background embedding and a button's job share it)."""
+        with self._predictor_lock:
+            return self._build_predictor(image_layer, model_name, window, decoder)
+
+    def _build_predictor(
+        self, image_layer: Any, model_name: str, window: str | None, decoder: str | None = None
+    ) -> Any:
+        """The predictor for this image/model/window (the model is loaded once per name and
+        reused for other images)."""
         from medseg._napari._layers import volume_from_layer
         from medseg.predict.cache import default_cache_dir
         from medseg.predict.sam import VolumePredictor
@@ -314,6 +332,39 @@ class SamWidget(Container):
             self._preview.scale = image_layer.scale
             self._preview.translate = image_layer.translate
 
+    def _watch_prompt_layers(self, *_: Any) -> None:
+        """Follow the data of the chosen box/points layers (see :meth:`_prompt_drawn`)."""
+        for layer in (self._shapes.value, self._points.value, self._neg_points.value):
+            if layer is not None and layer not in self._watched:
+                self._watched.add(layer)
+                layer.events.data.connect(self._prompt_drawn)
+
+    def _prompt_drawn(self, *_: Any) -> None:
+        """Embed the current slice in the background (the model loaded on first use) unless it
+        is embedded already or a job is running: when prompt layers are added and whenever a
+        chosen prompt layer changes."""
+        if self.prefetch.busy or self.job.busy:
+            return
+        try:
+            img = self._image_layer()
+            settings = self._settings()
+        except MedsegError:
+            return  # no image / decoder file yet: the buttons will say what is missing
+        idx = slice_index(self._viewer, img)
+        pred = self.predictor
+        if pred is not None and self._predictor_key is not None:
+            same = self._predictor_key[:2] == (id(img), id(img.data))
+            if same and self._predictor_key[2:] == settings and pred.is_cached(idx):
+                return
+
+        def work(progress: Any) -> int:
+            progress(0, 1)
+            self._get_predictor(img, *settings).embed(idx)
+            progress(1, 1)
+            return idx
+
+        self.prefetch.start(work, "medseg: embedding the slice", lambda _idx: None)
+
     # ------------------------------------------------------------------ actions
     def add_prompt_layers(self) -> None:
         """Add a positive and a negative Points layer and a Shapes layer on the image's grid."""
@@ -332,6 +383,7 @@ class SamWidget(Container):
         self._points.value, self._neg_points.value, self._shapes.value = pos, neg, box
         box.mode = "add_rectangle"
         self._viewer.layers.selection.active = box
+        self._prompt_drawn()  # load the model and embed this slice while the user draws
 
     def segment_slice(self) -> None:
         """Segment the current slice from its prompts (instant when the slice is embedded).

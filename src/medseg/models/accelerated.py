@@ -532,11 +532,14 @@ def _convt2x2_nhwc(x: torch.Tensor, conv: Any) -> torch.Tensor:
     """ConvTranspose2d(k=2, s=2) as one matmul: ``(B, H, W, Ci)`` -> ``(B, H, W, Co, 2, 2)``."""
     B, H, W, _ = x.shape
     co = conv.out_channels
+    import torch
+
     w = conv.weight.reshape(conv.in_channels, co * 4)  # (Ci, Co*kh*kw)
-    y = (x.reshape(-1, x.shape[-1]) @ w).view(B, H, W, co, 2, 2)
-    if conv.bias is not None:
-        y = y + conv.bias[:, None, None]
-    return y
+    x2 = x.reshape(-1, x.shape[-1])
+    if conv.bias is None:
+        return (x2 @ w).view(B, H, W, co, 2, 2)
+    # bias in the matmul's epilogue: one pass over the output less
+    return torch.addmm(conv.bias.repeat_interleave(4), x2, w).view(B, H, W, co, 2, 2)
 
 
 def _upscaling_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
@@ -554,6 +557,207 @@ def _upscaling_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
     z = F.gelu(_convt2x2_nhwc(y, c2))  # (B, 2H, 2W, C2, 2, 2)
     z = z.permute(0, 3, 1, 4, 2, 5).reshape(B, c2.out_channels, 4 * H, 4 * W)
     return z
+
+
+def _attend(
+    mod: Any,
+    q: torch.Tensor | None,
+    k: torch.Tensor | None,
+    v: torch.Tensor | None,
+    *,
+    qp: torch.Tensor | None = None,
+    kp: torch.Tensor | None = None,
+    vp: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """SAM decoder attention with optionally precomputed projections (``qp = q_proj(q)`` ...);
+    the same operations as :func:`_decoder_attention_forward` otherwise."""
+    import torch.nn.functional as F
+
+    q = mod.q_proj(q) if qp is None else qp
+    k = mod.k_proj(k) if kp is None else kp
+    v = mod.v_proj(v) if vp is None else vp
+    B, Nq, Ci = q.shape
+    nh = mod.num_heads
+    q = q.view(B, Nq, nh, Ci // nh).transpose(1, 2)
+    k = k.view(B, k.shape[1], nh, Ci // nh).transpose(1, 2)
+    v = v.view(B, v.shape[1], nh, Ci // nh).transpose(1, 2)
+    o = F.scaled_dot_product_attention(q, k, v)
+    return mod.out_proj(o.transpose(1, 2).reshape(B, Nq, Ci))
+
+
+def _is_sam_two_way(dec: Any) -> bool:
+    """A segment-anything ``MaskDecoder`` whose transformer is the stock ``TwoWayTransformer``."""
+    tr = getattr(dec, "transformer", None)
+    layers = getattr(tr, "layers", None)
+    if type(tr).__name__ != "TwoWayTransformer" or layers is None or len(layers) == 0:
+        return False
+    blocks_ok = all(
+        type(b).__name__ == "TwoWayAttentionBlock" and b.skip_first_layer_pe == (i == 0)
+        for i, b in enumerate(layers)
+    )
+    return (
+        blocks_ok
+        and hasattr(dec, "num_mask_tokens")
+        and _is_sam_upscaling(getattr(dec, "output_upscaling", None))
+    )
+
+
+#: Image-side results of the decoder's first block kept per embedding (see :func:`_image_side`).
+_DECODER_MEMO_ITEMS = 2
+
+
+def _image_side(self: Any, emb: torch.Tensor, image_pe: torch.Tensor, dense: torch.Tensor) -> Any:
+    """The prompt-independent part of the first two-way block for one image embedding.
+
+    Without a mask prompt, ``dense`` is one vector broadcast over the grid, so the image tokens,
+    ``tokens + pe`` and the first block's key/value/query projections of the image are the same
+    for every prompt on that embedding: they are computed once and kept (the two most recent
+    embeddings). The memo holds a reference to ``emb`` so its memory (and address) stays owned;
+    embeddings must not be modified in place (the predictor's cache never does).
+
+    Returns:
+        ``(keys (B, HW, C), kpe = keys + pe, pe (B, HW, C), k0, v0, q0)``; the last three are
+        the first block's ``cross_attn_token_to_image`` key/value and
+        ``cross_attn_image_to_token`` query projections.
+    """
+    import torch
+
+    b1 = self.transformer.layers[0]
+    const = dense.dim() == 4 and dense.stride(-1) == 0 and dense.stride(-2) == 0
+    key = None
+    if const:
+        vec = dense[:, :, 0, 0]
+        version = -1 if emb.is_inference() else emb._version  # inference tensors have none
+        projs = (b1.cross_attn_token_to_image, b1.cross_attn_image_to_token)
+        weights = tuple(t._version for a in projs for t in a.parameters())  # decoder reloaded?
+        # id(self): a deep copy of the decoder (a fine-tuned decoder view) copies this memo too;
+        # its entries must not serve the copy, whose weights may differ at equal versions
+        key = (id(self), emb.data_ptr(), version, tuple(emb.shape), tuple(emb.stride()))
+        key += (emb.dtype, weights)
+        probe = emb.reshape(-1)[::997]  # a sample of the values: catches in-place edits
+        memo = self.__dict__.setdefault("_medseg_image_memo", [])
+        for i, (k, _, pe_ref, dvec, old_probe, out) in enumerate(memo):
+            if (
+                k == key
+                and pe_ref is image_pe
+                and torch.equal(dvec, vec)
+                and torch.equal(old_probe, probe)
+            ):
+                memo.append(memo.pop(i))  # most recent last
+                return out
+    src = emb + dense
+    keys = src.flatten(2).permute(0, 2, 1)
+    pe = image_pe.flatten(2).permute(0, 2, 1)
+    kpe = keys + pe
+    out = (
+        keys,
+        kpe,
+        pe,
+        b1.cross_attn_token_to_image.k_proj(kpe),
+        b1.cross_attn_token_to_image.v_proj(keys),
+        b1.cross_attn_image_to_token.q_proj(kpe),
+    )
+    if key is not None:
+        # emb itself is kept so that its address cannot be reused by another tensor
+        memo.append((key, emb, image_pe, vec.clone(), probe.clone(), out))
+        while len(memo) > _DECODER_MEMO_ITEMS:
+            memo.pop(0)
+    return out
+
+
+def _predict_masks_fast(
+    self: Any,
+    image_embeddings: torch.Tensor,
+    image_pe: torch.Tensor,
+    sparse_prompt_embeddings: torch.Tensor,
+    dense_prompt_embeddings: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``MaskDecoder.predict_masks`` for one embedding and one prompt set (CPU inference).
+
+    The stock maths in the stock order, with the first block's image side reused per embedding
+    (:func:`_image_side`), ``keys + pe`` computed once per block, and the upscaled embedding
+    multiplied by the hypernetwork weights in its channels-last layout (no full-size NCHW copy).
+    Shapes: embeddings ``(1, C, h, w)``, sparse ``(1, N, C)`` -> masks ``(1, M, 4h, 4w)``,
+    iou ``(1, M)``. Anything else (batches, autograd, GPU) takes the stock path.
+    """
+    import torch
+
+    B = sparse_prompt_embeddings.shape[0]
+    if (
+        torch.is_grad_enabled()
+        or image_embeddings.device.type != "cpu"
+        or image_embeddings.shape[0] != 1
+        or B != 1
+        or image_pe.shape[0] != 1
+    ):
+        return type(self).predict_masks(
+            self, image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings
+        )
+    output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
+    output_tokens = output_tokens.unsqueeze(0).expand(B, -1, -1)
+    tokens = torch.cat((output_tokens, sparse_prompt_embeddings), dim=1)
+    _, c, h, w = image_embeddings.shape
+    keys, kpe, pe, k0, v0, q0 = _image_side(
+        self, image_embeddings, image_pe, dense_prompt_embeddings
+    )
+    tr = self.transformer
+    queries = tokens
+    query_pe = tokens
+    for i, blk in enumerate(tr.layers):
+        if i == 0:  # skip_first_layer_pe
+            queries = blk.self_attn(q=queries, k=queries, v=queries)
+        else:
+            q = queries + query_pe
+            queries = queries + blk.self_attn(q=q, k=q, v=queries)
+        queries = blk.norm1(queries)
+        q = queries + query_pe
+        if i == 0:
+            attn = _attend(blk.cross_attn_token_to_image, q, None, None, kp=k0, vp=v0)
+        else:
+            kpe = keys + pe
+            attn = _attend(blk.cross_attn_token_to_image, q, kpe, keys)
+        queries = blk.norm2(queries + attn)
+        queries = blk.norm3(queries + blk.mlp(queries))
+        q = queries + query_pe
+        if i == 0:
+            attn = _attend(blk.cross_attn_image_to_token, None, q, queries, qp=q0)
+        else:
+            attn = _attend(blk.cross_attn_image_to_token, kpe, q, queries)
+        keys = blk.norm4(keys + attn)
+    q = queries + query_pe
+    k = keys + pe
+    queries = queries + tr.final_attn_token_to_image(q=q, k=k, v=keys)
+    hs = tr.norm_final_attn(queries)
+    iou_token_out = hs[:, 0, :]
+    mask_tokens_out = hs[:, 1 : (1 + self.num_mask_tokens), :]
+    hyper_in = torch.stack(
+        [
+            self.output_hypernetworks_mlps[i](mask_tokens_out[:, i, :])
+            for i in range(self.num_mask_tokens)
+        ],
+        dim=1,
+    )
+    masks = _upscale_and_project(self.output_upscaling, keys.view(B, h, w, c), hyper_in)
+    return masks, self.iou_prediction_head(iou_token_out)
+
+
+def _upscale_and_project(up: Any, x: torch.Tensor, hyper: torch.Tensor) -> torch.Tensor:
+    """SAM's upscaling on channels-last ``(B, h, w, C)`` then ``hyper (B, M, C2)`` times the
+    upscaled features: ``(B, M, 4h, 4w)`` masks (the final interleave touches only ``M``
+    channels instead of ``C2``)."""
+    import torch.nn.functional as F
+
+    c1, ln, _, c2, _ = up
+    B, H, W, _ = x.shape
+    y = _convt2x2_nhwc(x, c1)  # (B, H, W, C1, 2, 2)
+    y = y.permute(0, 1, 4, 2, 5, 3).reshape(B, 2 * H, 2 * W, c1.out_channels)
+    y = F.gelu(F.layer_norm(y, (y.shape[-1],), ln.weight, ln.bias, ln.eps))
+    z = F.gelu(_convt2x2_nhwc(y, c2))  # (B, 2H, 2W, C2, 2, 2)
+    co = c2.out_channels
+    z = z.view(B, 4 * H * W, co, 4)
+    m = hyper.shape[1]
+    out = (hyper[:, None] @ z).view(B, 2 * H, 2 * W, m, 2, 2)  # (B, 4HW, M, 4)
+    return out.permute(0, 3, 1, 4, 2, 5).reshape(B, m, 4 * H, 4 * W)
 
 
 def _cached_dense_pe(self: Any) -> torch.Tensor:
@@ -608,7 +812,7 @@ def restore(model: Any, *, keep_cache: bool = False) -> Any:
         keep_cache: keep the packed (folded/cast) encoder weights so that a later
             :func:`accelerate` with the same precision does not rebuild them (benchmarks).
     """
-    keys = ("forward", "get_dense_pe", "_medseg_pe_cache")
+    keys = ("forward", "get_dense_pe", "_medseg_pe_cache", "predict_masks", "_medseg_image_memo")
     if not keep_cache:
         keys += ("_medseg_fast",)
     for mod in (
@@ -680,6 +884,8 @@ def accelerate(model: Any, precision: str = "auto", *, decoder: bool = True) -> 
             up = getattr(dec, "output_upscaling", None)
             if up is not None and _is_sam_upscaling(up):
                 up.forward = types.MethodType(_upscaling_forward, up)
+            if _is_sam_two_way(dec):
+                dec.predict_masks = types.MethodType(_predict_masks_fast, dec)
         pe = getattr(model, "prompt_encoder", None)
         if pe is not None and hasattr(pe, "get_dense_pe") and hasattr(pe, "pe_layer"):
             pe.get_dense_pe = types.MethodType(_cached_dense_pe, pe)
