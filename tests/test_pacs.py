@@ -233,10 +233,43 @@ def test_segment_push_stores_seg_equal_to_local_run(orthanc: Orthanc, tmp_path: 
     np.testing.assert_array_equal(back.array, expected.array)
 
 
-def test_push_needs_url_and_dcm(tmp_path: Path) -> None:
-    res = _cli("segment", str(tmp_path), "--model", "unet-demo", "--out", "x.dcm", "--push")
+def test_push_needs_dcm_and_a_server(tmp_path: Path) -> None:
+    res = _cli("segment", str(tmp_path), "--model", "unet-demo", "--out", "x.nii.gz", "--push")
     assert res.returncode == 2
-    assert "--push stores the DICOM-SEG" in res.stderr and "Traceback" not in res.stderr
+    assert "give --out NAME.dcm" in res.stderr and "Traceback" not in res.stderr
+    res = _cli("segment", str(tmp_path), "--model", "unet-demo", "--out", "x.dcm", "--push")
+    assert res.returncode == 2 and "give --to URL" in res.stderr
+    assert "Traceback" not in res.stderr
+    res = _cli("segment", str(tmp_path), "--model", "unet-demo", "--to", "http://h/dicom-web")
+    assert res.returncode == 2 and "add --push" in res.stderr
+    assert not list(tmp_path.iterdir())
+
+
+def test_segment_local_series_push_to(orthanc: Orthanc, tmp_path: Path) -> None:
+    """A local DICOM series with ``--push --to ROOT``: the SEG lands in that series' study."""
+    from medseg.io.dicom_write import write_dicom_series
+    from medseg.phantom import make_phantom
+
+    vol, _ = make_phantom(6, (12, 48, 48), (5.0, 3.0, 3.0))
+    local = tmp_path / "phantom"
+    write_dicom_series(vol, local, uid_seed="pacs-to", patient_id="PACSTO")
+    remote.push_files(sorted(local.iterdir()), orthanc.root)
+    res = _cli(
+        "segment", str(local), "--model", "unet-demo", "--out", "seg.dcm", "--push",
+        "--to", orthanc.root, "--quiet", cwd=tmp_path,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    rows = remote.search(orthanc.root, patient="PACSTO")
+    (image,) = [r for r in rows if r["modality"] != "SEG"]
+    (seg,) = [r for r in rows if r["modality"] == "SEG"]
+    assert seg["study_uid"] == image["study_uid"] and seg["series_uid"] != image["series_uid"]
+    pulled = tmp_path / "pulled"
+    remote.pull_series(seg["url"], pulled)
+    (seg_file,) = list(pulled.iterdir())
+    back = medseg.read_labels(seg_file, reference=medseg.read_volume(local))
+    expected = medseg.read_labels(tmp_path / "seg.dcm", reference=medseg.read_volume(local))
+    assert expected.array.max() > 0
+    np.testing.assert_array_equal(back.array, expected.array)
 
 
 def test_stopped_server_fails_in_one_line(

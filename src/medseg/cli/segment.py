@@ -118,8 +118,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     o.add_argument(
         "--push",
         action="store_true",
-        help="store the DICOM-SEG (--out x.dcm) on the DICOMweb server the image URL names, "
+        help="store the DICOM-SEG (--out x.dcm) on the server the image URL names (or --to), "
         "as a new series of the same study",
+    )
+    o.add_argument(
+        "--to",
+        metavar="URL",
+        help="with --push: the server to store on (a DICOMweb root or dimse://AET@HOST:PORT); "
+        "needed when the image is local",
     )
     o.add_argument(
         "--json",
@@ -205,7 +211,6 @@ def run(args: argparse.Namespace) -> int:
     """Run ``medseg segment``. Returns the exit status (0)."""
     import medseg
     from medseg.io.files import check_output_path, image_suffix
-    from medseg.io.remote import is_remote_url
     from medseg.models.registry import resolve_model
     from medseg.pipeline import instance_paths
     from medseg.progress import tqdm_progress
@@ -217,13 +222,17 @@ def run(args: argparse.Namespace) -> int:
         for p in (args.image, args.gt, args.box_from_gt, args.prompts, args.weights, args.decoder)
         if p
     ]
-    if args.push and not (
-        is_remote_url(args.image) and str(args.out or "").lower().endswith(".dcm")
-    ):
-        raise InputError(
-            "--push stores the DICOM-SEG on the server the image came from: give a DICOMweb "
-            "(or dimse://) series URL as the image and --out NAME.dcm"
-        )
+    if args.to and not args.push:
+        raise InputError("--to names the server to push to; add --push")
+    if args.push:
+        if not str(args.out or "").lower().endswith(".dcm"):
+            raise InputError(
+                "--push stores the DICOM-SEG on the server the image came from (or --to URL): "
+                "give --out NAME.dcm"
+            )
+        from medseg.io.remote import push_target
+
+        push_target(args.image, args.to)  # a local image needs --to: fail before any work
     # outputs first: fail before any slow work
     outs: list[Path] = []
     if args.out:
@@ -310,11 +319,10 @@ def run(args: argparse.Namespace) -> int:
             written["report"] = seg.save_report(args.json_out, overwrite=args.overwrite)
     lines = [*summary(seg.report), *(f"wrote {p}" for p in written.values())]
     if args.push:
-        from medseg.io.remote import parse_remote_series, push_files
+        from medseg.io.remote import push_result
 
-        ref = parse_remote_series(args.image)
-        push_files([written["labels"]], ref.root, study=ref.study)
-        lines.append(f"pushed {written['labels']} to {ref.root} (study {ref.study})")
+        rec = push_result(written["labels"], source=args.image, to=args.to)
+        lines.append(f"pushed {written['labels']} to {rec.to} (study {rec.study})")
     print("\n".join(lines))
     return 0
 
