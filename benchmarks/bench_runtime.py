@@ -178,17 +178,24 @@ def agreement(cases: list[str]) -> dict[str, Any]:
     from medseg.prompts import box_from_gt
 
     out: dict[str, Any] = {}
-    ref_model = load_sam_model("litemedsam", precision="bf16")
-    others = {
+    models = {
+        "torch_bf16": load_sam_model("litemedsam", precision="bf16"),
+        "torch_fp32": load_sam_model("litemedsam", precision="fp32"),
         "openvino_bf16": load_sam_model("litemedsam", precision="bf16", runtime="openvino"),
         "openvino_fp32": load_sam_model("litemedsam", precision="fp32", runtime="openvino"),
+    }
+    #: each pair: (compared, reference)
+    pairs = {
+        "openvino_bf16_vs_torch_bf16": ("openvino_bf16", "torch_bf16"),
+        "openvino_fp32_vs_torch_fp32": ("openvino_fp32", "torch_fp32"),
+        "torch_bf16_vs_torch_fp32": ("torch_bf16", "torch_fp32"),
+        "openvino_bf16_vs_torch_fp32": ("openvino_bf16", "torch_fp32"),
     }
     for case in cases:
         img, gt = _case(case)
         mask = gt.array > 0
-        ref = VolumePredictor(img, ref_model, cache_dir=None)
-        preds = {k: VolumePredictor(img, m, cache_dir=None) for k, m in others.items()}
-        per: dict[str, list[float]] = {k: [] for k in preds}
+        preds = {k: VolumePredictor(img, m, cache_dir=None) for k, m in models.items()}
+        per: dict[str, list[float]] = {k: [] for k in pairs}
         h, w = mask.shape[1:]
         for z in np.nonzero(mask.any(axis=(1, 2)))[0]:
             rows = np.nonzero(mask[z].any(axis=1))[0]
@@ -199,9 +206,9 @@ def agreement(cases: list[str]) -> dict[str, Any]:
                 min(h - 1, rows[-1] + MARGIN),
                 min(w - 1, cols[-1] + MARGIN),
             )
-            a = ref.predict(int(z), box_rc=box).masks[0]
-            for k, p in preds.items():
-                per[k].append(_dice(a, p.predict(int(z), box_rc=box).masks[0]))
+            got = {k: p.predict(int(z), box_rc=box).masks[0] for k, p in preds.items()}
+            for k, (a, b) in pairs.items():
+                per[k].append(_dice(got[a], got[b]))
         seg = {}
         prompt = box_from_gt(gt, axis="z")
         for rt in ("torch", "openvino"):
@@ -209,8 +216,8 @@ def agreement(cases: list[str]) -> dict[str, Any]:
             seg[rt] = s
         lt, lo = seg["torch"].labels.array > 0, seg["openvino"].labels.array > 0
         out[case] = {
-            "slices": len(per["openvino_bf16"]),
-            "per_slice_dice_vs_torch_bf16": {
+            "slices": len(per["torch_bf16_vs_torch_fp32"]),
+            "per_slice_dice": {
                 k: {"min": round(min(v), 5), "mean": round(float(np.mean(v)), 5)}
                 for k, v in per.items()
             },
@@ -228,6 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--cases", default="lung1,brain1")
+    ap.add_argument("--parts", default="encoder,decoder,agreement")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
     import torch
@@ -248,10 +256,14 @@ def main(argv: list[str] | None = None) -> int:
             "load_before": os.getloadavg(),
             "conversion": conversion(args.threads),
         }
-        report["encoder"] = encoder_speed(args.threads, args.rounds)
-        report["load_mid"] = os.getloadavg()
-        report["decoder"] = decoder_speed(args.threads, 8)
-        report["agreement"] = agreement(args.cases.split(","))
+        parts = args.parts.split(",")
+        if "encoder" in parts:
+            report["encoder"] = encoder_speed(args.threads, args.rounds)
+            report["load_mid"] = os.getloadavg()
+        if "decoder" in parts:
+            report["decoder"] = decoder_speed(args.threads, 8)
+        if "agreement" in parts:
+            report["agreement"] = agreement(args.cases.split(","))
         report["load_after"] = os.getloadavg()
     text = json.dumps(report, indent=2)
     print(text)

@@ -19,6 +19,7 @@ import hashlib
 import importlib.util
 import json
 import shutil
+import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -161,6 +162,7 @@ class OpenVinoEncoder:
     def __init__(self, compiled: Any, path: Path, precision: str, threads: int) -> None:
         self._compiled = compiled
         self._request = compiled.create_infer_request()
+        self._lock = threading.Lock()  # one infer request: predictors sharing a model take turns
         self.path = path
         self.precision = precision
         self.threads = threads
@@ -173,9 +175,10 @@ class OpenVinoEncoder:
         (one inference per image: the model is static at batch 1)."""
         x = np.ascontiguousarray(images, dtype=np.float32)
         outs = []
-        for i in range(x.shape[0]):
-            res = self._request.infer({0: x[i : i + 1]})
-            outs.append(np.array(res[0], dtype=np.float32, copy=True))
+        with self._lock:
+            for i in range(x.shape[0]):
+                res = self._request.infer({0: x[i : i + 1]})
+                outs.append(np.array(res[0], dtype=np.float32, copy=True))
         return np.concatenate(outs, axis=0)
 
 
