@@ -192,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
         if "openvino" in runtimes:  # the converted encoder stays, like the weights digest
             code = (
                 "import time; from medseg.models.sam import load_sam_model; t=time.perf_counter();"
-                "load_sam_model('litemedsam', precision='auto', runtime='openvino');"
+                "load_sam_model('litemedsam', precision='auto', runtime='openvino')"
+                ".ov_encoder.load();"
                 "print(time.perf_counter()-t)"
             )
             proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True)

@@ -162,7 +162,8 @@ def test_segment_runtime_openvino_in_report_and_equal_masks(tiny, converted, tmp
         model = load_sam_model(spec, weights=path, precision="fp32", runtime=rt)
         assert model.runtime == rt and (model.ov_encoder is not None) == (rt == "openvino")
         if rt == "openvino":
-            assert model.ov_encoder.source == "cache"  # the fixture's entry
+            assert not model.ov_encoder.loaded  # compiled at the first encoder call
+            assert model.ov_encoder.load().source == "cache"  # the fixture's entry
         pred = VolumePredictor(vol, model, cache_dir=tmp_path / f"emb-{rt}")
         seg = medseg.segment(vol, "litemedsam", box, predictor=pred, runtime=rt)
         reports[rt], labels[rt] = seg.report, seg.labels.array

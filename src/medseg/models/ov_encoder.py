@@ -21,6 +21,7 @@ import json
 import shutil
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "INSTALL_HINT",
+    "LazyOpenVinoEncoder",
     "OpenVinoEncoder",
     "entry_dir",
     "openvino_available",
@@ -142,7 +144,8 @@ def _convert(model: SamModel, out: Path) -> None:
     s = int(model.spec.input_size)
     enc = _stock_encoder(model)
     example = torch.zeros(1, 3, s, s)
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer warnings about the stock code's asserts
         ovm = ov.convert_model(enc, example_input=example, input=[(1, 3, s, s)])
     ov.save_model(ovm, str(out / "encoder.xml"), compress_to_fp16=False)
 
@@ -182,6 +185,60 @@ class OpenVinoEncoder:
         return np.concatenate(outs, axis=0)
 
 
+def _check_usable(model: SamModel, precision: str) -> str:
+    """The OpenVINO version, after checking the package, the weights digest and the precision."""
+    version = openvino_version()
+    if version is None or not openvino_available():
+        raise InputError(f"runtime 'openvino' needs the openvino package: {INSTALL_HINT}")
+    if model.weights_sha256 is None:
+        raise InputError(
+            "runtime 'openvino' needs a model loaded from a weights file (random weights have "
+            "no digest to cache the converted model under); use --runtime torch"
+        )
+    if precision not in _HINTS:
+        raise InputError(f"unknown precision {precision!r} for OpenVINO; use fp32 or bf16")
+    return version
+
+
+class LazyOpenVinoEncoder:
+    """An :class:`OpenVinoEncoder` loaded (converted on first use) at the first call, so a
+    process whose embeddings all come from the disk cache never imports or compiles OpenVINO.
+
+    The checks (package installed, weights digest, precision) run at construction.
+    """
+
+    def __init__(
+        self, model: SamModel, precision: str, *, threads: int = 1, root: str | Path | None = None
+    ) -> None:
+        _check_usable(model, precision)
+        self._model: SamModel | None = model
+        self.precision = precision
+        self.threads = threads
+        self._root = root
+        self._enc: OpenVinoEncoder | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def loaded(self) -> bool:
+        """Whether the compiled encoder exists yet."""
+        return self._enc is not None
+
+    def load(self) -> OpenVinoEncoder:
+        """The compiled encoder (loading, or converting and caching, it now if needed)."""
+        with self._lock:
+            if self._enc is None:
+                assert self._model is not None
+                self._enc = openvino_encoder(
+                    self._model, self.precision, threads=self.threads, root=self._root
+                )
+                self._model = None  # the weights are in the compiled model now
+            return self._enc
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        """See :meth:`OpenVinoEncoder.__call__`."""
+        return self.load()(images)
+
+
 def openvino_encoder(
     model: SamModel,
     precision: str,
@@ -200,16 +257,7 @@ def openvino_encoder(
     Raises:
         InputError: OpenVINO is not installed, or the model has no weights digest.
     """
-    version = openvino_version()
-    if version is None or not openvino_available():
-        raise InputError(f"runtime 'openvino' needs the openvino package: {INSTALL_HINT}")
-    if model.weights_sha256 is None:
-        raise InputError(
-            "runtime 'openvino' needs a model loaded from a weights file (random weights have "
-            "no digest to cache the converted model under); use --runtime torch"
-        )
-    if precision not in _HINTS:
-        raise InputError(f"unknown precision {precision!r} for OpenVINO; use fp32 or bf16")
+    version = _check_usable(model, precision)
     from medseg.io.atomic import atomic_dir
 
     key = entry_key(

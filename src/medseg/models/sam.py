@@ -69,7 +69,8 @@ class SamModel(nn.Module):
         precision: resolved encoder precision, ``'fp32'`` or ``'bf16'`` (CPU/GPU autocast).
         runtime: what runs the image encoder, ``'torch'`` or ``'openvino'``
             (:func:`medseg.runtime.resolve_runtime`); the decoder always runs in torch.
-        ov_encoder: the compiled OpenVINO encoder when ``runtime == 'openvino'``.
+        ov_encoder: the OpenVINO encoder when ``runtime == 'openvino'``
+            (a :class:`~medseg.models.ov_encoder.LazyOpenVinoEncoder`: compiled at first use).
     """
 
     def __init__(
@@ -432,9 +433,12 @@ def load_sam_model(
     model.precision = resolve_precision(precision, dev)
     model.runtime = resolve_runtime(runtime, dev)
     if model.runtime == "openvino":
-        from medseg.models.ov_encoder import openvino_encoder
+        from medseg.models.ov_encoder import LazyOpenVinoEncoder
 
-        model.ov_encoder = openvino_encoder(model, model.precision, threads=torch.get_num_threads())
+        # compiled at the first encode: a run served by the embedding cache never loads it
+        model.ov_encoder = LazyOpenVinoEncoder(
+            model, model.precision, threads=torch.get_num_threads()
+        )
     if accelerate:
         try:
             from medseg.models.accelerated import accelerate as _accelerate
