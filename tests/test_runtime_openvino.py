@@ -22,6 +22,7 @@ from medseg.models.registry import get_spec
 from medseg.models.sam import SMALL_TINY_VIT, build_sam_model, load_sam_model
 from medseg.predict.sam import VolumePredictor
 from medseg.prompts import Box
+from medseg.report import validate_report
 from medseg.runtime import AUTO_RUNTIME, resolve_runtime
 from medseg.volume import Volume
 
@@ -171,6 +172,11 @@ def test_segment_runtime_openvino_in_report_and_equal_masks(tiny, converted, tmp
     assert reports["openvino"]["model"]["runtime"] == "openvino"
     assert reports["torch"]["model"]["runtime"] == "torch"
     assert reports["openvino"]["provenance"]["settings"]["runtime"] == "openvino"
+    for rep in reports.values():
+        validate_report(rep)
+    bad = {**reports["torch"], "model": {**reports["torch"]["model"], "runtime": "onnx"}}
+    with pytest.raises(InputError, match="model/runtime: 'onnx' is not one of"):
+        validate_report(bad)
     a, b = labels["torch"] > 0, labels["openvino"] > 0
     assert a.any()
     dice = 2 * np.count_nonzero(a & b) / (a.sum() + b.sum())
