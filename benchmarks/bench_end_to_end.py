@@ -104,20 +104,26 @@ def _timed(cmd: list[str], env: dict[str, str]) -> tuple[float, tuple[float, flo
     return wall, (load, os.getloadavg()[0])
 
 
-def run_case(case: str, rounds: int, home: Path, env: dict[str, str]) -> dict[str, Any]:
+def run_case(
+    case: str, rounds: int, home: Path, env: dict[str, str], runtimes: tuple[str, ...] = ("auto",)
+) -> dict[str, Any]:
     image, label = DATA / f"{case}_image.nrrd", DATA / f"{case}_label.nrrd"
     py = sys.executable
-    runs: dict[str, list[dict[str, Any]]] = {"stock": [], "cold": [], "warm": []}
+    kinds = [k + ("" if rt == "auto" else f"_{rt}") for rt in runtimes for k in ("cold", "warm")]
+    runs: dict[str, list[dict[str, Any]]] = {"stock": [], **{k: [] for k in kinds}}
     for _ in range(rounds):
         res = home / "stock.json"
         wall, load = _timed([py, __file__, "--stock-worker", case, str(res)], env)
         stock = json.loads(res.read_text())
         runs["stock"].append({"wall_s": round(wall, 3), "load": load, **stock})
-        shutil.rmtree(home / "embeddings", ignore_errors=True)
-        for kind in ("cold", "warm"):
+        for kind in kinds:
+            if kind.startswith("cold"):
+                shutil.rmtree(home / "embeddings", ignore_errors=True)
+            runtime = kind.split("_", 1)[1] if "_" in kind else "auto"
             rep = home / f"{kind}.json"
             cmd = [py, "-m", "medseg", "segment", str(image), "--box-from-gt", str(label)]
             cmd += ["--gt", str(label), "--json", str(rep), "--overwrite", "--quiet"]
+            cmd += ["--runtime", runtime]
             wall, load = _timed(cmd, env)
             r = json.loads(rep.read_text())
             cache = r["sam"]["cache"]
@@ -134,9 +140,19 @@ def run_case(case: str, rounds: int, home: Path, env: dict[str, str]) -> dict[st
             )
     med = {k: statistics.median(x["wall_s"] for x in v) for k, v in runs.items()}
     stock_s = [s["wall_s"] for s in runs["stock"]]
-    ratio_cold = [s / c["wall_s"] for s, c in zip(stock_s, runs["cold"], strict=True)]
-    ratio_warm = [s / c["wall_s"] for s, c in zip(stock_s, runs["warm"], strict=True)]
+    ratios = {
+        k: [round(s / c["wall_s"], 2) for s, c in zip(stock_s, runs[k], strict=True)] for k in kinds
+    }
+    if "cold" not in runs:  # one runtime forced: its runs are the ones reported
+        return {
+            "runs": runs,
+            "median_wall_s": {k: round(v, 3) for k, v in med.items()},
+            "speedup": ratios,
+            "dice": {k: round(v[-1]["dice"], 4) for k, v in runs.items()},
+        }
+    ratio_cold, ratio_warm = ratios["cold"], ratios["warm"]
     return {
+        "speedup": ratios,
         "runs": runs,
         "median_wall_s": {k: round(v, 3) for k, v in med.items()},
         "speedup_cold": [round(r, 2) for r in ratio_cold],
@@ -152,6 +168,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cases", default="lung1,brain1")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", default="1", help="MEDSEG_THREADS / OMP_NUM_THREADS for all")
+    ap.add_argument(
+        "--runtimes",
+        default="auto",
+        help="comma-separated --runtime values for medseg (auto, torch, openvino); an OpenVINO "
+        "encoder is converted into the benchmark's MEDSEG_HOME first (as on a user's machine)",
+    )
     ap.add_argument("--out", type=Path)
     ap.add_argument("--stock-worker", nargs=2, metavar=("CASE", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -165,12 +187,29 @@ def main(argv: list[str] | None = None) -> int:
         env["MEDSEG_THREADS"] = env["OMP_NUM_THREADS"] = str(args.threads)
         src = str(REPO / "src")
         env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        runtimes = tuple(args.runtimes.split(","))
+        convert: dict[str, float] = {}
+        if "openvino" in runtimes:  # the converted encoder stays, like the weights digest
+            code = (
+                "import time; from medseg.models.sam import load_sam_model; t=time.perf_counter();"
+                "load_sam_model('litemedsam', precision='auto', runtime='openvino')"
+                ".ov_encoder.load();"
+                "print(time.perf_counter()-t)"
+            )
+            proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True)
+            if proc.returncode != 0:
+                raise RuntimeError(f"OpenVINO conversion failed: {proc.stderr[-2000:]!r}")
+            convert["openvino_load_and_convert_s"] = float(proc.stdout.split()[-1])
         report: dict[str, Any] = {
+            "runtimes": runtimes,
+            **convert,
             "threads": args.threads,
             "rounds": args.rounds,
             "cpus": os.cpu_count(),
             "load_before": os.getloadavg(),
-            "cases": {c: run_case(c, args.rounds, home, env) for c in args.cases.split(",")},
+            "cases": {
+                c: run_case(c, args.rounds, home, env, runtimes) for c in args.cases.split(",")
+            },
             "load_after": os.getloadavg(),
         }
     text = json.dumps(report, indent=2)

@@ -314,6 +314,7 @@ def segment(
     instances: bool = False,
     precision: str = "auto",
     device: str = "auto",
+    runtime: str = "auto",
     cache_dir: PathLike | bool | None = True,
     predictor: VolumePredictor | None = None,
     provenance: Mapping[str, Any] | None = None,
@@ -358,6 +359,9 @@ def segment(
         instances: split the lesion label into connected instances with a lesion table.
         precision: ``"auto"`` (bf16 where the CPU has native bf16), ``"fp32"`` or ``"bf16"``.
         device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
+        runtime: what runs the SAM image encoder: ``"auto"`` (see
+            :func:`medseg.runtime.resolve_runtime`), ``"torch"`` or ``"openvino"`` (CPU, optional
+            package; the converted encoder is cached under ``MEDSEG_HOME/openvino``).
         cache_dir: SAM embedding disk cache: ``True`` the default folder, a path, or
             ``None``/``False`` for memory only.
         predictor: SAM: a :class:`~medseg.predict.sam.VolumePredictor` already built on this
@@ -441,6 +445,7 @@ def segment(
         "series": series,
         "precision": precision,
         "device": device,
+        "runtime": runtime,
     }
     if provenance:
         settings["caller"] = dict(provenance)
@@ -471,6 +476,7 @@ def segment(
             instances=instances,
             cache_dir=cache_dir,
             predictor=predictor,
+            runtime=runtime,
             **common,
         )
     else:
@@ -516,6 +522,7 @@ def _segment_sam(
     tick: ProgressCallback | None,
     precision: str,
     device: str,
+    runtime: str = "auto",
 ) -> Segmentation:
     from medseg.predict.propagate import (
         DEFAULT_CONFIG,
@@ -527,6 +534,8 @@ def _segment_sam(
 
     configure_threads()  # MEDSEG_THREADS, when set, applies from here on
     settings["threads"] = _threads_in_effect()
+    if ref.engine == "sam2" and str(runtime).strip().lower() == "openvino":
+        raise InputError("runtime 'openvino' runs the LiteMedSAM/SAM encoders only; use torch")
     gt_mask: np.ndarray | None = None
     value, lname = (int(label) if label is not None else 1), "object"
     if gt is not None:
@@ -567,6 +576,7 @@ def _segment_sam(
             cache_dir=cache_dir,
             precision=precision,
             device=device,
+            runtime=runtime,
         )
     timings["model_load_s"] = time.perf_counter() - t
     t = time.perf_counter()
@@ -632,6 +642,7 @@ def _segment_sam(
         "decoder_sha256": getattr(m, "decoder_sha256", None),
         "precision": m.precision,
         "device": str(m.device),
+        "runtime": getattr(m, "runtime", "torch"),
     }
     report = _report(
         ref.engine, image, image_path, model_info, labels, metrics, timings, settings, plist, detail
@@ -660,6 +671,7 @@ def _sam_predictor(
     cache_dir: PathLike | bool | None,
     precision: str,
     device: str,
+    runtime: str = "auto",
 ) -> VolumePredictor:
     """The given predictor (checked to fit) or a new one on ``image``.
 
@@ -699,7 +711,9 @@ def _sam_predictor(
         from medseg.models.decoder import with_decoder
         from medseg.models.sam import get_sam_model
 
-        base = get_sam_model(ref.spec, weights=weights, device=device, precision=precision)
+        base = get_sam_model(
+            ref.spec, weights=weights, device=device, precision=precision, runtime=runtime
+        )
         model = with_decoder(base, decoder)
     return VolumePredictor(
         image,
@@ -710,6 +724,7 @@ def _sam_predictor(
         cache_dir=predictor_cache_dir(cache_dir),
         precision=precision,
         device=device,
+        runtime=runtime,
     )
 
 
@@ -816,6 +831,7 @@ def _segment_unet(
         "decoder_sha256": None,
         "precision": seg.precision,
         "device": str(seg.device),
+        "runtime": "torch",
     }
     report = _report(
         "unet", image, image_path, model_info, labels, metrics, timings, settings, [], detail

@@ -35,7 +35,9 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = [
+    "AUTO_RUNTIME",
     "PRECISIONS",
+    "RUNTIMES",
     "configure_threads",
     "cpu_budget",
     "cpu_flags",
@@ -43,6 +45,7 @@ __all__ = [
     "native_bf16",
     "resolve_device",
     "resolve_precision",
+    "resolve_runtime",
     "sharing_processes",
     "tune_allocator",
 ]
@@ -50,6 +53,13 @@ __all__ = [
 #: Precision names a caller may request.
 PRECISIONS = ("auto", "fp32", "bf16")
 _ALIASES = {"fp32": "fp32", "float32": "fp32", "f32": "fp32", "bf16": "bf16", "bfloat16": "bf16"}
+#: Runtime names a caller may request.
+RUNTIMES = ("auto", "torch", "openvino")
+#: What ``"auto"`` picks where OpenVINO could run. Measured on the 2-core AVX512-BF16 CPU
+#: (benchmarks/README.md): the OpenVINO bf16 encoder is ~1.1-1.25x the accelerated torch one,
+#: its conversion costs ~40 s once per model, and the OpenVINO fp32 decoder is no faster than the
+#: torch one; end to end that does not pay, so ``auto`` stays on torch.
+AUTO_RUNTIME = "torch"
 #: CPU flags that mean bfloat16 arithmetic runs natively (not emulated).
 BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
 
@@ -291,3 +301,40 @@ def tune_allocator() -> bool:
         return False
     _ALLOCATOR_TUNED = ok
     return ok
+
+
+def resolve_runtime(requested: str = "auto", device: str | torch.device | None = None) -> str:
+    """Resolve a requested encoder runtime to what will run: ``"torch"`` or ``"openvino"``.
+
+    Args:
+        requested: ``"auto"``, ``"torch"`` or ``"openvino"`` (any case).
+        device: the model's device (``None``: the CPU); OpenVINO runs on the CPU only.
+
+    ``"auto"`` gives :data:`AUTO_RUNTIME` when it is available on ``device``, else torch.
+
+    Raises:
+        InputError: an unknown name; ``"openvino"`` without the package (one line on how to
+            install it) or on a non-CPU device.
+    """
+    from medseg.models.ov_encoder import INSTALL_HINT, openvino_available
+
+    req = str(requested).strip().lower()
+    if req not in RUNTIMES:
+        raise InputError(f"unknown runtime {requested!r}; use one of {', '.join(RUNTIMES)}")
+    kind = _device_type(device)
+    if kind == "auto":
+        kind = resolve_device("auto").type
+    on_cpu = kind == "cpu"
+    if req == "auto":
+        if AUTO_RUNTIME == "openvino" and on_cpu and openvino_available():
+            return "openvino"
+        return "torch"
+    if req == "openvino":
+        if not openvino_available():
+            raise InputError(f"runtime 'openvino' asked for but not installed; {INSTALL_HINT}")
+        if not on_cpu:
+            raise InputError(
+                f"runtime 'openvino' runs on the CPU only, not {device!s}; use --device cpu "
+                "or --runtime torch"
+            )
+    return req

@@ -88,6 +88,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--to", metavar="URL", help="the server to push to (DICOMweb root or dimse://)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
+    p.add_argument("--runtime", choices=["auto", "torch", "openvino"], default="auto")  # issue 14
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument(
         "--protocol",
@@ -107,6 +108,10 @@ def run(args: argparse.Namespace) -> int:
         raise InputError("--scheduler needs --executor dask")
     data = _query_data(args)
     kwargs = {"precision": args.precision, "device": args.device}
+    if args.runtime != "auto":  # issue 14: the SAM encoder's runtime
+        if args.protocol:
+            raise InputError("--runtime is not supported with --protocol yet; leave it at auto")
+        kwargs["runtime"] = args.runtime
     if args.label is not None:
         kwargs["label"] = args.label
     if args.window:

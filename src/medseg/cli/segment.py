@@ -141,6 +141,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         default="auto",
         help="auto: bf16 where the CPU has native bf16, else fp32",
     )
+    o.add_argument(
+        "--runtime",
+        choices=["auto", "torch", "openvino"],
+        default="auto",
+        help="SAM image encoder runtime: torch, or openvino (CPU; pip install openvino; the "
+        "converted model is cached in $MEDSEG_HOME/openvino); auto: torch",
+    )
     o.add_argument("--cache-dir", help="embedding disk cache folder (default: $MEDSEG_HOME/cache)")
     o.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
@@ -298,6 +305,7 @@ def run(args: argparse.Namespace) -> int:
             instances=bool(args.instances),
             precision=args.precision,
             device=args.device,
+            runtime=args.runtime,
             cache_dir=args.cache_dir or True,
             provenance={"argv": sys.argv[1:]},
             progress=cb,

@@ -275,6 +275,8 @@ def decoder_view(base: SamModel, mask_decoder: Any | None = None) -> SamModel:
     view.weights_sha256 = base.weights_sha256
     view.weights_path = base.weights_path
     view.precision = base.precision
+    view.runtime = base.runtime
+    view.ov_encoder = base.ov_encoder  # the encoder is shared, so is its OpenVINO form
     view.eval()
     return view
 

@@ -25,7 +25,7 @@ from torch import nn
 from medseg.errors import WeightsError
 from medseg.models.registry import ModelSpec, get_spec
 from medseg.models.weights import resolve_weights, sha256_file
-from medseg.runtime import resolve_device, resolve_precision
+from medseg.runtime import resolve_device, resolve_precision, resolve_runtime
 
 #: Tiny ViT-B variant (same classes, random weights) for tests and smoke runs.
 SMALL_VIT_B: dict[str, Any] = {
@@ -67,6 +67,10 @@ class SamModel(nn.Module):
         weights_sha256: SHA-256 of the loaded checkpoint (``None`` for random weights).
         weights_path: the checkpoint file loaded, or ``None``.
         precision: resolved encoder precision, ``'fp32'`` or ``'bf16'`` (CPU/GPU autocast).
+        runtime: what runs the image encoder, ``'torch'`` or ``'openvino'``
+            (:func:`medseg.runtime.resolve_runtime`); the decoder always runs in torch.
+        ov_encoder: the OpenVINO encoder when ``runtime == 'openvino'``
+            (a :class:`~medseg.models.ov_encoder.LazyOpenVinoEncoder`: compiled at first use).
     """
 
     def __init__(
@@ -84,6 +88,8 @@ class SamModel(nn.Module):
         self.weights_sha256: str | None = None
         self.weights_path: Path | None = None
         self.precision = "fp32"
+        self.runtime = "torch"
+        self.ov_encoder: Any = None
 
     @property
     def device(self) -> torch.device:
@@ -108,6 +114,9 @@ class SamModel(nn.Module):
         s = self.spec.input_size
         if images.ndim != 4 or tuple(images.shape[1:]) != (3, s, s):
             raise ValueError(f"encode expects (B, 3, {s}, {s}), got {tuple(images.shape)}")
+        if self.ov_encoder is not None:
+            emb = self.ov_encoder(images.detach().to("cpu", torch.float32).numpy())
+            return torch.from_numpy(emb).to(self.device)
         x = images.to(self.device, dtype=torch.float32)
         with torch.inference_mode():
             if self.precision == "bf16":
@@ -380,6 +389,7 @@ def load_sam_model(
     *,
     download: bool | None = None,
     accelerate: bool = True,
+    runtime: str = "torch",
 ) -> SamModel:
     """Build ``name`` and load its checkpoint.
 
@@ -391,8 +401,12 @@ def load_sam_model(
         precision: ``'auto'`` | ``'fp32'`` | ``'bf16'`` for the image encoder.
         download: allow a verified download (default: ``MEDSEG_ALLOW_DOWNLOAD``).
         accelerate: apply :func:`medseg.models.accelerated.accelerate` (when available).
+        runtime: ``'torch'`` | ``'openvino'`` | ``'auto'`` for the image encoder
+            (:func:`medseg.runtime.resolve_runtime`); OpenVINO converts the encoder once and
+            caches it under ``medseg_home()/openvino`` (:mod:`medseg.models.ov_encoder`).
 
     Raises:
+        InputError: OpenVINO asked for but not installed, or not on the CPU.
         WeightsError: missing file (where to put it), corrupted file (sha256 mismatch), unreadable
             or truncated file, keys/shapes not matching the architecture.
     """
@@ -417,6 +431,14 @@ def load_sam_model(
     model.to(dev)
     model.eval()  # after loading: TinyViT caches its attention biases when switched to eval
     model.precision = resolve_precision(precision, dev)
+    model.runtime = resolve_runtime(runtime, dev)
+    if model.runtime == "openvino":
+        from medseg.models.ov_encoder import LazyOpenVinoEncoder
+
+        # compiled at the first encode: a run served by the embedding cache never loads it
+        model.ov_encoder = LazyOpenVinoEncoder(
+            model, model.precision, threads=torch.get_num_threads()
+        )
     if accelerate:
         try:
             from medseg.models.accelerated import accelerate as _accelerate
@@ -436,6 +458,7 @@ def get_sam_model(
     weights: str | os.PathLike[str] | None = None,
     device: str | torch.device = "cpu",
     precision: str = "fp32",
+    runtime: str = "torch",
 ) -> SamModel:
     """:func:`load_sam_model`, remembered per process (the two most recent models).
 
@@ -454,11 +477,16 @@ def get_sam_model(
         st.st_mtime_ns,
         str(dev),
         resolve_precision(precision, dev),
+        resolve_runtime(runtime, dev),
     )
     hit = _MODEL_MEMO.get(key)
     if hit is None:
         hit = load_sam_model(
-            spec, weights=path if weights is not None else None, device=dev, precision=precision
+            spec,
+            weights=path if weights is not None else None,
+            device=dev,
+            precision=precision,
+            runtime=runtime,
         )
         _MODEL_MEMO[key] = hit
         while len(_MODEL_MEMO) > _MODEL_MEMO_MAX:

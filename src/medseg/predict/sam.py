@@ -83,6 +83,8 @@ class VolumePredictor:
             (random weights, not loaded from a file) never uses the disk cache.
         precision: ``'auto'`` | ``'fp32'`` | ``'bf16'`` for the image encoder.
         device: ``'auto'`` | ``'cpu'`` | ``'cuda'``.
+        runtime: ``'auto'`` | ``'torch'`` | ``'openvino'`` for the image encoder
+            (:func:`medseg.runtime.resolve_runtime`).
         memory_slices: embeddings kept in the memory LRU (4 MiB each); default 64 with a disk
             cache (evicted slices come back from disk in milliseconds; 256 cost 1 GiB of RSS on
             a 400-slice CT), 256 without one.
@@ -104,6 +106,7 @@ class VolumePredictor:
         precision: str = "auto",
         device: str = "auto",
         memory_slices: int | None = None,
+        runtime: str = "auto",
     ) -> None:
         from medseg.intensity import resolve_intensity
         from medseg.models.sam import SamModel, get_sam_model
@@ -121,7 +124,9 @@ class VolumePredictor:
         if isinstance(model, SamModel):
             self.model = model
         else:
-            self.model = get_sam_model(model, weights=weights, device=device, precision=precision)
+            self.model = get_sam_model(
+                model, weights=weights, device=device, precision=precision, runtime=runtime
+            )
         self.spec = self.model.spec
         self.intensity: Intensity = resolve_intensity(volume, window)
         shape = volume.array.shape
@@ -148,6 +153,9 @@ class VolumePredictor:
                 "input_size": self.spec.input_size,
                 "spacing": [round(float(s), 6) for s in volume.spacing],
             }
+            rt = getattr(self.model, "runtime", "torch")
+            if rt != "torch":  # another runtime's embeddings differ by roundings
+                base_key["runtime"] = rt
         if memory_slices is None:
             memory_slices = 64 if cache_dir is not None else 256
         e = int(self.spec.embedding_size)
@@ -391,6 +399,7 @@ class VolumePredictor:
             "decoder_calls": self.decoder_calls,
             "model": self.spec.name,
             "precision": self.model.precision,
+            "runtime": getattr(self.model, "runtime", "torch"),
             "axis": self.axis,
             "intensity": self.intensity.key,
         }
