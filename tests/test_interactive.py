@@ -268,3 +268,28 @@ def test_candidate_choice_by_hand():
     # an empty current mask: the predicted IoU decides between the honouring ones
     empty = np.zeros_like(cur)
     assert _closest_honouring(masks, np.array([0.9, 0.8, 0.1]), empty, pts, labs) == 1
+
+
+def test_carried_change_stays_local_by_hand():
+    from medseg.predict.propagate import _local_change
+
+    cur = np.zeros((12, 12), bool)
+    cur[2:8, 2:8] = True  # 36 px
+    new = cur.copy()
+    new[8:10, 2:5] = True  # a piece below (6 px) ...
+    new[2:4, 9:11] = True  # ... and one beside (4 px)
+    below = np.zeros_like(cur)
+    below[9, 3] = True  # what the click changed on the slice before lies under the lower piece
+    out = _local_change(cur, new, below, "grow")
+    assert out is not None and out.sum() == 42 and out[9, 3] and not out[2, 9]
+    assert _local_change(cur, new, np.zeros_like(cur), "grow") is None  # nothing overlaps
+    # shrink: only the piece of cur - new under the region goes; at most half of cur
+    trimmed = cur.copy()
+    trimmed[2:4, 2:8] = False  # the model drops rows 2..3 (12 px)
+    top = np.zeros_like(cur)
+    top[2, 4] = True
+    out = _local_change(cur, trimmed, top, "shrink")
+    assert out is not None and out.sum() == 24 and not out[2:4].any()
+    gone = np.zeros_like(cur)
+    gone[7, 7] = True  # the model keeps only 1 px: more than half would go
+    assert _local_change(cur, gone, top, "shrink") is None

@@ -45,6 +45,9 @@ SETTLE_DICE = 0.9
 #: prompt (brain1, challenge box: DSC after the box 0.661 -> 0.700; breast1 0.479 -> 0.475, lung1
 #: 0.837 both; the plain stock loop 0.692 / 0.422 / 0.843).
 SESSION_ALTERNATIVES = ("box+points", "box+mask")
+#: Carry a click's change to the next slices only where it overlaps what changed on the slice
+#: before (see ``region`` of :func:`~medseg.predict.propagate.repropagate`).
+LOCAL_CARRY = True
 #: How many slices :attr:`InteractiveSession.review` lists.
 REVIEW_COUNT = 10
 
@@ -421,6 +424,7 @@ class InteractiveSession:
             config=self._config,
             settle=SETTLE_DICE,
             change=None if not isinstance(p, Point) else ("grow" if p.positive else "shrink"),
+            region=(new ^ cur) if LOCAL_CARRY else None,
         )
         scores = dict(self._state.scores)
         for r in res.records:
