@@ -877,6 +877,11 @@ def propagate(
 
 
 # --------------------------------------------------------------------------- local re-propagation
+#: With ``region``: apply the local change even where the new slice result is within ``settle``
+#: of the current one (the walk then stops only where no changed piece overlaps).
+LOCAL_PAST_SETTLE = True
+
+
 @dataclass
 class LocalResult:
     """A 3D mask after one slice was corrected and the change carried outward.
@@ -1005,11 +1010,12 @@ def repropagate(
                     st.record.accepted, st.record.stopped = False, reason
                     why = reason
                     break
-                if dice3d(st.mask, now) >= settle:
+                local_mode = region is not None and change in ("grow", "shrink") and now.any()
+                if not (local_mode and LOCAL_PAST_SETTLE) and dice3d(st.mask, now) >= settle:
                     st.record.accepted, st.record.stopped = False, "settled"
                     why = "settled"
                     break
-                if region is not None and change in ("grow", "shrink") and now.any():
+                if local_mode:
                     local = _local_change(now, st.mask, reg, change)
                     if local is None:
                         st.record.accepted, st.record.stopped = False, "kept"
