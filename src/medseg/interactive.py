@@ -45,6 +45,11 @@ SETTLE_DICE = 0.9
 #: prompt (brain1, challenge box: DSC after the box 0.661 -> 0.700; breast1 0.479 -> 0.475, lung1
 #: 0.837 both; the plain stock loop 0.692 / 0.422 / 0.843).
 SESSION_ALTERNATIVES = ("box+points", "box+mask")
+#: Carry-overs tried besides the box when a click's change is carried to the next slices: the
+#: previous slice's (corrected) mask as the mask prompt only (one decoder call per slice fewer
+#: than :data:`SESSION_ALTERNATIVES`; breast1's clicks then never lower DSC (worst -0.021 before),
+#: final 0.661 -> 0.665, brain1 0.694 both, lung1 0.849 -> 0.846).
+WALK_ALTERNATIVES = ("box+mask",)
 #: Carry a click's change to the next slices only where it overlaps what changed on the slice
 #: before (see ``region`` of :func:`~medseg.predict.propagate.repropagate`).
 LOCAL_CARRY = True
@@ -421,7 +426,7 @@ class InteractiveSession:
             directions=directions,
             bounds=bounds,
             anchors=sorted(prompted - {idx}),
-            config=self._config,
+            config=self._walk_config(),
             settle=SETTLE_DICE,
             change=None if not isinstance(p, Point) else ("grow" if p.positive else "shrink"),
             region=(new ^ cur) if LOCAL_CARRY else None,
@@ -433,6 +438,12 @@ class InteractiveSession:
         scores.pop(idx, None)
         self._state = _State(res.mask, prompts, scores, bounds)
         return Step(p.to_json(), 0.0, idx, res.changed, res.stopped, 0)
+
+    def _walk_config(self) -> PropagationConfig:
+        """The config of a click's walk: the session's, with :data:`WALK_ALTERNATIVES`."""
+        import dataclasses
+
+        return dataclasses.replace(self._config, alternatives=WALK_ALTERNATIVES)
 
     def _resegment(self, idx: int, prompts: list[Prompt], cur: np.ndarray) -> np.ndarray:
         """Slice ``idx`` segmented with every prompt that applies there (``(rows, cols)``)."""
