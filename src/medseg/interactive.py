@@ -9,15 +9,18 @@
     s.labels.array, s.review, s.report
 
 The first prompt seeds the 3D mask through :func:`medseg.segment` (the same propagation, the
-same report). A later prompt on slice ``i`` (along the session's axis) re-segments slice ``i``
-with every prompt that applies there: the user's box on that slice, else a box around the current
-mask there (or on the nearest non-empty slice), grown to hold its foreground clicks, and all the
-clicks on that slice. Background clicks also cut away the connected piece of the slice's mask
-under them (and, SAM segmenting one object, fragments beside the largest piece). Then
-:func:`medseg.predict.propagate.repropagate` carries the change outward in both directions only
-while the new result differs from the current one, never past a slice the user prompted (their
-clicks stay in force) nor past the box's z range; the embeddings cached in :attr:`predictor` are
-reused. Arrays are ``(z, y, x)``; prompt coordinates are voxel indices.
+same report; the session's config adds the previous slice's mask as a carry candidate,
+:data:`SESSION_ALTERNATIVES`). A later prompt on slice ``i`` (along the session's axis)
+re-segments slice ``i`` with every prompt that applies there: the user's box on that slice, else
+a box around the current mask there (or on the nearest non-empty slice), grown to hold its
+foreground clicks, and all the clicks on that slice; of the model's candidates the one honouring
+the most clicks and, among those, closest to the current slice mask is taken, and the slice
+changes only at the connected piece under the click (or, where that would take most of the mask
+or the model does not reach the click, by a disk around the click: one click never empties a
+slice). Then :func:`medseg.predict.propagate.repropagate` carries the change outward in both
+directions, only the pieces overlapping what changed on the slice before, never past a slice the
+user prompted (their clicks stay in force) nor past the box's z range; the embeddings cached in
+:attr:`predictor` are reused. Arrays are ``(z, y, x)``; prompt coordinates are voxel indices.
 """
 
 from __future__ import annotations
@@ -674,4 +677,12 @@ def _main_pieces(mask: np.ndarray, pts: list[tuple[float, float]], labs: list[in
     return np.isin(comp, sorted(keep))
 
 
-__all__: list[str] = ["REVIEW_COUNT", "SETTLE_DICE", "InteractiveSession", "Step"]
+__all__: list[str] = [
+    "LOCAL_CARRY",
+    "REVIEW_COUNT",
+    "SESSION_ALTERNATIVES",
+    "SETTLE_DICE",
+    "WALK_ALTERNATIVES",
+    "InteractiveSession",
+    "Step",
+]
