@@ -5,7 +5,9 @@ with the z range), then 5 clicks at the centre of the largest 26-connected error
 (2 mm) after each step, DSC_AUC / NSD_AUC over the clicks, final DSC / NSD, seconds per step
 (the first step includes embedding the slices it visits). The engine is
 ``medseg.InteractiveSession`` when present, else the :class:`medseg.protocol.SegmentSession`
-adapter (``medseg.segment`` with every prompt so far). The load average is recorded because
+adapter (``medseg.segment`` with every prompt so far). Beside it, on the same predictor, the
+plain stock loop with the same box and z range and the per-slice oracle-box Dice (the functions of
+``bench_interactive.py``: one place). The load average is recorded because
 others share the CPU.
 
     PYTHONPATH=src python benchmarks/bench_protocol.py --out benchmarks/results/protocol.json
@@ -25,6 +27,20 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "pyradiomics"
 CASES = ("brain1", "breast1", "lung1")
+
+
+def _references(predictor, gt) -> dict:
+    """Stock loop (challenge box + z range) and oracle-box Dice on the session's predictor."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_interactive import challenge_box, dice, stock_loop
+
+    from medseg.predict.propagate import oracle_dice
+
+    mid, box, z0, z1 = challenge_box(gt)
+    return {
+        "stock_loop_dice": round(dice(stock_loop(predictor, mid, box, z0, z1), gt), 4),
+        "oracle_dice_margin0": round(oracle_dice(predictor, gt, margin_px=0.0).dice, 4),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,13 +73,14 @@ def main(argv: list[str] | None = None) -> int:
             img, gt, label=1, clicks=args.clicks, model=args.model, cache_dir=cache
         )
         j = r.to_json()
+        j.update(_references(r.predictor, gt.array == 1))
         j["wall_s"] = time.perf_counter() - t0
         j["load_avg_after"] = os.getloadavg()
         out["cases"][case] = j
         print(
             f"{case}: dsc {[round(v, 4) for v in r.dsc]} nsd {[round(v, 4) for v in r.nsd]} "
             f"s {[round(v, 2) for v in r.seconds]} AUC {r.dsc_auc:.4f}/{r.nsd_auc:.4f} "
-            f"({r.engine})",
+            f"({r.engine}) stock loop {j['stock_loop_dice']} oracle {j['oracle_dice_margin0']}",
             file=sys.stderr,
         )
     cs = out["cases"].values()

@@ -97,12 +97,15 @@ def test_start_from_a_mask(seeded, blob):
 # --------------------------------------------------------------------------- seeding
 def test_seed_is_segment_and_z_range_bounds_it(seeded, blob):
     vol, obj = blob
-    plain = medseg.segment(vol, prompts=medseg.Box(KEY, *BOX), predictor=seeded.predictor)
+    plain = medseg.segment(
+        vol, prompts=medseg.Box(KEY, *BOX), predictor=seeded.predictor, config=seeded.config
+    )
     assert np.array_equal(seeded.labels.array, plain.labels.array)  # one engine
+    assert seeded.config.alternatives == ("box+points", "box+mask")
     assert dice(seeded.labels.array > 0, obj) > 0.8
 
     box = medseg.Box(KEY, *BOX, z_min=4, z_max=7)
-    seg = medseg.segment(vol, prompts=box, predictor=seeded.predictor)
+    seg = medseg.segment(vol, prompts=box, predictor=seeded.predictor, config=seeded.config)
     zs = np.flatnonzero(seg.labels.array.any(axis=(1, 2)))
     assert zs.min() >= 4 and zs.max() <= 7
     assert set(zs) == {4, 5, 6, 7}  # the object is on all of them: only "vanished" stops inside
@@ -161,12 +164,14 @@ def test_click_acts_locally(seeded, blob):
     # the key slice is the user's: the walk towards it stops there, so slices 0..5 keep their mask
     assert np.array_equal(before[: KEY + 1], after[: KEY + 1])
     assert not after[8][FP].any() and dice(after[8], obj[8]) > 0.85
-    # a background click deep inside the slice's mask ("all of this is wrong") takes it away;
-    # the neighbours keep their masks (a carried change may shrink them by half at most)
+    # a background click deep inside the slice's mask never empties the slice: it takes the
+    # disk reaching the mask's nearest edge (the cross-section's semi-axes are about 13 and 15
+    # px: most of it); slices up to the key keep their masks
     s.add(medseg.Point(8, 46, 50, positive=False))
     final = s.mask
-    assert not final[8, 46, 50] and final[8].sum() < 0.05 * after[8].sum()
-    assert np.array_equal(final[:8], after[:8]) and np.array_equal(final[9:], after[9:])
+    assert not final[8, 46, 50] and final[8].any() and not (final[8] & ~after[8]).any()
+    assert final[8].sum() < 0.5 * after[8].sum()
+    assert np.array_equal(final[: KEY + 1], after[: KEY + 1])
 
 
 def test_positive_click_extends_an_empty_slice(seeded, blob):
@@ -214,12 +219,14 @@ def test_local_edit_rules_by_hand():
     cur = np.zeros((20, 20), bool)
     cur[5:15, 5:15] = True  # 100 px, depth 5 at the centre
     empty = np.zeros_like(cur)
-    # background click near the edge whose piece is the whole mask: refused...
-    assert np.array_equal(_local_edit(cur, empty, (5.0, 9.0), False), cur)
-    # ...unless an earlier background click on this slice lies in the same piece
-    assert not _local_edit(cur, empty, (5.0, 9.0), False, earlier_negatives=[(6.0, 6.0)]).any()
-    # deep inside (depth 5 >= half of the largest 5): taken away
-    assert not _local_edit(cur, empty, (9.0, 9.0), False).any()
+    # background click near the edge whose piece is the whole mask: a bite of radius 1 (the
+    # distance to the edge row 4), 4 px: the click, its two row neighbours and the one below
+    out = _local_edit(cur, empty, (5.0, 9.0), False)
+    assert out.sum() == 96 and not out[5, 8:11].any() and not out[6, 9] and out[7, 9]
+    # deep inside (depth 5): never the whole slice, the disk of radius 5 (81 lattice points;
+    # (4, 9) and (9, 4) lie outside the mask): 100 - 79 = 21 px stay
+    out = _local_edit(cur, empty, (9.0, 9.0), False)
+    assert out.sum() == 21 and out[5, 5] and not out[9, 9] and not out[14, 9]
     # a small piece under the click goes, the rest stays
     new = cur.copy()
     new[5:8, 5:15] = False  # the model drops rows 5..7 (30 px < half)
@@ -231,8 +238,58 @@ def test_local_edit_rules_by_hand():
     grown[0:2, 0:2] = True  # and an unrelated one
     out = _local_edit(cur, grown, (16.0, 9.0), True)
     assert out.sum() == 130 and not out[0:2, 0:2].any()
-    # a click where the model changed nothing: the model's mask as it is
-    assert np.array_equal(_local_edit(cur, grown, (1.0, 18.0), True), grown)
+    # a foreground click the model's change does not reach: a bite reaching the mask, radius
+    # |(1, 18) - (5, 14)| = sqrt(32)
+    out = _local_edit(cur, grown, (1.0, 18.0), True)
+    assert out[1, 18] and out[0, 19] and out[5, 15] and not out[1, 12] and (out >= cur).all()
+    assert not out[0:2, 0:2].any()  # the model's unrelated piece is not taken
+    # a background click outside the mask (already as it says) changes nothing
+    assert np.array_equal(_local_edit(cur, empty, (1.0, 1.0), False), cur)
     # the box grows to hold a foreground click, with the carry margin on the moved side only
     assert _box_holding((5, 5, 14, 14), [(18.0, 9.0)], (20, 20), 0.1, 2.0) == (5, 5, 19.0, 14)
     assert _box_holding((5, 5, 14, 14), [(9.0, 9.0)], (20, 20), 0.1, 2.0) == (5, 5, 14, 14)
+
+
+def test_candidate_choice_by_hand():
+    from medseg.interactive import _agreeing, _closest_honouring
+
+    cur = np.zeros((10, 10), bool)
+    cur[2:6, 2:6] = True  # 16 px
+    far = np.zeros_like(cur)
+    far[2:9, 2:9] = True  # honours both clicks, Dice with cur 2*16/(16+49) = 0.49
+    near = cur.copy()
+    near[6, 2:6] = True  # honours both, Dice 2*16/(16+20) = 0.89
+    wrong = cur.copy()  # misses the foreground click at (6, 3)
+    masks = np.stack([wrong, far, near])
+    pts, labs = [(6.0, 3.0), (0.0, 0.0)], [1, 0]
+    assert _agreeing(masks, pts, labs).tolist() == [1, 2, 2]
+    # the most clicks first, then the closest to the current mask, though its IoU is lowest
+    assert _closest_honouring(masks, np.array([0.9, 0.8, 0.1]), cur, pts, labs) == 2
+    # an empty current mask: the predicted IoU decides between the honouring ones
+    empty = np.zeros_like(cur)
+    assert _closest_honouring(masks, np.array([0.9, 0.8, 0.1]), empty, pts, labs) == 1
+
+
+def test_carried_change_stays_local_by_hand():
+    from medseg.predict.propagate import _local_change
+
+    cur = np.zeros((12, 12), bool)
+    cur[2:8, 2:8] = True  # 36 px
+    new = cur.copy()
+    new[8:10, 2:5] = True  # a piece below (6 px) ...
+    new[2:4, 9:11] = True  # ... and one beside (4 px)
+    below = np.zeros_like(cur)
+    below[9, 3] = True  # what the click changed on the slice before lies under the lower piece
+    out = _local_change(cur, new, below, "grow")
+    assert out is not None and out.sum() == 42 and out[9, 3] and not out[2, 9]
+    assert _local_change(cur, new, np.zeros_like(cur), "grow") is None  # nothing overlaps
+    # shrink: only the piece of cur - new under the region goes; at most half of cur
+    trimmed = cur.copy()
+    trimmed[2:4, 2:8] = False  # the model drops rows 2..3 (12 px)
+    top = np.zeros_like(cur)
+    top[2, 4] = True
+    out = _local_change(cur, trimmed, top, "shrink")
+    assert out is not None and out.sum() == 24 and not out[2:4].any()
+    gone = np.zeros_like(cur)
+    gone[7, 7] = True  # the model keeps only 1 px: more than half would go
+    assert _local_change(cur, gone, top, "shrink") is None

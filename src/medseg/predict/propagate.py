@@ -894,6 +894,11 @@ def propagate(
 
 
 # --------------------------------------------------------------------------- local re-propagation
+#: With ``region``: apply the local change even where the new slice result is within ``settle``
+#: of the current one (the walk then stops only where no changed piece overlaps).
+LOCAL_PAST_SETTLE = True
+
+
 @dataclass
 class LocalResult:
     """A 3D mask after one slice was corrected and the change carried outward.
@@ -929,6 +934,7 @@ def repropagate(
     config: PropagationConfig | None = None,
     settle: float = 0.9,
     change: str | None = None,
+    region: np.ndarray | None = None,
 ) -> LocalResult:
     """Set slice ``index`` to ``slice_mask`` and re-propagate outward only while the result changes.
 
@@ -955,6 +961,12 @@ def repropagate(
             slice: ``"grow"`` (a foreground click: only grow it), ``"shrink"`` (a background
             click: only shrink it) or ``None`` (replace it when the new mask looks more like the
             corrected slice's object).
+        region: with ``change``: ``(rows, cols)`` bool, the pixels the correction changed on
+            ``index``. A carried change is then local too: on a non-empty slice only the
+            8-connected pieces of the difference (new minus current for ``"grow"``, current
+            minus new for ``"shrink"``) that overlap the previous slice's changed pixels are
+            applied (a shrink keeping at least half of the slice's mask), and the walk stops
+            (``"kept"``) where none does.
 
     Returns:
         :class:`LocalResult`.
@@ -994,6 +1006,7 @@ def repropagate(
     for d in directions:
         d = 1 if d > 0 else -1
         idx, dist, prev = index + d, 1, start
+        reg = None if region is None else np.asarray(region, dtype=bool)
         why = "range"
         while lo <= idx <= hi:
             if idx in fixed:
@@ -1014,11 +1027,20 @@ def repropagate(
                     st.record.accepted, st.record.stopped = False, reason
                     why = reason
                     break
-                if dice3d(st.mask, now) >= settle:
+                local_mode = region is not None and change in ("grow", "shrink") and now.any()
+                if not (local_mode and LOCAL_PAST_SETTLE) and dice3d(st.mask, now) >= settle:
                     st.record.accepted, st.record.stopped = False, "settled"
                     why = "settled"
                     break
-                if (
+                if local_mode:
+                    local = _local_change(now, st.mask, reg, change)
+                    if local is None:
+                        st.record.accepted, st.record.stopped = False, "kept"
+                        why = "kept"
+                        break
+                    reg = local ^ now
+                    st = _Step(st.record, local, st.logits)
+                elif (
                     now.any()
                     and st.mask.any()
                     and not _better(predictor, idx, st, now, ref, change)
@@ -1026,6 +1048,8 @@ def repropagate(
                     st.record.accepted, st.record.stopped = False, "kept"
                     why = "kept"
                     break
+                else:
+                    reg = st.mask ^ now
                 st.record.review_score = review_score(st.record)
                 set_slice(out, ax, idx, st.mask)
                 changed.append(idx)
@@ -1034,6 +1058,31 @@ def repropagate(
             dist += 1
         stopped[f"{d:+d}"] = why
     return LocalResult(out, changed, records, stopped, time.perf_counter() - t0)
+
+
+def _local_change(
+    current: np.ndarray, new: np.ndarray, region: np.ndarray | None, change: str
+) -> np.ndarray | None:
+    """``current`` (``(rows, cols)``) with the 8-connected pieces of its difference from ``new``
+    that overlap ``region`` added (``change="grow"``) or removed (``"shrink"``); ``None`` when no
+    piece overlaps or a shrink would keep less than half of ``current``."""
+    from scipy import ndimage
+
+    if region is None or not region.any():
+        return None
+    diff = (new & ~current) if change == "grow" else (current & ~new)
+    comp, _ = ndimage.label(diff, structure=np.ones((3, 3), bool))
+    hit = np.unique(comp[region & diff])
+    hit = hit[hit > 0]
+    if hit.size == 0:
+        return None
+    piece = np.isin(comp, hit)
+    if change == "grow":
+        return current | piece
+    out = current & ~piece
+    if 2 * int(np.count_nonzero(out)) < int(np.count_nonzero(current)):
+        return None
+    return out
 
 
 def _better(
