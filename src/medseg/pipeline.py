@@ -679,23 +679,10 @@ def _sam_predictor(
     copy of the decoder holding the file's weights (the shared model is never modified, so
     plain runs keep the base decoder; the embedding cache is the base's).
     """
-    from medseg.predict.frame import axis_index
-    from medseg.predict.sam import VolumePredictor, predictor_cache_dir
+    from medseg.predict.sam import VolumePredictor, check_predictor_fits, predictor_cache_dir
 
     if predictor is not None:
-        if predictor.volume is not image and not (
-            predictor.volume.same_grid(image)
-            and np.array_equal(predictor.volume.array, image.array)
-        ):
-            raise InputError("the predictor was built on another image; build one on this image")
-        if predictor.axis != "zyx"[axis_index(axis)]:
-            raise InputError(
-                f"the predictor slices along {predictor.axis} but axis={axis!r} was asked for"
-            )
-        if predictor.spec.name != ref.spec.name:
-            raise InputError(
-                f"the predictor runs {predictor.spec.name}, not the requested {ref.spec.name}"
-            )
+        check_predictor_fits(predictor, image, axis, ref.spec.name)
         want = None
         if decoder is not None:
             from medseg.models.decoder import read_decoder

@@ -411,6 +411,35 @@ def _as_numpy(x: Any) -> np.ndarray:
     return np.asarray(x)
 
 
+def check_predictor_fits(predictor: Any, image: Volume, axis: str | int, model_name: str) -> None:
+    """Refuse a prebuilt predictor (slice-loop or SAM 2) that does not fit a request.
+
+    Args:
+        predictor: has ``volume`` (:class:`~medseg.volume.Volume`), ``axis`` (``"z"``, ``"y"`` or
+            ``"x"``) and ``spec.name``.
+        image: the volume asked for (same object, or same grid and voxels).
+        axis: the slicing axis asked for.
+        model_name: the registry name asked for.
+
+    Raises:
+        InputError: another image, axis or model.
+    """
+    from medseg.errors import InputError
+
+    if predictor.volume is not image and not (
+        predictor.volume.same_grid(image) and np.array_equal(predictor.volume.array, image.array)
+    ):
+        raise InputError("the predictor was built on another image; build one on this image")
+    if predictor.axis != "zyx"[axis_index(axis)]:
+        raise InputError(
+            f"the predictor slices along {predictor.axis} but axis={axis!r} was asked for"
+        )
+    if predictor.spec.name != model_name:
+        raise InputError(
+            f"the predictor runs {predictor.spec.name}, not the requested {model_name}"
+        )
+
+
 def predictor_cache_dir(cache_dir: str | os.PathLike[str] | bool | None) -> Path | None:
     """``True`` → the default folder, a path → that folder, ``None``/``False`` → no disk cache."""
     if cache_dir is None or cache_dir is False:

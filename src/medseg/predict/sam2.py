@@ -645,17 +645,7 @@ def sam2_predictor(
         raise InputError(
             f"{ref.name} propagates with SAM 2; the given predictor is for another engine"
         )
-    same = predictor.volume is image or (
-        predictor.volume.same_grid(image) and np.array_equal(predictor.volume.array, image.array)
-    )
-    if not same:
-        raise InputError("the predictor was built on another image; build one on this image")
-    if predictor.axis != "zyx"[axis_index(axis)]:
-        raise InputError(
-            f"the predictor slices along {predictor.axis} but axis={axis!r} was asked for"
-        )
-    if predictor.spec.name != ref.spec.name:
-        raise InputError(
-            f"the predictor runs {predictor.spec.name}, not the requested {ref.spec.name}"
-        )
+    from medseg.predict.sam import check_predictor_fits
+
+    check_predictor_fits(predictor, image, axis, ref.spec.name)
     return predictor
