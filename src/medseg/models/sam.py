@@ -24,7 +24,7 @@ from torch import nn
 
 from medseg.errors import WeightsError
 from medseg.models.registry import ModelSpec, get_spec
-from medseg.models.weights import resolve_weights, sha256_file
+from medseg.models.weights import file_identity, resolve_weights, sha256_file
 from medseg.runtime import resolve_device, resolve_precision, resolve_runtime
 
 #: Tiny ViT-B variant (same classes, random weights) for tests and smoke runs.
@@ -468,13 +468,10 @@ def get_sam_model(
     """
     spec = get_spec(name)
     path = resolve_weights(spec, weights)
-    st = Path(path).stat()
     dev = resolve_device(device)
     key = (
         repr(spec),
-        str(Path(path).resolve()),
-        st.st_size,
-        st.st_mtime_ns,
+        *file_identity(path),
         str(dev),
         resolve_precision(precision, dev),
         resolve_runtime(runtime, dev),

@@ -224,18 +224,15 @@ def get_sam2_model(
 ) -> Sam2Model:
     """:func:`load_sam2_model`, remembered per process (the two most recent), keyed by spec,
     resolved file (path, size, mtime), device and precision."""
-    from medseg.models.weights import resolve_weights
+    from medseg.models.weights import file_identity, resolve_weights
     from medseg.runtime import resolve_device, resolve_precision
 
     spec = get_sam2_spec(spec)
     path = resolve_weights(spec, weights)
-    st = Path(path).stat()
     dev = resolve_device(device)
     key = (
         repr(spec),
-        str(Path(path).resolve()),
-        st.st_size,
-        st.st_mtime_ns,
+        *file_identity(path),
         str(dev),
         resolve_precision(precision, dev),
     )

@@ -92,6 +92,17 @@ def _store_digest(path: str, size: int, mtime_ns: int, digest: str) -> None:
         pass  # a read-only home only costs the next start a re-hash
 
 
+def file_identity(path: str | os.PathLike[str]) -> tuple[str, int, int]:
+    """A file as a memo key: ``(resolved path, size, mtime in ns)``; a replaced file is a new key.
+
+    Raises:
+        OSError: the file cannot be stat'ed.
+    """
+    p = Path(path).resolve()
+    st = p.stat()
+    return (str(p), st.st_size, st.st_mtime_ns)
+
+
 def sha256_file(path: str | os.PathLike[str], *, disk_cache: bool = True) -> str:
     """SHA-256 hex digest of a file, remembered per ``(path, size, mtime)``.
 
@@ -100,9 +111,8 @@ def sha256_file(path: str | os.PathLike[str], *, disk_cache: bool = True) -> str
     checkpoint. A changed size or mtime makes the entry stale; a corrupt cache file is ignored and
     rewritten.
     """
-    p = Path(path).resolve()
-    st = p.stat()
-    key = (str(p), st.st_size, st.st_mtime_ns)
+    key = file_identity(path)
+    p = Path(key[0])
     with _HASH_LOCK:
         hit = _HASH_CACHE.get(key)
     if hit is None and disk_cache:

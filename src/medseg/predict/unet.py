@@ -323,13 +323,14 @@ _KEPT: dict[tuple[str, int, int, str, str], UNetSegmenter] = {}
 
 
 def _kept_key(path: Path, precision: str, device: str) -> tuple[str, int, int, str, str]:
-    """The checkpoint file (resolved path, mtime, size: a replaced file is another model) and the
+    """The checkpoint file (resolved path, size, mtime: a replaced file is another model) and the
     requested precision and device."""
+    from medseg.models.weights import file_identity
+
     try:
-        st = path.stat()
+        return (*file_identity(path), str(precision), str(device))
     except OSError:
         return (str(path), -1, -1, str(precision), str(device))
-    return (str(path.resolve()), st.st_mtime_ns, st.st_size, str(precision), str(device))
 
 
 def keep_loaded(
