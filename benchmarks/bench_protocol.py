@@ -4,8 +4,7 @@ For each of brain1, breast1 and lung1 (label 1): the challenge's box (median-vox
 with the z range), then 5 clicks at the centre of the largest 26-connected error; DSC and NSD
 (2 mm) after each step, DSC_AUC / NSD_AUC over the clicks, final DSC / NSD, seconds per step
 (the first step includes embedding the slices it visits). The engine is
-``medseg.InteractiveSession`` when present, else the :class:`medseg.protocol.SegmentSession`
-adapter (``medseg.segment`` with every prompt so far). Beside it, on the same predictor, the
+``medseg.InteractiveSession``. Beside it, on the same predictor, the
 plain stock loop with the same box and z range and the per-slice oracle-box Dice (the functions of
 ``bench_interactive.py``: one place). The load average is recorded because
 others share the CPU.

@@ -111,13 +111,11 @@ class ChallengeBox:
         return cls(*v)
 
     def to_prompt(self) -> Box:
-        """A :class:`medseg.Box` on ``z_mid`` bounded to ``z_min..z_max`` (when supported).
+        """A :class:`medseg.Box` on ``z_mid`` bounded to ``z_min..z_max``.
 
         A box one pixel tall or wide is widened by one pixel (``medseg.Box`` needs two distinct
         corners).
         """
-        import dataclasses
-
         from medseg.prompts import Box
 
         y0, x0, y1, x1 = float(self.y0), float(self.x0), float(self.y1), float(self.x1)
@@ -125,10 +123,7 @@ class ChallengeBox:
             y0, y1 = (y0 - 1, y1) if y0 > 0 else (y0, y1 + 1)
         if x1 == x0:
             x0, x1 = (x0 - 1, x1) if x0 > 0 else (x0, x1 + 1)
-        names = {f.name for f in dataclasses.fields(Box)}
-        if "z_min" in names:
-            return Box(self.z_mid, y0, x0, y1, x1, z_min=self.z_min, z_max=self.z_max)
-        return Box(self.z_mid, y0, x0, y1, x1)  # pragma: no cover - before the z range landed
+        return Box(self.z_mid, y0, x0, y1, x1, z_min=self.z_min, z_max=self.z_max)
 
 
 def _mask3(mask: Any, what: str) -> np.ndarray:
@@ -407,47 +402,6 @@ def run_protocol(
     return dsc, nsd, secs, prompts, steps
 
 
-class SegmentSession:
-    """Minimal interactive adapter over :func:`medseg.segment`: every ``add`` re-segments with all
-    prompts so far (the real pipeline; the embeddings are reused through its predictor).
-
-    Used when :class:`medseg.InteractiveSession` is not available.
-    """
-
-    def __init__(self, image: Volume, model: str = "litemedsam", label: int = 1, **kwargs: Any):
-        self.image, self.model, self.label, self.kwargs = image, model, int(label), kwargs
-        self.prompts: list[Any] = []
-        self.predictor: Any = kwargs.pop("predictor", None)
-        self.labels: LabelMap | None = None
-
-    def add(self, prompt: Any) -> LabelMap:
-        """Add a prompt and re-segment; returns the label map ``(z, y, x)``."""
-        from medseg.pipeline import segment
-
-        self.prompts.append(prompt)
-        seg = segment(
-            self.image,
-            self.model,
-            prompts=list(self.prompts),
-            label=self.label,
-            predictor=self.predictor,
-            **self.kwargs,
-        )
-        self.predictor = seg.predictor
-        self.labels = seg.labels
-        return seg.labels
-
-
-def _session(image: Volume, model: str, label: int, kwargs: dict[str, Any]) -> tuple[Any, str]:
-    import medseg
-
-    try:
-        cls = medseg.InteractiveSession  # type: ignore[attr-defined]
-    except AttributeError:
-        return SegmentSession(image, model, label, **kwargs), "segment"
-    return cls(image, model, label, **kwargs), "InteractiveSession"
-
-
 def _gt_mask(gt: LabelMap, label: int | None) -> tuple[np.ndarray, int, str]:
     present = gt.present()
     if label is None:
@@ -537,7 +491,9 @@ def simulate_interaction(
     mask, value, name = _gt_mask(g, label)
     if box is None:
         box = npz_boxes.get(value)
-    session, engine = _session(img, model, value, {"name": name, **session_kwargs})
+    from medseg.interactive import InteractiveSession
+
+    session = InteractiveSession(img, model, value, name=name, **session_kwargs)
     dsc, nsd, secs, prompts, steps = run_protocol(
         lambda p: session.add(p).array,
         mask,
@@ -556,10 +512,10 @@ def simulate_interaction(
         prompts=prompts,
         clicks=clicks,
         spacing=tuple(float(s) for s in img.spacing),  # type: ignore[arg-type]
-        engine=engine,
-        labels=getattr(session, "labels", None),
+        engine="InteractiveSession",
+        labels=session.labels,
         steps=steps or None,
-        predictor=getattr(session, "predictor", None),
+        predictor=session.predictor,
     )
 
 
