@@ -243,65 +243,8 @@ class VolumePredictor:
     def _validate_prompts(
         self, points_rc: Any, point_labels: Any, box_rc: Any, mask_logits: Any
     ) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None, np.ndarray | None]:
-        h, w = self.slice_shape
-        pts = lab = box = mlog = None
-        if points_rc is not None:
-            pts = np.asarray(points_rc, dtype=np.float64)
-            if pts.size == 0:
-                pts = None
-            else:
-                if pts.ndim == 1 and pts.shape == (2,):
-                    pts = pts[None]
-                if pts.ndim != 2 or pts.shape[1] != 2 or not np.all(np.isfinite(pts)):
-                    raise PromptError(
-                        f"points must be (N, 2) (row, col) numbers, got {points_rc!r}"
-                    )
-                bad = (
-                    (pts[:, 0] < -_EDGE)
-                    | (pts[:, 0] > h - 1 + _EDGE)
-                    | (pts[:, 1] < -_EDGE)
-                    | (pts[:, 1] > w - 1 + _EDGE)
-                )
-                if np.any(bad):
-                    r, c = pts[int(np.argmax(bad))]
-                    raise PromptError(
-                        f"point (row {r:g}, col {c:g}) is outside the {h}x{w} slice; "
-                        f"rows 0..{h - 1}, cols 0..{w - 1}"
-                    )
-                pts = np.stack([np.clip(pts[:, 0], 0, h - 1), np.clip(pts[:, 1], 0, w - 1)], 1)
-                if point_labels is None:
-                    lab = np.ones(len(pts), dtype=np.int64)
-                else:
-                    lab = np.asarray(point_labels).reshape(-1)
-                    if lab.shape[0] != pts.shape[0] or not np.all(np.isin(lab, (0, 1))):
-                        raise PromptError(
-                            f"point_labels must be {pts.shape[0]} values of 1 (foreground) or "
-                            f"0 (background), got {point_labels!r}"
-                        )
-                    lab = lab.astype(np.int64)
-        if box_rc is not None:
-            b = np.asarray(box_rc, dtype=np.float64).reshape(-1)
-            if b.shape != (4,) or not np.all(np.isfinite(b)):
-                raise PromptError(f"box must be four numbers (r0, c0, r1, c1), got {box_rc!r}")
-            r0, c0, r1, c1 = b
-            if r1 < r0 or c1 < c0 or (r1 == r0 and c1 == c0):
-                raise PromptError(
-                    f"degenerate box (r0 {r0:g}, c0 {c0:g}, r1 {r1:g}, c1 {c1:g}): need r0 <= r1, "
-                    "c0 <= c1 and a non-zero extent"
-                )
-            if r0 < -_EDGE or c0 < -_EDGE or r1 > h - 1 + _EDGE or c1 > w - 1 + _EDGE:
-                raise PromptError(
-                    f"box (r0 {r0:g}, c0 {c0:g}, r1 {r1:g}, c1 {c1:g}) is outside the {h}x{w} "
-                    f"slice; rows 0..{h - 1}, cols 0..{w - 1}"
-                )
-            box = np.array(
-                [
-                    np.clip(r0, 0, h - 1),
-                    np.clip(c0, 0, w - 1),
-                    np.clip(r1, 0, h - 1),
-                    np.clip(c1, 0, w - 1),
-                ]
-            )
+        pts, lab, box = check_slice_prompts(points_rc, point_labels, box_rc, self.slice_shape)
+        mlog = None
         if mask_logits is not None:
             m = _as_numpy(mask_logits).astype(np.float32)
             m = m.reshape(m.shape[-2:]) if m.ndim > 2 and m.size == m.shape[-1] ** 2 else m
@@ -409,6 +352,84 @@ def _as_numpy(x: Any) -> np.ndarray:
     if hasattr(x, "detach"):
         return x.detach().float().cpu().numpy()
     return np.asarray(x)
+
+
+def check_slice_prompts(
+    points_rc: Any, point_labels: Any, box_rc: Any, slice_shape: tuple[int, int]
+) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None]:
+    """Check point and box prompts against a ``(rows, cols)`` slice and clip them into it.
+
+    Args:
+        points_rc: ``(N, 2)`` or ``(2,)`` (row, col) pixel coordinates, or ``None``/empty.
+        point_labels: ``N`` values of 1 (foreground) / 0 (background); ``None`` = all 1.
+        box_rc: ``(r0, c0, r1, c1)`` or ``None``.
+        slice_shape: ``(rows, cols)`` of the slice.
+
+    Returns:
+        ``(points (N, 2) float, labels (N,) int64, box (4,) float)``, each ``None`` when absent.
+        Coordinates up to half a pixel outside the slice are clipped onto its edge.
+
+    Raises:
+        PromptError: malformed, degenerate or outside the slice.
+    """
+    h, w = slice_shape
+    pts = lab = box = None
+    if points_rc is not None:
+        pts = np.asarray(points_rc, dtype=np.float64)
+        if pts.size == 0:
+            pts = None
+        else:
+            if pts.ndim == 1 and pts.shape == (2,):
+                pts = pts[None]
+            if pts.ndim != 2 or pts.shape[1] != 2 or not np.all(np.isfinite(pts)):
+                raise PromptError(f"points must be (N, 2) (row, col) numbers, got {points_rc!r}")
+            bad = (
+                (pts[:, 0] < -_EDGE)
+                | (pts[:, 0] > h - 1 + _EDGE)
+                | (pts[:, 1] < -_EDGE)
+                | (pts[:, 1] > w - 1 + _EDGE)
+            )
+            if np.any(bad):
+                r, c = pts[int(np.argmax(bad))]
+                raise PromptError(
+                    f"point (row {r:g}, col {c:g}) is outside the {h}x{w} slice; "
+                    f"rows 0..{h - 1}, cols 0..{w - 1}"
+                )
+            pts = np.stack([np.clip(pts[:, 0], 0, h - 1), np.clip(pts[:, 1], 0, w - 1)], 1)
+            if point_labels is None:
+                lab = np.ones(len(pts), dtype=np.int64)
+            else:
+                lab = np.asarray(point_labels).reshape(-1)
+                if lab.shape[0] != pts.shape[0] or not np.all(np.isin(lab, (0, 1))):
+                    raise PromptError(
+                        f"point_labels must be {pts.shape[0]} values of 1 (foreground) or "
+                        f"0 (background), got {point_labels!r}"
+                    )
+                lab = lab.astype(np.int64)
+    if box_rc is not None:
+        b = np.asarray(box_rc, dtype=np.float64).reshape(-1)
+        if b.shape != (4,) or not np.all(np.isfinite(b)):
+            raise PromptError(f"box must be four numbers (r0, c0, r1, c1), got {box_rc!r}")
+        r0, c0, r1, c1 = b
+        if r1 < r0 or c1 < c0 or (r1 == r0 and c1 == c0):
+            raise PromptError(
+                f"degenerate box (r0 {r0:g}, c0 {c0:g}, r1 {r1:g}, c1 {c1:g}): need r0 <= r1, "
+                "c0 <= c1 and a non-zero extent"
+            )
+        if r0 < -_EDGE or c0 < -_EDGE or r1 > h - 1 + _EDGE or c1 > w - 1 + _EDGE:
+            raise PromptError(
+                f"box (r0 {r0:g}, c0 {c0:g}, r1 {r1:g}, c1 {c1:g}) is outside the {h}x{w} "
+                f"slice; rows 0..{h - 1}, cols 0..{w - 1}"
+            )
+        box = np.array(
+            [
+                np.clip(r0, 0, h - 1),
+                np.clip(c0, 0, w - 1),
+                np.clip(r1, 0, h - 1),
+                np.clip(c1, 0, w - 1),
+            ]
+        )
+    return pts, lab, box
 
 
 def check_predictor_fits(predictor: Any, image: Volume, axis: str | int, model_name: str) -> None:

@@ -276,18 +276,17 @@ class Sam2Propagator:
             full = self.frame._mask_to_input(m) >= 0.5
             _, _, logits = net.add_new_mask(state, kp.index, _OBJ_ID, torch.from_numpy(full))
             return logits
+        from medseg.predict.sam import check_slice_prompts
+
+        rc, lab, box_rc = check_slice_prompts(
+            kp.points_rc, kp.point_labels, kp.box_rc, self.slice_shape
+        )
         box = pts = labels = None
-        if kp.box_rc is not None:
-            r0, c0, r1, c1 = _check_box(kp.box_rc, h, w)
-            box = torch.from_numpy(self.frame.box_to_model((r0, c0, r1, c1)))
-        if kp.points_rc is not None and np.asarray(kp.points_rc).size:
-            rc = np.asarray(kp.points_rc, dtype=np.float64).reshape(-1, 2)
-            if np.any((rc < -0.5) | (rc > np.array([h - 1, w - 1]) + 0.5)):
-                raise PromptError(f"a point lies outside the {h}x{w} slice {kp.index}")
-            rc = np.clip(rc, 0, [h - 1, w - 1])
+        if box_rc is not None:
+            box = torch.from_numpy(self.frame.box_to_model(tuple(box_rc)))
+        if rc is not None:
             pts = torch.from_numpy(self.frame.points_to_model(rc))
-            lab = np.ones(len(rc), int) if kp.point_labels is None else kp.point_labels
-            labels = torch.as_tensor(np.asarray(lab, dtype=np.int32).reshape(-1))
+            labels = torch.as_tensor(lab.astype(np.int32))
         _, _, logits = net.add_new_points_or_box(
             state, kp.index, _OBJ_ID, points=pts, labels=labels, box=box
         )
@@ -533,23 +532,6 @@ class _Walk:
             return float("nan")
         sl = self.p.intensity.apply(slice_of(self.p.volume.array, self.p._ax, idx))
         return float(sl[mask].mean())
-
-
-def _check_box(box: Sequence[float], h: int, w: int) -> tuple[float, float, float, float]:
-    b = np.asarray(box, dtype=np.float64).reshape(-1)
-    if b.shape != (4,) or not np.all(np.isfinite(b)):
-        raise PromptError(f"box must be four numbers (r0, c0, r1, c1), got {box!r}")
-    r0, c0, r1, c1 = (float(v) for v in b)
-    if r1 < r0 or c1 < c0 or (r1 == r0 and c1 == c0):
-        raise PromptError(
-            f"degenerate box ({r0:g}, {c0:g}, {r1:g}, {c1:g}); need r0 <= r1, c0 <= c1"
-        )
-    if r0 < -0.5 or c0 < -0.5 or r1 > h - 0.5 or c1 > w - 0.5:
-        raise PromptError(
-            f"box ({r0:g}, {c0:g}, {r1:g}, {c1:g}) is outside the {h}x{w} slice; "
-            f"rows 0..{h - 1}, cols 0..{w - 1}"
-        )
-    return (max(0.0, r0), max(0.0, c0), min(h - 1.0, r1), min(w - 1.0, c1))
 
 
 def _iou2d(a: np.ndarray, b: np.ndarray | None) -> float:
