@@ -41,7 +41,13 @@ from medseg.predict.frame import (
     slice_of,
     slice_spacing,
 )
-from medseg.predict.propagate import KeyPrompt, PropagationResult, SliceRecord, _merge_keys
+from medseg.predict.propagate import (
+    KeyPrompt,
+    PropagationResult,
+    SliceRecord,
+    _iou2d,
+    _merge_keys,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -505,7 +511,9 @@ class _Walk:
             similarity=float("nan"),
             intensity=inten,
             intensity_shift=abs(inten - ref_int) if area and math.isfinite(ref_int) else 0.0,
-            overlap=1.0 if is_key else _iou2d(mask, self.prev_mask),
+            overlap=(
+                1.0 if is_key else 0.0 if self.prev_mask is None else _iou2d(mask, self.prev_mask)
+            ),
             extent=dist * self.step_mm / diam if diam > 0 else (float("inf") if dist else 0.0),
             bg_similarity=float("nan"),
             object_score=score,
@@ -532,14 +540,6 @@ class _Walk:
             return float("nan")
         sl = self.p.intensity.apply(slice_of(self.p.volume.array, self.p._ax, idx))
         return float(sl[mask].mean())
-
-
-def _iou2d(a: np.ndarray, b: np.ndarray | None) -> float:
-    if b is None:
-        return 0.0
-    inter = int(np.count_nonzero(a & b))
-    union = int(np.count_nonzero(a | b))
-    return inter / union if union else 1.0
 
 
 def _frame_output(state: dict[str, Any], idx: int) -> dict[str, Any]:
