@@ -78,11 +78,10 @@ def openvino_cache_dir() -> Path:
 
 
 def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
+    """The file's SHA-256 from its bytes, never from a digest cache (an entry is not trusted)."""
+    from medseg.models.weights import sha256_file
+
+    return sha256_file(path, cached=False)
 
 
 def entry_key(

@@ -92,6 +92,14 @@ def _store_digest(path: str, size: int, mtime_ns: int, digest: str) -> None:
         pass  # a read-only home only costs the next start a re-hash
 
 
+def _hash_bytes(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def file_identity(path: str | os.PathLike[str]) -> tuple[str, int, int]:
     """A file as a memo key: ``(resolved path, size, mtime in ns)``; a replaced file is a new key.
 
@@ -103,16 +111,20 @@ def file_identity(path: str | os.PathLike[str]) -> tuple[str, int, int]:
     return (str(p), st.st_size, st.st_mtime_ns)
 
 
-def sha256_file(path: str | os.PathLike[str], *, disk_cache: bool = True) -> str:
+def sha256_file(
+    path: str | os.PathLike[str], *, disk_cache: bool = True, cached: bool = True
+) -> str:
     """SHA-256 hex digest of a file, remembered per ``(path, size, mtime)``.
 
     Remembered in this process and, with ``disk_cache``, across processes in
     :func:`digest_cache_path` (written atomically), so a warm start does not re-read a 40 MB
     checkpoint. A changed size or mtime makes the entry stale; a corrupt cache file is ignored and
-    rewritten.
+    rewritten. ``cached=False`` reads the bytes every time and remembers nothing (for checks
+    that must not trust a size + mtime match, such as a cache entry's integrity).
     """
+    if not cached:
+        return _hash_bytes(Path(path))
     key = file_identity(path)
-    p = Path(key[0])
     with _HASH_LOCK:
         hit = _HASH_CACHE.get(key)
     if hit is None and disk_cache:
@@ -121,11 +133,7 @@ def sha256_file(path: str | os.PathLike[str], *, disk_cache: bool = True) -> str
         with _HASH_LOCK:
             _HASH_CACHE[key] = hit
         return hit
-    digest = hashlib.sha256()
-    with p.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    out = digest.hexdigest()
+    out = _hash_bytes(Path(key[0]))
     with _HASH_LOCK:
         _HASH_CACHE[key] = out
     if disk_cache:
